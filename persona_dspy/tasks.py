@@ -1,0 +1,132 @@
+"""What each LaMP task looks like: profile fields, the label field, and how to read a query.
+
+One registry that the loaders, the memory (what text to embed, which field is the label) and
+the agent share, so that a task is described once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from signatures.labels import label_list
+
+
+class TaskKind(StrEnum):
+    CLASSIFICATION = "classification"
+    RATING = "rating"
+    GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One LaMP task.
+
+    profile_fields: fields every profile item must carry (besides ``id``; ``date`` is optional).
+    text_fields: the item fields that describe the item (embedded and shown to the model).
+    label_field: the item field that plays the role of the user's answer, or None (LaMP-1, LaMP-7).
+    query_markers: prompt prefixes after which the query's own content starts, tried in order.
+    """
+
+    name: str
+    description: str
+    kind: TaskKind
+    profile_fields: tuple[str, ...]
+    text_fields: tuple[str, ...]
+    label_field: str | None
+    query_markers: tuple[str, ...] = ()
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return label_list(self.name)
+
+    def item_text(self, fields: dict[str, str]) -> str:
+        """The descriptive text of a profile item (what memory embeds)."""
+        parts = [str(fields[f]).strip() for f in self.text_fields if str(fields.get(f, "")).strip()]
+        return ". ".join(parts)
+
+    def query_text(self, prompt: str) -> str:
+        """The content of a LaMP query prompt, without the task's instruction boilerplate."""
+        for marker in self.query_markers:
+            at = prompt.find(marker)
+            if at >= 0:
+                return prompt[at + len(marker):].strip()
+        return prompt.strip()
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "LaMP_1", "personalized citation identification", TaskKind.CLASSIFICATION,
+            profile_fields=("title", "abstract"), text_fields=("title", "abstract"), label_field=None,
+            query_markers=(),
+        ),
+        TaskSpec(
+            "LaMP_2N", "personalized news categorization", TaskKind.CLASSIFICATION,
+            profile_fields=("title", "text", "category"), text_fields=("title", "text"), label_field="category",
+            query_markers=("article: ",),
+        ),
+        TaskSpec(
+            "LaMP_2M", "personalized movie tagging", TaskKind.CLASSIFICATION,
+            profile_fields=("description", "tag"), text_fields=("description",), label_field="tag",
+            query_markers=("description: ",),
+        ),
+        TaskSpec(
+            "LaMP_3", "personalized product rating", TaskKind.RATING,
+            profile_fields=("text", "score"), text_fields=("text",), label_field="score",
+            query_markers=("review: ",),
+        ),
+        TaskSpec(
+            "LaMP_4", "personalized news headline generation", TaskKind.GENERATION,
+            profile_fields=("text", "title"), text_fields=("text",), label_field="title",
+            query_markers=("following article: ", "article: "),
+        ),
+        TaskSpec(
+            "LaMP_5", "personalized scholarly title generation", TaskKind.GENERATION,
+            profile_fields=("title", "abstract"), text_fields=("abstract",), label_field="title",
+            query_markers=("abstract of a paper: ", "paper: "),
+        ),
+        TaskSpec(
+            "LaMP_6", "personalized email subject generation", TaskKind.GENERATION,
+            profile_fields=("text", "title"), text_fields=("text",), label_field="title",
+            query_markers=("following email: ", "email: "),
+        ),
+        TaskSpec(
+            "LaMP_7", "personalized tweet paraphrasing", TaskKind.GENERATION,
+            profile_fields=("text",), text_fields=("text",), label_field=None,
+            query_markers=("before or after it: ", "following tweet: "),
+        ),
+    )
+}
+
+
+
+def normalize_task_name(name: str) -> str:
+    """Accept 'LaMP_3', 'lamp-3', 'LaMP3', '3', '2N' ...; return the registry key or raise ValueError."""
+    raw = name.strip()
+    match = re.fullmatch(r"(?i)(?:lamp[\s_-]*)?([1-7])([nm])?", raw)
+    if not match:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    number, variant = match.group(1), (match.group(2) or "").upper()
+    key = f"LaMP_{number}{variant}"
+    if key == "LaMP_2":
+        return key  # ambiguous: the caller resolves it from the data (see resolve_lamp2)
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return key
+
+
+def resolve_lamp2(profile_item: dict) -> str:
+    """Official files call both LaMP-2 variants 'LaMP_2'; the profile fields tell them apart."""
+    if "tag" in profile_item or "description" in profile_item:
+        return "LaMP_2M"
+    return "LaMP_2N"
+
+
+def get_task(name: str) -> TaskSpec:
+    key = normalize_task_name(name)
+    if key == "LaMP_2":
+        raise ValueError("'LaMP_2' is ambiguous (news or movies); say LaMP_2N or LaMP_2M")
+    return TASKS[key]

@@ -1,0 +1,37 @@
+"""Shared fixtures. Everything here runs offline: no model or data is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PERSONA_DSPY_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO_ROOT.parent / "shared"))
+DENSE_MODEL_DIR = SHARED / "models" / "all-MiniLM-L6-v2-onnx"
+
+
+@pytest.fixture(scope="session")
+def dense_model_dir() -> Path:
+    if not (DENSE_MODEL_DIR / "model.onnx").is_file():
+        pytest.skip(f"dense model folder absent ({DENSE_MODEL_DIR}); the BM25 path is tested without it")
+    return DENSE_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def bm25_embedder():
+    from persona_dspy.embeddings import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def hybrid_embedder(dense_model_dir):
+    from persona_dspy.embeddings import Embedder, EmbeddingConfig
+
+    return Embedder(EmbeddingConfig(sparse=True, dense=str(dense_model_dir)))

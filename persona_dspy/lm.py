@@ -1,0 +1,317 @@
+"""The one place that builds persona-dspy's LMs, describes them for reports, and meters their use.
+
+Local OpenAI-compatible servers are reached through LiteLLM (``engine="litellm"``): dspy's default engine sends
+``max_completion_tokens``, which llama.cpp ignores, while LiteLLM sends ``max_tokens``. Model strings:
+
+* ``offline`` (or ``offline/stand-in``): the deterministic stand-in, no server, no model.
+* ``openai/<model>`` with an api_base: vLLM, SGLang or llama.cpp's server (``http://host:port/v1``).
+* ``hosted_vllm/<model>`` with an api_base: vLLM through LiteLLM's vLLM provider.
+* ``ollama_chat/<model>``: Ollama (api_base ``http://host:11434``, without ``/v1``).
+
+Settings come from arguments first, then the environment: PERSONA_DSPY_LM, PERSONA_DSPY_API_BASE,
+PERSONA_DSPY_API_KEY, and for an optional separate loss/update LM PERSONA_DSPY_OPTIMIZER_LM,
+PERSONA_DSPY_OPTIMIZER_API_BASE, PERSONA_DSPY_OPTIMIZER_API_KEY.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+# dspy and litellm fetch a model-metadata map from GitHub on first use unless told not to; runs stay local.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+from dspy.utils.callback import BaseCallback  # noqa: E402
+
+from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, offline_lm  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+ENV_LM = "PERSONA_DSPY_LM"
+ENV_API_BASE = "PERSONA_DSPY_API_BASE"
+ENV_API_KEY = "PERSONA_DSPY_API_KEY"
+ENV_OPTIMIZER_LM = "PERSONA_DSPY_OPTIMIZER_LM"
+ENV_OPTIMIZER_API_BASE = "PERSONA_DSPY_OPTIMIZER_API_BASE"
+ENV_OPTIMIZER_API_KEY = "PERSONA_DSPY_OPTIMIZER_API_KEY"
+
+LOCAL_API_KEY = "local"
+"""Sent when a server is named but no key is: local servers ignore it, but LiteLLM's OpenAI client wants one."""
+
+_OFFLINE_NAMES = {"offline", OFFLINE_MODEL}
+_OLLAMA_PROVIDERS = {"ollama", "ollama_chat"}
+
+
+class LMConfigError(ValueError):
+    """An LM setting that cannot work, reported before any request is sent."""
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """Resolved connection settings of one LM (the key is kept out of repr so logs never show it)."""
+
+    model: str
+    api_base: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def offline(self) -> bool:
+        return self.model in _OFFLINE_NAMES
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def check_api_base(api_base: str) -> str:
+    """Validate and normalize an api_base ('http(s)://host[:port][/path]', no trailing slash)."""
+    text = api_base.strip()
+    try:
+        parts = urlsplit(text)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError as exc:
+        raise LMConfigError(f"malformed api_base {api_base!r}: {exc}; expected e.g. http://127.0.0.1:8000/v1") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.query or parts.fragment:
+        raise LMConfigError(
+            f"malformed api_base {api_base!r}: expected http(s)://host[:port][/path], e.g. http://127.0.0.1:8000/v1"
+        )
+    return text.rstrip("/")
+
+
+def _litellm_model(model: str, api_base: str | None) -> str:
+    provider, slash, rest = model.partition("/")
+    if not slash:
+        if api_base:
+            logger.info("model %r has no provider prefix; using openai/%s against %s", model, model, api_base)
+            return f"openai/{model}"
+        raise LMConfigError(
+            f"model {model!r} has no provider prefix and no api_base: use 'offline', openai/<model> or "
+            "hosted_vllm/<model> with an api_base (vLLM, SGLang, llama.cpp), or ollama_chat/<model> (Ollama)"
+        )
+    if not provider or not rest.strip():
+        raise LMConfigError(f"model {model!r} needs a provider and a model name, e.g. openai/qwen2.5-7b-instruct")
+    return model
+
+
+def resolve_lm_settings(model: str | None = None, api_base: str | None = None, api_key: str | None = None, *,
+                        env_lm: str = ENV_LM, env_api_base: str = ENV_API_BASE,
+                        env_api_key: str = ENV_API_KEY) -> LMSettings:
+    """Arguments first, then the environment; raises LMConfigError for a missing model or a bad api_base."""
+    name = (model or "").strip() or _env(env_lm)
+    if not name:
+        raise LMConfigError(
+            f"no LM model given: pass a model (e.g. 'offline', 'openai/<model>') or set {env_lm}"
+        )
+    if name in _OFFLINE_NAMES:
+        return LMSettings(OFFLINE_MODEL)
+    base = api_base if api_base is not None and api_base.strip() else _env(env_api_base)
+    base = check_api_base(base) if base else None
+    name = _litellm_model(name, base)
+    if base and name.partition("/")[0] in _OLLAMA_PROVIDERS and base.endswith("/v1"):
+        base = base.removesuffix("/v1")  # Ollama's native API lives at the root; /v1 is its OpenAI shim
+    if base and not urlsplit(base).path and name.partition("/")[0] in ("openai", "hosted_vllm"):
+        logger.warning("api_base %s has no path; OpenAI-compatible servers usually serve under /v1", base)
+    key = api_key or _env(env_api_key) or (LOCAL_API_KEY if base else None)
+    return LMSettings(name, base, key)
+
+
+def build_lm(
+    model: str | None = None,
+    api_base: str | None = None,
+    *,
+    api_key: str | None = None,
+    temperature: float = 0.0,
+    max_tokens: int = 512,
+    timeout: float = 60,
+    num_retries: int = 3,
+    cache: bool = False,
+    callbacks: list[BaseCallback] | None = None,
+) -> dspy.LM:
+    """The task LM: the offline stand-in, or a LiteLLM-backed LM for a local or hosted server."""
+    if max_tokens <= 0 or timeout <= 0:
+        raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
+    settings = resolve_lm_settings(model, api_base, api_key)
+    return _build(settings, temperature=temperature, max_tokens=max_tokens, timeout=timeout,
+                  num_retries=num_retries, cache=cache, callbacks=callbacks)
+
+
+def _build(settings: LMSettings, *, temperature: float, max_tokens: int, timeout: float, num_retries: int,
+           cache: bool, callbacks: list[BaseCallback] | None) -> dspy.LM:
+    if settings.offline:
+        # A custom engine owns its connection: dspy refuses api_base/api_key/timeout with one, so drop them.
+        return offline_lm(temperature=temperature, max_tokens=max_tokens, cache=cache, callbacks=callbacks)
+    connection: dict[str, Any] = {}
+    if settings.api_base:
+        connection["api_base"] = settings.api_base
+    if settings.api_key:
+        connection["api_key"] = settings.api_key
+    lm = dspy.LM(settings.model, engine="litellm", temperature=temperature, max_tokens=max_tokens, timeout=timeout,
+                 num_retries=num_retries, cache=cache, callbacks=callbacks, **connection)
+    logger.info("built LM %s", describe_lm(lm))
+    return lm
+
+
+def build_optimizer_lm(
+    model: str | None = None,
+    api_base: str | None = None,
+    *,
+    api_key: str | None = None,
+    task_lm: dspy.LM | None = None,
+    temperature: float = 0.0,
+    max_tokens: int = 512,
+    timeout: float = 60,
+    num_retries: int = 3,
+    cache: bool = False,
+    callbacks: list[BaseCallback] | None = None,
+) -> dspy.LM:
+    """The LM for textual loss and persona updates.
+
+    Either fully its own (a model from the argument or PERSONA_DSPY_OPTIMIZER_LM, with the optimizer api_base and
+    key), or entirely the task LM: ``task_lm`` itself when given, else one built from the task settings. Mixing a
+    separate optimizer model with the task's server would send it to the wrong place, so that never happens.
+    """
+    name = (model or "").strip() or _env(ENV_OPTIMIZER_LM)
+    options = dict(temperature=temperature, max_tokens=max_tokens, timeout=timeout, num_retries=num_retries,
+                   cache=cache, callbacks=callbacks)
+    if not name:
+        if task_lm is not None:
+            return task_lm
+        return build_lm(None, None, api_key=api_key, **options)
+    settings = resolve_lm_settings(name, api_base, api_key, env_lm=ENV_OPTIMIZER_LM,
+                                   env_api_base=ENV_OPTIMIZER_API_BASE, env_api_key=ENV_OPTIMIZER_API_KEY)
+    return _build(settings, **options)
+
+
+def _redacted(api_base: str | None) -> str | None:
+    """Drop user:password@ from a URL before it is written into a report."""
+    if not api_base:
+        return api_base
+    parts = urlsplit(api_base)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return api_base
+
+
+def engine_kind(lm: Any) -> str:
+    """'offline', 'litellm', 'lm15', 'auto' or the custom engine's class name."""
+    engine = getattr(lm, "engine", None)
+    if isinstance(engine, OfflineEngine):
+        return "offline"
+    if isinstance(engine, str):
+        return engine
+    return type(engine).__name__ if engine is not None else type(lm).__name__
+
+
+def describe_lm(lm: Any) -> dict[str, Any]:
+    """What reports and saved programs record about the LM that produced them (never the key)."""
+    kwargs = dict(getattr(lm, "kwargs", {}) or {})
+    kind = engine_kind(lm)
+    return {
+        "model": getattr(lm, "model", None),
+        "engine": kind,
+        "offline": kind == "offline",
+        "api_base": _redacted(kwargs.get("api_base")),
+        "temperature": kwargs.get("temperature"),
+        "max_tokens": kwargs.get("max_tokens", kwargs.get("max_completion_tokens")),
+        "timeout": kwargs.get("timeout"),
+        "num_retries": getattr(lm, "num_retries", None),
+        "cache": getattr(lm, "cache", None),
+    }
+
+
+def _usage_numbers(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a history usage dict or an lm15 Usage object."""
+    if usage is None:
+        return None
+    if isinstance(usage, dict):
+        if not usage:
+            return None
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    else:
+        prompt, completion = getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None)
+    if prompt is None and completion is None:
+        return None
+    return int(prompt or 0), int(completion or 0)
+
+
+class LMUsage(BaseCallback):
+    """Counts LM calls and tokens across threads (dspy's track_usage is per-context; this sees every call).
+
+    Register it on the LM (``callbacks=[usage]``) or globally; a call seen twice (both places) counts once.
+    Tokens come from the call's history entry, matched by identity of the outputs dspy hands to on_lm_end; with
+    history disabled, a cache hit, or a server that reports no usage, the call is counted as unmetered.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._active: dict[str, Any] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = 0
+            self.errors = 0
+            self.prompt_tokens = 0
+            self.completion_tokens = 0
+            self.unmetered_calls = 0
+            self.by_model: dict[str, int] = {}
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        with self._lock:
+            if call_id in self._active:
+                return
+            self._active[call_id] = instance
+            self.calls += 1
+            model = str(getattr(instance, "model", "?"))
+            self.by_model[model] = self.by_model.get(model, 0) + 1
+
+    def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        with self._lock:
+            instance = self._active.pop(call_id, None)
+        if instance is None:
+            return
+        numbers = None if exception is not None else self._tokens(instance, outputs)
+        with self._lock:
+            if exception is not None:
+                self.errors += 1
+            elif numbers is None:
+                self.unmetered_calls += 1
+            else:
+                self.prompt_tokens += numbers[0]
+                self.completion_tokens += numbers[1]
+
+    @staticmethod
+    def _tokens(instance: Any, outputs: Any) -> tuple[int, int] | None:
+        if hasattr(outputs, "usage"):  # an explicit lm15 Request returns a Response
+            return _usage_numbers(outputs.usage)
+        recent = (getattr(instance, "history", None) or [])[-64:]  # a slice is a consistent copy under threads
+        for entry in reversed(recent):
+            if entry.get("outputs") is outputs:
+                return _usage_numbers(entry.get("usage"))
+        return None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as plain data, for reports."""
+        with self._lock:
+            return {
+                "calls": self.calls,
+                "errors": self.errors,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "unmetered_calls": self.unmetered_calls,
+                "by_model": dict(self.by_model),
+            }

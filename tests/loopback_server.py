@@ -1,0 +1,314 @@
+"""A scripted OpenAI-compatible HTTP server on 127.0.0.1 that answers with the offline stand-in.
+
+It lets the test suite exercise the real HTTP path (LiteLLM, retries, timeouts, usage) without a model: the
+completion text comes from ``persona_dspy.offline_lm.answer_messages`` applied to the received messages, so the
+same stand-in answers over HTTP as in process. It binds 127.0.0.1 only and exits on its own after --max-seconds.
+
+Run: ``python tests/loopback_server.py [--port 0] [--latency S] [--fail-first N] [--retry-after S]``; it prints
+``LOOPBACK READY <port>`` once listening.
+
+Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), GET /v1/models,
+GET /_stats (counters and the last requests), POST /_reset (zero the counters), POST /_script
+(``{"fail_next": N, "latency": S, "retry_after": S}`` changes the behaviour of the following calls).
+
+Tests use ``LoopbackServer`` (a context manager that starts the subprocess and waits until it answers) or
+``loopback_fixture(...)``, which turns it into a pytest fixture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+READY = "LOOPBACK READY"
+
+
+class _State:
+    """Counters and the failure/latency script, shared by the handler threads."""
+
+    def __init__(self, latency: float, fail_first: int, retry_after: float) -> None:
+        self.lock = threading.Lock()
+        self.latency = latency
+        self.fail_next = fail_first
+        self.retry_after = retry_after
+        self.reset()
+
+    def reset(self) -> None:
+        self.chat_requests = 0
+        self.answered = 0
+        self.failures = 0
+        self.model_requests = 0
+        self.log: deque[dict[str, Any]] = deque(maxlen=20)
+
+    def stats(self) -> dict[str, Any]:
+        return {"chat_requests": self.chat_requests, "answered": self.answered, "failures": self.failures,
+                "model_requests": self.model_requests, "fail_next": self.fail_next, "latency": self.latency,
+                "requests": list(self.log)}
+
+
+def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
+    from persona_dspy.offline_lm import answer_messages
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "persona-dspy-loopback/1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _body(self) -> dict[str, Any]:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b"{}"
+            return json.loads(raw or b"{}")
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") in ("/v1/models", "/models"):
+                with state.lock:
+                    state.model_requests += 1
+                self._send(200, {"object": "list", "data": [{"id": "test-model", "object": "model",
+                                                             "owned_by": "loopback"}]})
+            elif self.path == "/_stats":
+                with state.lock:
+                    self._send(200, state.stats())
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+        def do_POST(self) -> None:
+            try:
+                body = self._body()
+            except ValueError:
+                self._send(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
+                return
+            path = self.path.rstrip("/")
+            if path in ("/v1/chat/completions", "/chat/completions"):
+                self._chat(body)
+            elif path == "/_reset":
+                with state.lock:
+                    state.reset()
+                self._send(200, {"ok": True})
+            elif path == "/_script":
+                with state.lock:
+                    state.fail_next = int(body.get("fail_next", state.fail_next))
+                    state.latency = float(body.get("latency", state.latency))
+                    state.retry_after = float(body.get("retry_after", state.retry_after))
+                self._send(200, {"ok": True})
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+        def _chat(self, body: dict[str, Any]) -> None:
+            with state.lock:
+                state.chat_requests += 1
+                fail = state.fail_next > 0
+                if fail:
+                    state.fail_next -= 1
+                    state.failures += 1
+                latency, retry_after = state.latency, state.retry_after
+                state.log.append({"model": body.get("model"), "messages": body.get("messages"), "failed": fail,
+                                  "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
+                                  "response_format": body.get("response_format"), "stream": body.get("stream")})
+            if latency > 0:
+                time.sleep(latency)
+            if fail:
+                self._send(500, {"error": {"message": "injected failure", "type": "server_error"}},
+                           {"Retry-After": f"{retry_after:g}"})
+                return
+            messages = body.get("messages") or []
+            text = answer_messages(messages, json_mode=body.get("response_format") is not None)
+            prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
+                     "total_tokens": prompt_tokens + len(text.split())}
+            with state.lock:
+                state.answered += 1
+                number = state.answered
+            ident, created, model = f"chatcmpl-loopback-{number}", int(time.time()), body.get("model", "test-model")
+            if body.get("stream"):
+                self._stream(ident, created, model, text, usage)
+                return
+            self._send(200, {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}],
+                             "usage": usage})
+
+        def _stream(self, ident: str, created: int, model: str, text: str, usage: dict[str, int]) -> None:
+            def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+                data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+                return f"data: {json.dumps(data)}\n\n".encode()
+
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(chunk({"role": "assistant", "content": text}, None))
+            self.wfile.write(chunk({}, "stop", usage=usage))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.close_connection = True
+
+    return Handler
+
+
+def serve(port: int = 0, latency: float = 0.0, fail_first: int = 0, retry_after: float = 0.0,
+          max_seconds: float = 300.0) -> None:
+    """Serve on 127.0.0.1 until terminated or max_seconds pass (an orphaned server never lingers)."""
+    server = ThreadingHTTPServer((HOST, port), _make_handler(_State(latency, fail_first, retry_after)))
+    server.daemon_threads = True
+    lifetime = threading.Timer(max_seconds, server.shutdown)
+    lifetime.daemon = True
+    lifetime.start()
+    print(f"{READY} {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.05)
+    finally:
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each chat answer")
+    parser.add_argument("--fail-first", type=int, default=0, help="answer the first N chat calls with HTTP 500")
+    parser.add_argument("--retry-after", type=float, default=0.0, help="Retry-After seconds sent with a 500")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="exit after this long regardless")
+    args = parser.parse_args(argv)
+    serve(args.port, args.latency, args.fail_first, args.retry_after, args.max_seconds)
+
+
+# --------------------------------------------------------------------------- the test-side handle
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback traffic never goes via a proxy
+
+
+class LoopbackServer:
+    """Starts the server in a subprocess, waits until it answers, and stops it (a context manager)."""
+
+    def __init__(self, *, latency: float = 0.0, fail_first: int = 0, retry_after: float = 0.0,
+                 startup_timeout: float = 20.0, max_seconds: float = 300.0) -> None:
+        self.options = {"--latency": latency, "--fail-first": fail_first, "--retry-after": retry_after,
+                        "--max-seconds": max_seconds}
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the loopback server is not running")
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self) -> LoopbackServer:
+        command = [sys.executable, str(Path(__file__).resolve()), "--port", "0"]
+        for flag, value in self.options.items():
+            command += [flag, str(value)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
+                                      cwd=str(Path(__file__).resolve().parent.parent))
+        deadline = time.monotonic() + self.startup_timeout
+        assert self._proc.stdout is not None
+        while self.port is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._proc.poll() is not None:
+                self._fail("did not report a port")
+            ready, _, _ = select.select([self._proc.stdout], [], [], min(remaining, 0.5))
+            if ready:
+                line = self._proc.stdout.readline()
+                if line.startswith(READY):
+                    self.port = int(line.split()[-1])
+        while True:
+            try:
+                self.get("/v1/models")
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self._fail("did not answer GET /v1/models")
+                time.sleep(0.05)
+
+    def _fail(self, what: str) -> None:
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-2000:]
+        self.stop()
+        raise RuntimeError(f"loopback server {what} within {self.startup_timeout}s; stderr:\n{tail}")
+
+    def get(self, path: str) -> Any:
+        with _DIRECT.open(f"{self.url}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, payload: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(payload or {}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with _DIRECT.open(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> dict[str, Any]:
+        return self.get("/_stats")
+
+    def reset(self, *, fail_next: int = 0, latency: float = 0.0, retry_after: float = 0.0) -> None:
+        """Zero the counters and set the script for the following calls."""
+        self.post("/_reset")
+        self.post("/_script", {"fail_next": fail_next, "latency": latency, "retry_after": retry_after})
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        self.port = None
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._stderr.close()
+
+
+def loopback_fixture(scope: str = "module", **options: Any) -> Callable[..., Iterator[LoopbackServer]]:
+    """A pytest fixture running one LoopbackServer(**options) for the scope: ``server = loopback_fixture()``."""
+    import pytest
+
+    @pytest.fixture(scope=scope)
+    def _server() -> Iterator[LoopbackServer]:
+        with LoopbackServer(**options) as server:
+            yield server
+
+    return _server
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

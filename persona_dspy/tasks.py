@@ -36,6 +36,7 @@ class TaskSpec:
     text_fields: tuple[str, ...]
     label_field: str | None
     query_markers: tuple[str, ...] = ()
+    prompt_template: str | None = None
 
     @property
     def labels(self) -> tuple[str, ...] | None:
@@ -45,6 +46,14 @@ class TaskSpec:
         """The descriptive text of a profile item (what memory embeds)."""
         parts = [str(fields[f]).strip() for f in self.text_fields if str(fields.get(f, "")).strip()]
         return ". ".join(parts)
+
+    def interaction_prompt(self, fields: dict[str, str]) -> str:
+        """A past item asked again as a LaMP query: alignment answers past interactions in the task's format."""
+        if self.prompt_template is None or self.label_field is None:
+            raise ValueError(f"{self.name} items carry no answer, so past interactions cannot be asked again")
+        labels = ", ".join(self.labels or ())
+        content = ". ".join(str(fields[f]).strip() for f in self.text_fields if str(fields.get(f, "")).strip())
+        return self.prompt_template.format(labels=labels, content=content)
 
     def query_text(self, prompt: str) -> str:
         """The content of a LaMP query prompt, without the task's instruction boilerplate."""
@@ -67,31 +76,41 @@ TASKS: dict[str, TaskSpec] = {
             "LaMP_2N", "personalized news categorization", TaskKind.CLASSIFICATION,
             profile_fields=("title", "text", "category"), text_fields=("title", "text"), label_field="category",
             query_markers=("article: ",),
+            prompt_template=("Which category does this article relate to among the following categories? Just answer "
+                             "with the category name without further explanation. categories: [{labels}] "
+                             "article: {content}"),
         ),
         TaskSpec(
             "LaMP_2M", "personalized movie tagging", TaskKind.CLASSIFICATION,
             profile_fields=("description", "tag"), text_fields=("description",), label_field="tag",
             query_markers=("description: ",),
+            prompt_template=("Which tag does this movie relate to among the following tags? Just answer with the tag "
+                             "name without further explanation. tags: [{labels}] description: {content}"),
         ),
         TaskSpec(
             "LaMP_3", "personalized product rating", TaskKind.RATING,
             profile_fields=("text", "score"), text_fields=("text",), label_field="score",
             query_markers=("review: ",),
+            prompt_template=("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
+                             "3, 4, or 5 without further explanation. review: {content}"),
         ),
         TaskSpec(
             "LaMP_4", "personalized news headline generation", TaskKind.GENERATION,
             profile_fields=("text", "title"), text_fields=("text",), label_field="title",
             query_markers=("following article: ", "article: "),
+            prompt_template="Generate a headline for the following article: {content}",
         ),
         TaskSpec(
             "LaMP_5", "personalized scholarly title generation", TaskKind.GENERATION,
             profile_fields=("title", "abstract"), text_fields=("abstract",), label_field="title",
             query_markers=("abstract of a paper: ", "paper: "),
+            prompt_template="Generate a title for the following abstract of a paper: {content}",
         ),
         TaskSpec(
             "LaMP_6", "personalized email subject generation", TaskKind.GENERATION,
             profile_fields=("text", "title"), text_fields=("text",), label_field="title",
             query_markers=("following email: ", "email: "),
+            prompt_template="Generate a subject for the following email: {content}",
         ),
         TaskSpec(
             "LaMP_7", "personalized tweet paraphrasing", TaskKind.GENERATION,

@@ -50,3 +50,27 @@ class PersonaUpdate(dspy.Signature):
     feedback: str = dspy.InputField(desc="Aggregated feedback from recent wrong answers, one item per line.")
     max_words: int = dspy.InputField(desc="Hard upper bound on the new persona's length in words.")
     new_persona: str = dspy.OutputField(desc="The revised persona, same format as the current one.")
+
+
+# The persona as PersonaAgent's initial system prompt: role, then the user summary (semantic memory),
+# then short rules. It becomes the instructions of the predictor(s) that answer, so every optimizer
+# (the aligner, GEPA, MIPROv2, COPRO) optimizes the same text. Alignment rewrites the summary part;
+# the rules section is kept verbatim (see optimizers.persona_aligner).
+PERSONA_ROLE = (
+    "You are a helpful personalized assistant. You answer the user's request exactly as this particular user "
+    "would want it answered, using what their own history shows about them."
+)
+PERSONA_RULES_HEADER = "Rules:"
+PERSONA_RULES = (
+    "1. Think about what in the user's history would show their preference for this request.",
+    "2. Look at the user's own past items (search the user's history when a tool is available) before answering.",
+    "3. Answer concisely, in exactly the format the request asks for.",
+    "4. Give no explanation in the final answer.",
+)
+USER_SUMMARY_HEADER = "User summary:"
+
+
+def compose_persona(summary: str) -> str:
+    """The full persona text for a user summary: role, summary, rules."""
+    rules = "\n".join(PERSONA_RULES)
+    return f"{PERSONA_ROLE}\n\n{USER_SUMMARY_HEADER}\n{summary.strip()}\n\n{PERSONA_RULES_HEADER}\n{rules}"

@@ -1,0 +1,47 @@
+"""Semantic memory: a user's persona, first summarised from their history.
+
+The summary reads only the history every query may see (strictly before the user's earliest
+query), so no query's gold answer can reach the persona.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import dspy
+
+from persona_dspy.records import HistoryItem, UserHistory
+from signatures import PersonaSummary, compose_persona
+
+logger = logging.getLogger(__name__)
+
+
+def render_history(items: Sequence[HistoryItem], max_items: int = 40, max_chars: int = 300) -> str:
+    """The most recent ``max_items`` items as dated lines with the user's answer, oldest first."""
+    lines = []
+    for item in list(items)[-max_items:]:
+        when = f"[{item.date.date().isoformat()}] " if item.date is not None else ""
+        text = item.text if len(item.text) <= max_chars else item.text[:max_chars].rstrip() + "..."
+        answer = f" -> {item.label}" if item.label is not None else ""
+        lines.append(f"{when}{text}{answer}")
+    return "\n".join(lines) if lines else "(no history)"
+
+
+class PersonaSummarizer(dspy.Module):
+    """History -> persona text (role, user summary, rules): one LM call."""
+
+    def __init__(self, max_items: int = 40, max_words: int = 120) -> None:
+        super().__init__()
+        self.max_items = max_items
+        self.max_words = max_words
+        self.summarize = dspy.Predict(PersonaSummary)
+
+    def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
+        summary = self.summarize(history=render_history(items, self.max_items), max_words=self.max_words).persona
+        return dspy.Prediction(persona=compose_persona(summary), summary=summary)
+
+
+def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:
+    """A user's starting persona, from the history strictly before their earliest query."""
+    return (summarizer or PersonaSummarizer())(items=history.shared_history()).persona

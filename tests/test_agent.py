@@ -12,7 +12,6 @@ from persona_dspy.examples import interaction_examples, query_examples
 from persona_dspy.lamp import dataset_dir, load_dataset
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.offline_lm import Message, Response, TextPart, Usage, offline_lm
-from persona_dspy.retrieval import MemoryScope
 from persona_dspy.semantic_memory import PersonaSummarizer, initial_persona
 from signatures import compose_persona
 

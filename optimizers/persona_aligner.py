@@ -1,0 +1,264 @@
+"""PersonaAligner: PersonaAgent's test-time user preference alignment, as a DSPy teleprompter.
+
+The persona is an optimizable instruction. One step reads like a gradient step in text:
+
+    forward   run the program on a batch of the user's recent interactions with the current persona
+    loss      an LLM writes feedback per item: expected vs produced answer (TextualLossMetric)
+    gradient  the feedback is aggregated into one text
+    update    an LLM rewrites the persona from that text (PersonaUpdate), and PersonaGuard keeps the
+              rules and the length cap whatever the LM wrote
+
+Each candidate persona is scored with the task metric on a validation slice; the best persona seen
+is kept, so the result is never worse than the starting persona on that slice. With the defaults
+(3 recent interactions as both batch and validation slice, 3 iterations, one candidate per step) a
+user costs 3 + 3 x (3 losses + 1 update + 3 validation answers) = 24 LM calls.
+
+It works on any DSPy program whose predictors carry the persona as their instructions: programs with
+a ``persona`` property (PersonaAgent) are read and written through it, others through the
+instructions of all their predictors. Compiling a program that was already aligned continues from
+its persona (online re-alignment).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dspy
+from dspy.teleprompt.teleprompt import Teleprompter
+
+from optimizers.lm_usage import LMUsage
+from optimizers.persona_guard import PersonaGuard
+from optimizers.textual_loss import Metric, TextualLossMetric
+from signatures.persona import PersonaUpdate
+
+logger = logging.getLogger(__name__)
+
+
+class PersonaAccess(Protocol):
+    """How to read and write the persona of a program."""
+
+    def get(self, program: dspy.Module) -> str: ...
+
+    def set(self, program: dspy.Module, persona: str) -> None: ...
+
+
+class PersonaAttribute:
+    """Programs that expose ``persona`` themselves (PersonaAgent keeps ReAct's tool list intact this way)."""
+
+    def get(self, program: dspy.Module) -> str:
+        return program.persona
+
+    def set(self, program: dspy.Module, persona: str) -> None:
+        program.persona = persona
+
+
+class PredictorInstructions:
+    """Any DSPy program: the persona is the instruction text of all its predictors."""
+
+    def get(self, program: dspy.Module) -> str:
+        predictors = program.predictors()
+        if not predictors:
+            raise ValueError("the program has no predictors to carry a persona")
+        return predictors[0].signature.instructions
+
+    def set(self, program: dspy.Module, persona: str) -> None:
+        for predictor in program.predictors():
+            predictor.signature = predictor.signature.with_instructions(persona)
+
+
+def persona_access_for(program: dspy.Module) -> PersonaAccess:
+    has_property = isinstance(getattr(type(program), "persona", None), property)
+    return PersonaAttribute() if has_property else PredictorInstructions()
+
+
+def aggregate_feedback(items: Sequence[tuple[float, str]], max_chars: int = 4000) -> str:
+    """The 'gradient': feedback on mistakes first (worst first), duplicates dropped, within a size cap."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for score, text in sorted(items, key=lambda pair: pair[0]):
+        key = " ".join(text.lower().split())
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        verdict = "wrong" if score < 1 else "right"
+        lines.append(f"- ({verdict}) {text}")
+    out = "\n".join(lines)
+    return out if len(out) <= max_chars else out[:max_chars].rsplit("\n", 1)[0]
+
+
+@dataclass
+class _Evaluation:
+    persona: str
+    score: float
+    predictions: list[Any]
+    scores: list[float]
+
+
+@dataclass
+class AlignmentStep:
+    """One iteration's record: the feedback it read and the candidates it scored."""
+
+    iteration: int
+    batch_ids: list[Any]
+    feedback: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = 0.0
+
+
+class PersonaAligner(Teleprompter):
+    """Align a program's persona to one user from their recent interactions (see module docstring).
+
+    Args:
+        metric: ``metric(example, prediction) -> float`` in [0, 1] (higher is better).
+        batch_size: recent interactions per step.
+        iterations: update steps.
+        candidates_per_step: personas proposed per step (more than one samples at ``candidate_temperature``).
+        max_persona_words: the persona's length cap (PersonaGuard enforces it).
+        task_lm: the LM the program answers with (default: the current one).
+        optimizer_lm: the LM for loss and update (default: the task LM).
+        stop_when_perfect: stop once the validation slice is answered perfectly (saves calls).
+        rng: for reproducible candidate sampling.
+    """
+
+    def __init__(self, metric: Metric, *, batch_size: int = 3, iterations: int = 3, candidates_per_step: int = 1,
+                 max_persona_words: int = 300, task_lm: dspy.LM | None = None, optimizer_lm: dspy.LM | None = None,
+                 candidate_temperature: float = 0.7, stop_when_perfect: bool = True,
+                 rng: random.Random | None = None) -> None:
+        super().__init__()
+        if batch_size < 1 or iterations < 0 or candidates_per_step < 1 or max_persona_words < 40:
+            raise ValueError("batch_size and candidates_per_step must be >= 1, iterations >= 0, "
+                             "max_persona_words >= 40")
+        self.metric = metric
+        self.batch_size = batch_size
+        self.iterations = iterations
+        self.candidates_per_step = candidates_per_step
+        self.max_persona_words = max_persona_words
+        self.task_lm = task_lm
+        self.optimizer_lm = optimizer_lm
+        self.candidate_temperature = candidate_temperature
+        self.stop_when_perfect = stop_when_perfect
+        self.rng = rng or random.Random(0)
+        self.loss = TextualLossMetric(metric)
+        self.update = dspy.Predict(PersonaUpdate)
+        self.guard = PersonaGuard(max_words=max_persona_words)
+
+    def settings(self) -> dict[str, Any]:
+        """The configuration, for program files and reports."""
+        return {"optimizer": "PersonaAligner", "batch_size": self.batch_size, "iterations": self.iterations,
+                "candidates_per_step": self.candidates_per_step, "max_persona_words": self.max_persona_words,
+                "candidate_temperature": self.candidate_temperature, "stop_when_perfect": self.stop_when_perfect}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
+                valset: list[dspy.Example] | None = None) -> dspy.Module:
+        if not trainset:
+            raise ValueError("PersonaAligner needs at least one recent interaction in trainset")
+        valset = list(valset) if valset else list(trainset)
+        program = student.deepcopy()
+        access = persona_access_for(program)
+        usage = LMUsage()
+        started = time.perf_counter()
+        task_lm = self.task_lm or dspy.settings.lm
+        optimizer_lm = self.optimizer_lm or task_lm
+        if task_lm is None:
+            raise ValueError("no LM: configure dspy (dspy.configure(lm=...)) or pass task_lm")
+        cache: dict[tuple[str, int], tuple[Any, float]] = {}  # (persona, example) -> (prediction, score)
+        with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), usage]):
+            start_persona = access.get(program)
+            current = self._evaluate(program, access, start_persona, valset, task_lm, cache)
+            best = current
+            seen: dict[str, float] = {start_persona: current.score}
+            steps: list[AlignmentStep] = []
+            for iteration in range(self.iterations):
+                if self.stop_when_perfect and best.score >= 1.0:
+                    logger.info("validation slice answered perfectly: stopping after %d steps", iteration)
+                    break
+                batch_idx = self._batch(len(trainset), iteration)
+                batch = [trainset[i] for i in batch_idx]
+                outputs = [self._answer(program, access, current.persona, ex, task_lm, cache) for ex in batch]
+                with dspy.context(lm=optimizer_lm):
+                    losses = [(score, self.loss.feedback(ex, pred, current.persona))
+                              for ex, (pred, score) in zip(batch, outputs, strict=True)]
+                    gradient = aggregate_feedback(losses)
+                    proposals = self._propose(current.persona, gradient)
+                batch_ids = [ex.get("example_id", i) for i, ex in zip(batch_idx, batch, strict=True)]
+                step = AlignmentStep(iteration + 1, batch_ids, gradient)
+                step_best: _Evaluation | None = None
+                for proposal in proposals:
+                    candidate = self.guard.apply(start_persona, proposal)
+                    if candidate in seen:
+                        step.candidates.append({"persona": candidate, "score": seen[candidate], "repeat": True})
+                        continue
+                    evaluation = self._evaluate(program, access, candidate, valset, task_lm, cache)
+                    seen[candidate] = evaluation.score
+                    step.candidates.append({"persona": candidate, "score": evaluation.score})
+                    if step_best is None or evaluation.score > step_best.score:
+                        step_best = evaluation
+                if step_best is not None:
+                    current = step_best  # follow the newest persona; ties with the best go to the newer one
+                    if step_best.score >= best.score:
+                        best = step_best
+                step.best_score = best.score
+                steps.append(step)
+            access.set(program, best.persona)
+        program.persona_history = [{"iteration": 0, "persona": start_persona, "score": seen[start_persona]}] + [
+            {"iteration": s.iteration, "persona": c["persona"], "score": c["score"], "feedback": s.feedback}
+            for s in steps for c in s.candidates
+        ]
+        program.candidate_programs = [{"persona": p, "score": s} for p, s in
+                                      sorted(seen.items(), key=lambda pair: -pair[1])]
+        program.scores_per_iteration = [seen[start_persona]] + [s.best_score for s in steps]
+        program.alignment = {
+            **self.settings(), "start_score": seen[start_persona], "best_score": best.score,
+            "improved": best.persona != start_persona, "steps_run": len(steps), "valset_size": len(valset),
+            "trainset_size": len(trainset), "lm_calls": usage.calls, "lm_usage": usage.snapshot(),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        program.lm_calls = usage.calls
+        return program
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _batch(self, n: int, iteration: int) -> list[int]:
+        """Windows over the trainset (oldest to newest), newest first: step 1 sees the latest interactions."""
+        if n <= self.batch_size:
+            return list(range(n))
+        end = n - (iteration * self.batch_size) % n
+        return [(end - self.batch_size + j) % n for j in range(self.batch_size)]
+
+    def _answer(self, program: dspy.Module, access: PersonaAccess, persona: str, example: dspy.Example,
+                lm: dspy.LM, cache: dict) -> tuple[Any, float]:
+        cache_key = (persona, id(example))  # valset defaults to the trainset: same objects share answers
+        if cache_key in cache:
+            return cache[cache_key]
+        access.set(program, persona)
+        try:
+            with dspy.context(lm=lm):
+                prediction = program(**example.inputs())
+            score = float(self.metric(example, prediction))
+        except Exception as exc:  # one failing item scores 0; the loss step is told the program failed
+            logger.warning("program failed on %s: %s", example.get("example_id", "an example"), exc)
+            prediction, score = None, 0.0
+        cache[cache_key] = (prediction, score)
+        return prediction, score
+
+    def _evaluate(self, program: dspy.Module, access: PersonaAccess, persona: str, valset: list[dspy.Example],
+                  lm: dspy.LM, cache: dict) -> _Evaluation:
+        results = [self._answer(program, access, persona, ex, lm, cache) for ex in valset]
+        scores = [s for _, s in results]
+        return _Evaluation(persona, sum(scores) / len(scores), [p for p, _ in results], scores)
+
+    def _propose(self, persona: str, feedback: str) -> list[str]:
+        proposals = []
+        for i in range(self.candidates_per_step):
+            config: dict[str, Any] = {}
+            if i > 0:
+                config = {"temperature": self.candidate_temperature, "rollout_id": self.rng.randrange(1 << 30)}
+            result = self.update(persona=persona, feedback=feedback or "- (no feedback)",
+                                 max_words=self.max_persona_words, config=config)
+            proposals.append(str(result.new_persona))
+        return proposals

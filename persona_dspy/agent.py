@@ -139,6 +139,9 @@ class PersonaAgent(dspy.Module):
         self.mode = mode
         self.user_id = user_id
         self.k = k
+        self.search_mode = search_mode
+        self.max_iters = max_iters
+        self.reasoning = reasoning
         self.memory = memory
         self.retrieve = MemoryRetrieval(memory, k=k, mode=search_mode) if mode == "rag" else None
         all_tools = [scoped_memory_tool(memory, k=k, mode=search_mode), *tools] if mode == "react" else []

@@ -1,0 +1,41 @@
+"""Aligning one user end to end: initial persona from semantic memory, then PersonaAligner on recent interactions.
+
+The many-user compile, the optimizer comparison and the tuning objective all align users this way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+
+from optimizers.persona_aligner import PersonaAligner
+from persona_dspy.agent import AgentMode, PersonaAgent
+from persona_dspy.examples import interaction_examples
+from persona_dspy.memory import EpisodicMemory
+from persona_dspy.metrics import dspy_metric
+from persona_dspy.records import UserHistory
+from persona_dspy.semantic_memory import initial_persona
+
+DEFAULT_RECENT = 3
+
+
+def initial_agent(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,
+                  persona: str | None = None) -> PersonaAgent:
+    """The user's unoptimized agent: persona summarised from history before their earliest query (one LM call)."""
+    if mode == "none":
+        return PersonaAgent(history.task, None, "none", user_id=history.user_id, k=k)
+    return PersonaAgent(history.task, memory, mode, persona=persona or initial_persona(history),
+                        user_id=history.user_id, k=k)
+
+
+def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,
+               n_recent: int = DEFAULT_RECENT, optimizer_lm: dspy.LM | None = None,
+               start: PersonaAgent | None = None, **aligner_settings: Any) -> PersonaAgent:
+    """Align one user's persona on their ``n_recent`` latest interactions; ``start`` warm-starts from a program."""
+    trainset = interaction_examples(history, n_recent)
+    if not trainset:
+        raise ValueError(f"user {history.user_id!r} has no history before their first query to align on")
+    student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
+    aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)
+    return aligner.compile(student, trainset=trainset)

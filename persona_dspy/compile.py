@@ -1,0 +1,220 @@
+"""Compiling many users' programs: concurrent, resumable, and safe against crashes.
+
+Each user is aligned on their recent interactions and saved as a program file
+(``<out>/<user>.json``, written atomically, earlier versions kept). Users run on worker threads,
+each under its own ``dspy.context``, all against one model server. A user whose file is current
+(same task, mode, settings and trainset) is skipped, so a rerun after an interruption continues
+where it stopped; a user whose history has new interactions is re-aligned starting from their
+saved persona (online re-alignment). One user's failure (server errors, timeouts, unparsable
+outputs after retries) is recorded and the others go on. A crash loses no program already written:
+files only ever appear through an atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from optimizers.lm_usage import LMUsage
+from persona_dspy.agent import AgentMode
+from persona_dspy.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.lm import describe_lm
+from persona_dspy.memory import EpisodicMemory
+from persona_dspy.programs import ProgramFileError, load_program, read_program_metadata, save_program
+from persona_dspy.records import UserHistory
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "compile_summary.json"
+
+
+def program_path(out_dir: Path, user_id: str) -> Path:
+    """A file name per user that is safe on any file system and never collides."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", user_id).strip("._")[:60] or "user"
+    digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:10]
+    return out_dir / f"{readable}-{digest}.json"
+
+
+def trainset_fingerprint(history: UserHistory, n_recent: int) -> str:
+    """What the alignment was trained on: new interactions make a saved program out of date."""
+    ids = [item.id for item in history.recent_interactions(n_recent)]
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class UserResult:
+    user_id: str
+    status: str  # compiled | realigned | skipped | failed
+    path: str | None = None
+    start_score: float | None = None
+    best_score: float | None = None
+    lm_calls: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class CompileSummary:
+    task: str
+    out_dir: str
+    workers: int
+    settings: dict[str, Any]
+    lm: dict[str, Any] | None
+    results: list[UserResult] = field(default_factory=list)
+    seconds: float = 0.0
+    lm_calls: int = 0
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def users_per_minute(self) -> float:
+        done = self.count("compiled") + self.count("realigned")
+        return 60.0 * done / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "compiled": self.count("compiled"), "realigned": self.count("realigned"),
+                "skipped": self.count("skipped"), "failed": self.count("failed"),
+                "users_per_minute": round(self.users_per_minute, 2)}
+
+    def table(self) -> str:
+        lines = [f"{self.task}: {len(self.results)} users -> {self.out_dir}",
+                 f"  compiled {self.count('compiled')}, re-aligned {self.count('realigned')}, "
+                 f"skipped (current) {self.count('skipped')}, failed {self.count('failed')}",
+                 f"  {self.lm_calls} LM calls, {self.seconds:.1f} s, {self.users_per_minute:.1f} users/min "
+                 f"with {self.workers} workers"]
+        for r in self.results:
+            if r.status == "failed":
+                lines.append(f"  FAILED {r.user_id}: {r.error}")
+        return "\n".join(lines)
+
+
+def _current(path: Path, history: UserHistory, expected: dict[str, Any]) -> bool | None:
+    """True: up to date; False: stale but loadable (warm start); None: absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        metadata = read_program_metadata(path)
+    except ProgramFileError as exc:
+        logger.warning("ignoring unreadable program %s: %s", path, exc)
+        return None
+    if metadata.get("user_id") != history.user_id or metadata.get("task") != history.task:
+        return None
+    return all(metadata.get(key) == value for key, value in expected.items())
+
+
+def compile_users(
+    histories: Sequence[UserHistory],
+    *,
+    memory: EpisodicMemory,
+    out_dir: str | Path,
+    lm: dspy.LM,
+    optimizer_lm: dspy.LM | None = None,
+    mode: AgentMode = "rag",
+    k: int = 5,
+    n_recent: int = DEFAULT_RECENT,
+    workers: int = 4,
+    users: Sequence[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    **aligner_settings: Any,
+) -> CompileSummary:
+    """Align and save every selected user's program (see module docstring)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not histories:
+        raise ValueError("no users to compile")
+    task = histories[0].task
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    selected = list(histories)
+    if users:
+        known = {h.user_id for h in histories}
+        unknown = [u for u in users if u not in known]
+        if unknown:
+            raise ValueError(f"unknown user(s) for {task}: {', '.join(unknown[:5])}")
+        selected = [h for h in histories if h.user_id in set(users)]
+    settings = {"mode": mode, "k": k, "n_recent": n_recent, **aligner_settings}
+    summary = CompileSummary(task, str(out), workers, settings, describe_lm(lm))
+    usage = LMUsage()
+    started = time.perf_counter()
+
+    def run(history: UserHistory) -> UserResult:
+        path = program_path(out, history.user_id)
+        expected = {"mode": mode, "k": k, "alignment_settings": settings,
+                    "trainset": trainset_fingerprint(history, n_recent)}
+        state = None if force else _current(path, history, expected)
+        if state is True:
+            return UserResult(history.user_id, "skipped", str(path))
+        t0 = time.perf_counter()
+        calls = LMUsage()
+        try:
+            with dspy.context(lm=lm, callbacks=[*dspy.settings.get("callbacks", []), usage, calls]):
+                start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
+                aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
+                                     start=start, **aligner_settings)
+            report = aligned.alignment
+            save_program(aligned, path, {
+                **expected, "optimizer": "PersonaAligner", "alignment": report,
+                "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
+            }, lm=lm)
+            return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
+                              report["start_score"], report["best_score"], calls.calls,
+                              round(time.perf_counter() - t0, 3))
+        except Exception as exc:  # one user's failure must not stop the others
+            logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
+            return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
+                              seconds=round(time.perf_counter() - t0, 3), error=f"{type(exc).__name__}: {exc}")
+
+    bar = _progress(len(selected), f"compile {task}", progress)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
+        futures = {pool.submit(run, h): h.user_id for h in selected}
+        for future in as_completed(futures):
+            summary.results.append(future.result())
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    order = {h.user_id: i for i, h in enumerate(selected)}
+    summary.results.sort(key=lambda r: order[r.user_id])
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.lm_calls = usage.calls
+    _write_json_atomically(out / SUMMARY_FILE, summary.as_dict())
+    return summary
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="user")
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,4 +1,10 @@
-"""The ``persona-dspy`` command line."""
+"""The ``persona-dspy`` command line.
+
+Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
+``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report) and ``predict`` (one query of one user).
+Every failure the user can fix is reported as ``persona-dspy: error: ...`` on stderr with exit code 2, no
+traceback; ``eval`` exits 1 when some (not all) users failed, since its report is then incomplete.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,36 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports dspy and friends lazily, so that `--help` and data errors stay fast
+    import dspy
+
+    from persona_dspy.memory import EpisodicMemory
+    from persona_dspy.records import UserHistory
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_TASKS = ("LaMP_2N", "LaMP_3", "LaMP_2M")
+MODES = ("rag", "react", "none")
+NO_LM_HINT = ("no LM given: pass --lm (e.g. `--lm offline` for the offline stand-in, or "
+              "`--lm openai/<model> --api-base http://localhost:8000/v1` for a local server) or set PERSONA_DSPY_LM")
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="all",
-                        help=f"LaMP task of a shipped sample ({', '.join(SHIPPED_TASKS)}) or 'all' (default)")
+class CLIError(Exception):
+    """A problem the user can fix; reported on one line, without a traceback."""
+
+
+def _add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -> None:
+    if single_task:
+        parser.add_argument("--task", required=True,
+                            help=f"LaMP task, e.g. one of the shipped samples ({', '.join(SHIPPED_TASKS)})")
+    else:
+        parser.add_argument("--task", default="all",
+                            help=f"LaMP task of a shipped sample ({', '.join(SHIPPED_TASKS)}) or 'all' (default)")
     parser.add_argument("--data", type=Path, default=None,
                         help="a folder in LaMP layout ({split}_questions.json + {split}_outputs.json); "
                              "default: the sample shipped in data/<task>")
@@ -34,12 +59,51 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
                              "retrieval (env PERSONA_DSPY_DENSE_MODEL); default: BM25 only")
 
 
+def _add_lm_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lm", default=None,
+                        help="'offline' (the stand-in: a plumbing check, never a model), openai/<model> or "
+                             "hosted_vllm/<model> with --api-base, ollama_chat/<model>; default env PERSONA_DSPY_LM")
+    parser.add_argument("--api-base", default=None,
+                        help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (env PERSONA_DSPY_API_BASE)")
+    parser.add_argument("--api-key", default=None,
+                        help="API key (prefer env PERSONA_DSPY_API_KEY: command lines end up in shell history)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
+    parser.add_argument("--max-tokens", type=_positive(int), default=512,
+                        help="completion token cap per call (default 512)")
+    parser.add_argument("--timeout", type=_positive(float), default=60.0, help="seconds per LM request (default 60)")
+    parser.add_argument("--retries", type=_non_negative, default=3,
+                        help="retries of a failed LM request, with backoff (default 3)")
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _tasks(args: argparse.Namespace) -> list[str]:
     from persona_dspy.tasks import normalize_task_name
 
     if args.task == "all":
         if args.data is not None:
-            raise SystemExit("--data needs a single --task")
+            raise CLIError("--data needs a single --task")
         return list(SHIPPED_TASKS)
     return [normalize_task_name(args.task)]
 
@@ -93,6 +157,162 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_lm(args: argparse.Namespace) -> dspy.LM:
+    """The LM the flags (or PERSONA_DSPY_* variables) name; checked before any data is loaded or call is sent."""
+    from persona_dspy.lm import ENV_LM, build_lm
+
+    if not (args.lm or "").strip() and not os.environ.get(ENV_LM, "").strip():
+        raise CLIError(NO_LM_HINT)
+    lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=args.temperature,
+                  max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries)
+    if lm.kwargs.get("api_base"):
+        import litellm
+
+        litellm.suppress_debug_info = True  # its "Give Feedback / Get Help" banner is noise next to our one-line errors
+    return lm
+
+
+def _lm_hint(lm: dspy.LM) -> str:
+    from persona_dspy.lm import describe_lm
+
+    base = describe_lm(lm).get("api_base")
+    return f" (is the LM server at {base} running and serving {lm.model.partition('/')[2]!r}?)" if base else ""
+
+
+def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
+    """One task's users: the task name (LaMP_2 resolved from the data) and its histories."""
+    from persona_dspy.tasks import normalize_task_name
+
+    task = normalize_task_name(args.task)
+    histories = _load(task, args)
+    if not histories:
+        raise CLIError(f"no users in the {task} data")
+    return histories[0].task, histories
+
+
+def _report_path(args: argparse.Namespace, task: str) -> Path:
+    if args.out is not None:
+        return args.out
+    from persona_dspy.memory import default_memory_path
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return default_memory_path().parent / "reports" / f"eval-{task}-{args.mode}-{stamp}.json"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Ingest (idempotent), evaluate PersonaAgent on every user, print the table and write the JSON report."""
+    from persona_dspy.evaluation import evaluate
+
+    lm = _build_lm(args)
+    task, histories = _task_histories(args)
+    options = dict(mode=args.mode, lm=lm, workers=args.workers, k=args.k, progress=not args.no_progress,
+                   max_failures=args.max_failures or None)
+    if args.mode == "none":
+        report = evaluate(histories, memory=None, **options)  # the baseline reads no memory: nothing to ingest
+    else:
+        with _open_memory(task, args) as memory:
+            memory.add_histories(histories)
+            report = evaluate(histories, memory=memory, **options)
+    report.dataset = {"path": str(_data_folder(task, args)), "split": args.split}
+    print(report.summary_table())
+    path = report.to_json(_report_path(args, task))
+    print(f"report: {path}")
+    if report.n_scored == 0:
+        first = report.failures[0] if report.failures else None
+        cause = f"; first: user {first.user_id} at {first.stage}: {first.error_type}: {first.error}" if first else ""
+        raise CLIError(f"no user could be evaluated ({len(report.failures)} failed, {len(report.skipped_users)} "
+                       f"skipped){cause}{_lm_hint(lm)}")
+    if not report.complete:
+        print(f"persona-dspy: warning: {len(report.failures)} users failed and {len(report.skipped_users)} were "
+              f"skipped; the metrics cover the other {len(report.per_user)} users only", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _data_folder(task: str, args: argparse.Namespace) -> Path:
+    from persona_dspy.lamp import dataset_dir
+
+    return args.data if args.data is not None else dataset_dir(task)
+
+
+def _find_user(histories: list[UserHistory], user_id: str) -> UserHistory:
+    for history in histories:
+        if history.user_id == user_id:
+            return history
+    known = [h.user_id for h in histories]
+    shown = ", ".join(repr(u) for u in known[:10]) + (f", ... ({len(known)} users)" if len(known) > 10 else "")
+    raise CLIError(f"unknown user {user_id!r}; known users: {shown}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Answer one query of one user and show what the agent retrieved: a look at single cases."""
+    import dspy
+    from dspy.utils.exceptions import LMError
+
+    from persona_dspy.agent import PersonaAgent
+    from persona_dspy.evaluation import OFFLINE_NOTE
+    from persona_dspy.examples import query_examples
+    from persona_dspy.lm import LMUsage
+    from persona_dspy.offline_lm import is_offline
+    from persona_dspy.semantic_memory import initial_persona
+
+    lm = _build_lm(args)
+    task, histories = _task_histories(args)
+    history = _find_user(histories, args.user)
+    gold = None
+    if args.query_id is not None:
+        examples = {str(e.example_id): e for e in query_examples(history)}
+        if args.query_id not in examples:
+            raise CLIError(f"user {history.user_id!r} has no query {args.query_id!r}; their queries: "
+                           f"{', '.join(examples) or 'none'}")
+        example = examples[args.query_id]
+        query, scope, gold = example.query, example.scope, example.answer
+        where = f"query {args.query_id} (its own profile: {len(scope.within_ids or ())} items)"
+    else:
+        if not args.text.strip():
+            raise CLIError("--text is empty")
+        query, scope, where = args.text, None, "free text (the user's whole memory)"
+
+    usage = LMUsage()
+
+    def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
+        with dspy.context(lm=lm, callbacks=[*(dspy.settings.callbacks or []), usage]):
+            persona = initial_persona(history) if args.mode != "none" else None
+            agent = PersonaAgent(task, memory, args.mode, persona=persona, user_id=history.user_id, k=args.k)
+            return agent(query=query, scope=scope)
+
+    try:
+        if args.mode == "none":
+            prediction = answer(None)
+        else:
+            with _open_memory(task, args) as memory:
+                memory.add_histories([history])
+                prediction = answer(memory)
+    except LMError as exc:
+        raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm)}") from exc
+
+    print(f"task: {task}  user: {history.user_id}  mode: {args.mode}  lm: {lm.model}")
+    if is_offline(lm):
+        print(f"NOTE: {OFFLINE_NOTE}")
+    print(f"query: {where}")
+    print(f"answer: {prediction.answer}")
+    print(f"raw answer: {prediction.raw_answer}")
+    if gold is not None:
+        print(f"gold: {gold}")
+    passages = list(prediction.passages or [])
+    if args.mode == "rag":
+        print(f"retrieved passages ({len(passages)}):")
+        for i, passage in enumerate(passages, 1):
+            print(f"  {i}. {passage.render()}  [item {passage.item_id}, score {passage.score:.3f}]")
+    elif args.mode == "react":
+        print("retrieved passages: none up front (react searches memory through its tool while reasoning)")
+    else:
+        print("retrieved passages: none (mode none reads no memory)")
+    snap = usage.snapshot()
+    print(f"LM calls: {snap['calls']}, tokens: {snap['total_tokens']}")
+    return 0
+
+
 def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
@@ -117,6 +337,32 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("-k", type=int, default=5, help="items that vote (default 5)")
     quality.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     quality.set_defaults(func=cmd_retrieval_eval)
+
+    evaluation = sub.add_parser("eval", help="evaluate PersonaAgent on a dataset: LaMP metrics and a JSON report")
+    _add_data_args(evaluation, single_task=True)
+    _add_memory_args(evaluation)
+    _add_lm_args(evaluation)
+    evaluation.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")
+    evaluation.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
+    evaluation.add_argument("--workers", type=_positive(int), default=4, help="users evaluated in parallel (default 4)")
+    evaluation.add_argument("--max-failures", type=_non_negative, default=5,
+                            help="stop starting users after this many failed (default 5; 0 = never stop)")
+    evaluation.add_argument("--out", type=Path, default=None,
+                            help="JSON report path (default $PERSONA_DSPY_HOME/reports/eval-<task>-<mode>-<time>.json)")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluation.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser("predict", help="answer one query of one user and show the retrieved passages")
+    _add_data_args(predict, single_task=True)
+    _add_memory_args(predict)
+    _add_lm_args(predict)
+    predict.add_argument("--user", required=True, help="user id as in the dataset")
+    which = predict.add_mutually_exclusive_group(required=True)
+    which.add_argument("--query-id", help="a query of the dataset (answered within its own profile)")
+    which.add_argument("--text", help="a free query (answered from the user's whole memory)")
+    predict.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")
+    predict.add_argument("-k", type=_positive(int), default=5, help="passages retrieved (default 5)")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -124,13 +370,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from dspy.utils.exceptions import LMError
+
     from persona_dspy.embeddings import EmbeddingModelError
     from persona_dspy.lamp import DataError
     from persona_dspy.memory import MemoryStoreError
 
     try:
         return args.func(args)
-    except (DataError, EmbeddingModelError, MemoryStoreError, ValueError) as exc:
+    except (CLIError, DataError, EmbeddingModelError, MemoryStoreError, LMError, ValueError) as exc:
         print(f"persona-dspy: error: {exc}", file=sys.stderr)
         return 2
 

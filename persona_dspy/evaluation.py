@@ -1,0 +1,326 @@
+"""Evaluation of PersonaAgent over LaMP users: per-user agents in parallel, LaMP metrics, a JSON report.
+
+Each user gets their own agent (persona summarised from their shared history, one LM call), then every test query
+is answered within its own leak-free scope (``query_examples``). Users run in a thread pool; each worker sets the LM
+with ``dspy.context`` (``dspy.configure`` belongs to the first thread only) and an ``LMUsage`` callback attached for
+the run counts calls and tokens across threads. A user whose agent raises is recorded as a failure and scored
+nowhere (the metrics cover completed users only), so one bad user never costs the others their results.
+
+Numbers from the offline stand-in LM are plumbing checks, never a model's score; reports say so.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import dspy
+from tqdm.auto import tqdm
+
+from persona_dspy.agent import MODES, AgentMode, PersonaAgent
+from persona_dspy.examples import query_examples
+from persona_dspy.lm import LMUsage, describe_lm
+from persona_dspy.memory import EpisodicMemory
+from persona_dspy.metrics import aggregate_by_user, per_example_score, primary_metric
+from persona_dspy.offline_lm import is_offline
+from persona_dspy.records import UserHistory
+from persona_dspy.semantic_memory import initial_persona
+from persona_dspy.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_NOTE = "offline stand-in: a plumbing check, not a model's score"
+
+AgentFactory = Callable[[UserHistory], Any]
+"""history -> a program called as ``agent(query=..., scope=...)`` returning a Prediction with ``.answer``.
+
+It is called inside the worker, under the run's LM context, so it may call the LM (the persona summary does)."""
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One answered query: what the agent said, as scored and as the model wrote it, against the gold."""
+
+    user_id: str
+    query_id: str
+    prediction: str
+    raw_answer: str
+    gold: str
+    score: float
+    passage_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UserFailure:
+    """A user whose run raised: where (``stage``: persona or a query id) and what, so it can be reproduced."""
+
+    user_id: str
+    error_type: str
+    error: str
+    stage: str
+    n_queries: int
+
+
+@dataclass
+class EvalReport:
+    """The outcome of one evaluation run, complete enough to be compared with another run later."""
+
+    task: str
+    mode: str
+    k: int
+    overall: dict[str, float]
+    per_user: dict[str, dict[str, float]]
+    predictions: list[PredictionRecord]
+    failures: list[UserFailure]
+    skipped_users: list[str]
+    lm: dict[str, Any]
+    offline: bool
+    note: str | None
+    calls: int
+    tokens: dict[str, Any]
+    wall_seconds: float
+    workers: int
+    n_users: int
+    n_queries: int
+    primary_metric: str
+    higher_is_better: bool
+    versions: dict[str, str]
+    created: str
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every user was evaluated (no failures, nothing skipped)."""
+        return not self.failures and not self.skipped_users
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["n_scored"] = self.n_scored
+        return data
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the report as indented JSON (parent folders are created); returns the path."""
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return target
+
+    def summary_table(self) -> str:
+        """A printable table: one row per user, the pooled row LaMP reports, then failures and costs."""
+        keys = list(self.overall) or _metric_keys(self.task)
+        counts: dict[str, int] = {}
+        for record in self.predictions:
+            counts[record.user_id] = counts.get(record.user_id, 0) + 1
+        rows = [[user, str(counts.get(user, 0)), *(_fmt(metrics.get(key)) for key in keys)]
+                for user, metrics in self.per_user.items()]
+        rows.append([f"ALL ({len(self.per_user)} users, pooled)", str(self.n_scored),
+                     *(_fmt(self.overall.get(key)) for key in keys)])
+        header = ["user", "queries", *keys]
+        widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+
+        def line(cells: Sequence[str]) -> str:
+            padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+            return "  ".join(padded)
+
+        direction = "higher" if self.higher_is_better else "lower"
+        out = [f"{self.task}  mode={self.mode}  k={self.k}  lm={self.lm.get('model')}"
+               + (f" @ {self.lm['api_base']}" if self.lm.get("api_base") else "")
+               + f"  primary={self.primary_metric} ({direction} is better)"]
+        if self.note:
+            out.append(f"NOTE: {self.note}")
+        out += [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows[:-1]),
+                line(["-" * w for w in widths]), line(rows[-1])]
+        for failure in self.failures:
+            out.append(f"FAILED {failure.user_id} at {failure.stage}: {failure.error_type}: {failure.error}")
+        if self.skipped_users:
+            out.append(f"SKIPPED {len(self.skipped_users)} users after {len(self.failures)} failures")
+        out.append(f"{self.n_scored}/{self.n_queries} queries of {self.n_users} users scored; {self.calls} LM calls, "
+                   f"{self.tokens.get('total_tokens', 0)} tokens ({self.tokens.get('prompt_tokens', 0)} prompt, "
+                   f"{self.tokens.get('completion_tokens', 0)} completion"
+                   + (f", {self.tokens['unmetered_calls']} calls unmetered" if self.tokens.get("unmetered_calls")
+                      else "")
+                   + f"); {self.wall_seconds:.2f} s with {self.workers} workers")
+        return "\n".join(out)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _metric_keys(task: str) -> list[str]:
+    key, _ = primary_metric(task)
+    return {"accuracy": ["accuracy", "f1"], "mae": ["mae", "rmse"]}.get(key, ["rouge-1", "rouge-L"])
+
+
+def versions() -> dict[str, str]:
+    """Versions that can change a score, for the report."""
+    found = {"python": platform.python_version()}
+    for dist in ("persona-dspy", "dspy", "litellm", "qdrant-client", "fastembed"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def default_agent_factory(task: str, memory: EpisodicMemory | None, mode: AgentMode, k: int) -> AgentFactory:
+    """The paper's setup: a persona summarised from the user's history (not in mode "none", the baseline)."""
+
+    def make(history: UserHistory) -> PersonaAgent:
+        if mode == "none":
+            return PersonaAgent(task, None, "none", k=k)
+        return PersonaAgent(task, memory, mode, persona=initial_persona(history), k=k)
+
+    return make
+
+
+@dataclass
+class _UserOutcome:
+    records: list[PredictionRecord] = field(default_factory=list)
+    failure: UserFailure | None = None
+
+
+def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.LM, usage: LMUsage) -> _UserOutcome:
+    """One user, start to end, in a worker thread; an exception becomes a recorded failure."""
+    stage = "persona"
+    try:
+        examples = query_examples(history)
+        with dspy.context(lm=lm, callbacks=[*(dspy.settings.callbacks or []), usage]):
+            agent = factory(history)
+            records = []
+            for example in examples:
+                stage = f"query {example.example_id}"
+                prediction = agent(**example.inputs())
+                answer = "" if prediction.answer is None else str(prediction.answer)
+                raw = getattr(prediction, "raw_answer", None)
+                passages = getattr(prediction, "passages", None) or []
+                records.append(PredictionRecord(
+                    user_id=history.user_id, query_id=str(example.example_id), prediction=answer,
+                    raw_answer=answer if raw is None else str(raw), gold=str(example.answer),
+                    score=per_example_score(task, answer, example.answer),
+                    passage_ids=tuple(str(getattr(p, "item_id", "")) for p in passages)))
+        return _UserOutcome(records)
+    except Exception as exc:  # one user's failure must not stop the others: record it, scored nowhere
+        logger.warning("user %s failed at %s: %s: %s", history.user_id, stage, type(exc).__name__, exc)
+        logger.debug("user %s traceback", history.user_id, exc_info=True)
+        return _UserOutcome(failure=UserFailure(history.user_id, type(exc).__name__, str(exc) or repr(exc), stage,
+                                                len(history.queries)))
+
+
+def evaluate(
+    histories: Sequence[UserHistory],
+    *,
+    memory: EpisodicMemory | None,
+    mode: AgentMode = "rag",
+    lm: dspy.LM,
+    workers: int = 4,
+    k: int = 5,
+    agent_factory: AgentFactory | None = None,
+    progress: bool = True,
+    max_failures: int | None = None,
+) -> EvalReport:
+    """Answer every user's test queries with their own agent and score them as LaMP does.
+
+    ``memory`` must already hold the histories (``memory.add_histories``); it may be None in mode "none".
+    ``max_failures``: after that many failed users, users not yet started are skipped (a dead server should not
+    be retried user after user); None never stops. Results come back in the order of ``histories`` whatever the
+    number of workers.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if max_failures is not None and max_failures < 1:
+        raise ValueError(f"max_failures must be at least 1 (or None), got {max_failures}")
+    if not histories:
+        raise ValueError("no users to evaluate")
+    task = get_task(histories[0].task).name
+    mixed = sorted({h.task for h in histories if get_task(h.task).name != task})
+    if mixed:
+        raise ValueError(f"one task per evaluation: got {task} and {', '.join(mixed)}")
+    if agent_factory is None and mode != "none" and memory is None:
+        raise ValueError(f"mode {mode!r} needs a memory holding the users' histories")
+    ids = [h.user_id for h in histories]
+    if len(set(ids)) != len(ids):
+        raise ValueError("user ids must be unique within an evaluation")
+    factory = agent_factory or default_agent_factory(task, memory, mode, k)
+
+    usage = LMUsage()
+    outcomes: dict[str, _UserOutcome] = {}
+    stop = threading.Event()
+    n_queries = sum(len(h.queries) for h in histories)
+    show = progress and sys.stderr.isatty()
+
+    failed = 0
+    lock = threading.Lock()
+
+    def run(history: UserHistory) -> _UserOutcome | None:
+        nonlocal failed
+        if stop.is_set():
+            return None
+        outcome = _run_user(history, task, factory, lm, usage)
+        if outcome.failure is not None:
+            with lock:  # counted here, not in the main thread, so a worker never starts a user after the limit
+                failed += 1
+                if max_failures is not None and failed >= max_failures and not stop.is_set():
+                    logger.warning("stopping after %d failed users; users not started yet are skipped", failed)
+                    stop.set()
+        return outcome
+
+    started = time.perf_counter()
+    with tqdm(total=len(histories), desc=f"{task} {mode}", unit="user", disable=not show) as bar, \
+            ThreadPoolExecutor(max_workers=min(workers, len(histories)), thread_name_prefix="persona-eval") as pool:
+        # Each user runs in its own copy of the caller's context, so the caller's dspy.context settings carry over.
+        futures: dict[Future, UserHistory] = {pool.submit(contextvars.copy_context().run, run, h): h
+                                              for h in histories}
+        for future in as_completed(futures):
+            if future.cancelled() or (outcome := future.result()) is None:
+                continue
+            outcomes[futures[future].user_id] = outcome
+            if stop.is_set():
+                for pending in futures:
+                    pending.cancel()
+            bar.update(1)
+            bar.set_postfix(failed=failed, calls=usage.calls, refresh=False)
+    wall = time.perf_counter() - started
+    skipped = [h.user_id for h in histories if h.user_id not in outcomes]
+
+    records = [r for h in histories if h.user_id in outcomes for r in outcomes[h.user_id].records]
+    failures = [outcomes[h.user_id].failure for h in histories
+                if h.user_id in outcomes and outcomes[h.user_id].failure is not None]
+    if records:
+        scores = aggregate_by_user(task, ((r.user_id, r.prediction, r.gold) for r in records))
+        overall, per_user = scores["overall"], scores["per_user"]
+    else:
+        overall, per_user = {}, {}
+    snap = usage.snapshot()
+    offline = is_offline(lm)
+    key, higher = primary_metric(task)
+    return EvalReport(
+        task=task, mode=mode, k=k, overall=overall, per_user=per_user, predictions=records,
+        failures=[f for f in failures if f is not None], skipped_users=skipped, lm=describe_lm(lm), offline=offline,
+        note=OFFLINE_NOTE if offline else None, calls=snap["calls"],
+        tokens={name: snap[name] for name in ("prompt_tokens", "completion_tokens", "total_tokens",
+                                              "unmetered_calls", "errors")},
+        wall_seconds=round(wall, 3), workers=workers, n_users=len(histories), n_queries=n_queries,
+        primary_metric=key, higher_is_better=higher, versions=versions(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )

@@ -1,9 +1,10 @@
 """The ``persona-dspy`` command line.
 
 Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
-``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report) and ``predict`` (one query of one user).
+``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report), ``predict`` (one query of one user) and
+``compile`` (align every user's persona and save their program files).
 Every failure the user can fix is reported as ``persona-dspy: error: ...`` on stderr with exit code 2, no
-traceback; ``eval`` exits 1 when some (not all) users failed, since its report is then incomplete.
+traceback; ``eval`` and ``compile`` exit 1 when some (not all) users failed.
 """
 
 from __future__ import annotations
@@ -229,6 +230,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Align users' personas on their recent interactions and save one program file per user (resumable)."""
+    from persona_dspy.compile import compile_users
+    from persona_dspy.evaluation import OFFLINE_NOTE
+    from persona_dspy.lm import build_optimizer_lm
+    from persona_dspy.memory import default_memory_path
+    from persona_dspy.offline_lm import is_offline
+
+    lm = _build_lm(args)
+    optimizer_lm = build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=lm,
+                                      temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
+                                      num_retries=args.retries)
+    task, histories = _task_histories(args)
+    out = args.out if args.out is not None else default_memory_path().parent / "programs" / task
+    with _open_memory(task, args) as memory:
+        memory.add_histories(histories)
+        summary = compile_users(
+            histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode, k=args.k,
+            n_recent=args.recent, workers=args.workers, users=args.users, force=args.force,
+            progress=not args.no_progress, batch_size=args.batch_size, iterations=args.iterations,
+            candidates_per_step=args.candidates, max_persona_words=args.max_persona_words,
+        )
+    print(summary.table())
+    if is_offline(lm):
+        print(f"NOTE: {OFFLINE_NOTE}")
+    print(f"programs: {out}")
+    failed = summary.count("failed")
+    if failed and failed == len(summary.results):
+        raise CLIError(f"no user could be compiled; first: {summary.results[0].error}{_lm_hint(lm)}")
+    return 1 if failed else 0
+
+
 def _data_folder(task: str, args: argparse.Namespace) -> Path:
     from persona_dspy.lamp import dataset_dir
 
@@ -277,12 +310,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
         with dspy.context(lm=lm, callbacks=[*(dspy.settings.callbacks or []), usage]):
-            persona = initial_persona(history) if args.mode != "none" else None
-            agent = PersonaAgent(task, memory, args.mode, persona=persona, user_id=history.user_id, k=args.k)
+            if args.program is not None:
+                from persona_dspy.programs import load_program
+
+                agent = load_program(args.program, memory, user_id=history.user_id, task=task)
+            else:
+                persona = initial_persona(history) if args.mode != "none" else None
+                agent = PersonaAgent(task, memory, args.mode, persona=persona, user_id=history.user_id, k=args.k)
             return agent(query=query, scope=scope)
 
     try:
-        if args.mode == "none":
+        if args.mode == "none" and args.program is None:
             prediction = answer(None)
         else:
             with _open_memory(task, args) as memory:
@@ -362,7 +400,33 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--text", help="a free query (answered from the user's whole memory)")
     predict.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")
     predict.add_argument("-k", type=_positive(int), default=5, help="passages retrieved (default 5)")
+    predict.add_argument("--program", type=Path, default=None,
+                         help="answer with this user's compiled program file (its persona, mode and k)")
     predict.set_defaults(func=cmd_predict)
+
+    compile_ = sub.add_parser("compile", help="align every (or the selected) user's persona and save their programs")
+    _add_data_args(compile_, single_task=True)
+    _add_memory_args(compile_)
+    _add_lm_args(compile_)
+    compile_.add_argument("--optimizer-lm", default=None,
+                          help="a separate LM for textual loss and persona updates (env PERSONA_DSPY_OPTIMIZER_LM; "
+                               "default: the task LM)")
+    compile_.add_argument("--optimizer-api-base", default=None, help="its server (env PERSONA_DSPY_OPTIMIZER_API_BASE)")
+    compile_.add_argument("--users", nargs="+", default=None, help="compile only these user ids")
+    compile_.add_argument("--out", type=Path, default=None,
+                          help="program folder (default $PERSONA_DSPY_HOME/programs/<task>)")
+    compile_.add_argument("--mode", choices=("rag", "react"), default="rag", help="agent mode (default rag)")
+    compile_.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
+    compile_.add_argument("--recent", type=_positive(int), default=3,
+                          help="recent interactions to align on (default 3)")
+    compile_.add_argument("--batch-size", type=_positive(int), default=3, help="interactions per step (default 3)")
+    compile_.add_argument("--iterations", type=_non_negative, default=3, help="update steps (default 3)")
+    compile_.add_argument("--candidates", type=_positive(int), default=1, help="personas proposed per step (default 1)")
+    compile_.add_argument("--max-persona-words", type=_positive(int), default=300, help="persona length cap")
+    compile_.add_argument("--workers", type=_positive(int), default=4, help="users compiled in parallel (default 4)")
+    compile_.add_argument("--force", action="store_true", help="recompile users whose program is current")
+    compile_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compile_.set_defaults(func=cmd_compile)
     return parser
 
 

@@ -228,3 +228,49 @@ def test_ingest_and_retrieval_eval_still_work(capsys, tmp_path):
                                "--json", str(table))
     assert code == 0, stderr
     assert {row["strategy"] for row in json.loads(table.read_text())} >= {"recency", "majority", "bm25"}
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compile_offline_saves_programs_resumes_and_predict_uses_them(capsys, tmp_path):
+    out = tmp_path / "programs"
+    code, stdout, stderr = run(capsys, "compile", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
+                               "--out", str(out), "--no-progress", "--workers", "2")
+    assert code == 0, stderr
+    assert "compiled 6" in stdout and "NOTE" in stdout
+    programs = sorted(p for p in out.glob("*.json") if p.name != "compile_summary.json")
+    assert len(programs) == 6
+    code, stdout, _ = run(capsys, "compile", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
+                          "--out", str(out), "--no-progress")
+    assert code == 0 and "skipped (current) 6" in stdout
+    mine = next(p for p in programs if p.name.startswith(LAMP3_USER))
+    code, stdout, stderr = run(capsys, "predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER,
+                               "--query-id", LAMP3_QUERY, "--program", str(mine), "--memory", ":memory:")
+    assert code == 0, stderr
+    assert "answer:" in stdout
+    other = next(p for p in programs if not p.name.startswith(LAMP3_USER))
+    code, _, stderr = run(capsys, "predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER,
+                          "--text", "a tuner", "--program", str(other), "--memory", ":memory:")
+    assert code == 2 and "belongs to user" in stderr
+
+
+def test_compile_over_http_selected_users(capsys, tmp_path, server):
+    server.reset()
+    out = tmp_path / "programs"
+    code, stdout, stderr = run(capsys, "compile", "--task", "LaMP_3", "--lm", "openai/test-model", "--api-base",
+                               server.api_base, "--memory", ":memory:", "--out", str(out), "--no-progress",
+                               "--users", LAMP3_USER, "--iterations", "1", "--timeout", "10")
+    assert code == 0, stderr
+    assert "compiled 1" in stdout and "NOTE" not in stdout
+    summary = json.loads((out / "compile_summary.json").read_text())
+    assert summary["lm"]["model"] == "openai/test-model" and summary["lm_calls"] == server.stats()["answered"] > 0
+    [program] = [p for p in out.glob("*.json") if p.name != "compile_summary.json"]
+    assert json.loads(program.read_text())["metadata"]["lm"]["api_base"] == server.api_base
+
+
+def test_compile_with_an_unreachable_server_fails_cleanly(capsys, tmp_path):
+    code, _, stderr = run(capsys, "compile", "--task", "LaMP_3", "--lm", "openai/test-model", "--api-base",
+                          f"http://127.0.0.1:{closed_port()}/v1", "--memory", ":memory:", "--out",
+                          str(tmp_path / "p"), "--no-progress", "--retries", "0", "--timeout", "2")
+    assert code == 2 and "no user could be compiled" in stderr

@@ -2,7 +2,8 @@
 
 Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
 ``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report), ``predict`` (one query of one user) and
-``compile`` (align every user's persona and save their program files).
+``compile`` (align every user's persona and save their program files) and ``tune`` (search the aligner's
+settings with Optuna).
 Every failure the user can fix is reported as ``persona-dspy: error: ...`` on stderr with exit code 2, no
 traceback; ``eval`` and ``compile`` exit 1 when some (not all) users failed.
 """
@@ -262,6 +263,48 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
+    from persona_dspy.lm import ENV_LM
+    from persona_dspy.memory import default_memory_path
+    from persona_dspy.tuning_job import run_tuning
+
+    if not (args.lm or "").strip() and not os.environ.get(ENV_LM, "").strip():
+        raise CLIError(NO_LM_HINT)
+    import optuna
+
+    if not args.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one log line per trial is noise next to the summary
+    task, histories = _task_histories(args)
+    if args.users:
+        histories = histories[:args.users]
+    storage = args.storage or f"sqlite:///{default_memory_path().parent / 'tuning.db'}"
+    with _open_memory(task, args) as memory:
+        memory.add_histories(histories)
+        summary = run_tuning(
+            task, histories, memory, lm_model=args.lm, api_base=args.api_base, api_key=args.api_key,
+            optimizer_lm_model=args.optimizer_lm, optimizer_api_base=args.optimizer_api_base, storage=storage,
+            study_name=args.study_name or f"tune-{task}-{args.mode}", n_trials=args.n_trials,
+            max_lm_calls_per_user=args.max_calls_per_user, multi_objective=args.multi_objective,
+            algorithm=args.sampler, seed=args.seed, n_recent=args.recent, mode=args.mode, workers=args.workers,
+            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
+        )
+    print(f"{task}: {summary['trials_done']} trials done ({summary['trials_failed']} failed) in {storage}")
+    if summary.get("note"):
+        print(f"NOTE: {summary['note']}")
+    if summary.get("no_best_reason"):
+        print(f"no best settings: {summary['no_best_reason']}")
+    else:
+        print(f"best settings: {json.dumps(summary['best_settings'])}")
+        print(f"best {summary['metric']}: {summary['best_metric_value']}  "
+              f"LM calls per user: {summary['lm_calls_per_user']}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary: {args.out}")
+    return 1 if summary.get("no_best_reason") else 0
+
+
 def _data_folder(task: str, args: argparse.Namespace) -> Path:
     from persona_dspy.lamp import dataset_dir
 
@@ -427,6 +470,28 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--force", action="store_true", help="recompile users whose program is current")
     compile_.add_argument("--no-progress", action="store_true", help="no progress bar")
     compile_.set_defaults(func=cmd_compile)
+
+    tune = sub.add_parser("tune", help="search the aligner's settings on dev users with Optuna (resumable study)")
+    _add_data_args(tune, single_task=True)
+    _add_memory_args(tune)
+    _add_lm_args(tune)  # --temperature is searched; the flag is ignored here
+    tune.add_argument("--optimizer-lm", default=None, help="a separate LM for loss and updates")
+    tune.add_argument("--optimizer-api-base", default=None, help="its server")
+    tune.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///$PERSONA_DSPY_HOME/tuning.db)")
+    tune.add_argument("--study-name", default=None, help="default tune-<task>-<mode>")
+    tune.add_argument("--n-trials", type=_positive(int), default=30,
+                      help="finished trials the study should have (a rerun completes the remainder; default 30)")
+    tune.add_argument("--max-calls-per-user", type=_positive(float), default=None,
+                      help="LM-call budget per user: trials over it are infeasible")
+    tune.add_argument("--multi-objective", action="store_true", help="maximise the score and minimise LM calls")
+    tune.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--users", type=_positive(int), default=None, help="tune on the first N users only")
+    tune.add_argument("--mode", choices=("rag", "react"), default="rag")
+    tune.add_argument("--recent", type=_positive(int), default=3, help="recent interactions per user (default 3)")
+    tune.add_argument("--workers", type=_positive(int), default=4, help="users aligned in parallel (default 4)")
+    tune.add_argument("--out", type=Path, default=None, help="also write the summary as JSON here")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

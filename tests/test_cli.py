@@ -274,3 +274,21 @@ def test_compile_with_an_unreachable_server_fails_cleanly(capsys, tmp_path):
                           f"http://127.0.0.1:{closed_port()}/v1", "--memory", ":memory:", "--out",
                           str(tmp_path / "p"), "--no-progress", "--retries", "0", "--timeout", "2")
     assert code == 2 and "no user could be compiled" in stderr
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def test_tune_offline_runs_a_resumable_study(capsys, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    argv = ["tune", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:", "--users", "2",
+            "--storage", storage, "--max-calls-per-user", "60", "--out", str(tmp_path / "tune.json")]
+    code, stdout, stderr = run(capsys, *argv, "--n-trials", "2")
+    assert code == 0, stderr
+    assert "2 trials done" in stdout and "best settings" in stdout and "NOTE" in stdout
+    code, stdout, _ = run(capsys, *argv, "--n-trials", "3")
+    assert code == 0 and "3 trials done" in stdout
+    summary = json.loads((tmp_path / "tune.json").read_text())
+    assert summary["trials_done"] == 3 and set(summary["best_settings"]) >= {"batch_size", "iterations", "k"}
+    code, _, stderr = run(capsys, "tune", "--task", "LaMP_3", "--memory", ":memory:")
+    assert code == 2 and "no LM given" in stderr

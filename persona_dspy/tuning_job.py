@@ -1,0 +1,225 @@
+"""Tuning PersonaAligner on LaMP dev users: the objective, and the run the CLI calls.
+
+One trial = one configuration (batch_size, iterations, retrieved k, task-LM temperature) applied to every dev
+user: each user is aligned on their recent interactions (``align_user``) and then answers their held-out test
+queries (``query_examples``), through ``evaluation.evaluate`` so threads, failures and metrics work as in
+``persona-dspy eval``. The score is LaMP's primary metric pooled over all users' queries (as
+``metrics.aggregate_by_user`` pools them), turned into higher-is-better: accuracy and ROUGE-1 as they are, MAE
+negated (LaMP_3: a score of -0.4 is an MAE of 0.4). The cost is LM calls per user, counted by an ``LMUsage``
+callback over everything the trial does: initial persona, alignment (answers, losses, updates) and evaluation.
+
+A trial in which any user fails raises, so Optuna records it as failed: a score over fewer users would not be
+comparable with the others. Scores from the offline stand-in LM are plumbing checks, never a model's accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dspy
+import optuna
+from optuna.trial import TrialState
+
+from optimizers.tuning import (
+    Algorithm,
+    AlignerSearchSpace,
+    TrialOutcome,
+    best_trial,
+    completed_trials,
+    pareto_front,
+    trial_summary,
+    tune,
+)
+from persona_dspy.agent import AgentMode
+from persona_dspy.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.evaluation import OFFLINE_NOTE, evaluate
+from persona_dspy.lm import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, describe_lm
+from persona_dspy.memory import EpisodicMemory
+from persona_dspy.metrics import primary_metric
+from persona_dspy.offline_lm import is_offline
+from persona_dspy.records import UserHistory
+from persona_dspy.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+LMFactory = Callable[[float], dspy.LM]
+"""temperature -> the task LM for one trial."""
+
+SEARCHED = ("batch_size", "iterations", "k", "temperature")
+
+
+def alignable(histories: Sequence[UserHistory], n_recent: int) -> list[UserHistory]:
+    """Users with at least one interaction before their first query (the others cannot be aligned)."""
+    kept = [h for h in histories if h.recent_interactions(n_recent)]
+    if len(kept) < len(histories):
+        logger.warning("tuning skips %d users with no history before their first query", len(histories) - len(kept))
+    return kept
+
+
+def _single_task(histories: Sequence[UserHistory]) -> str:
+    if not histories:
+        raise ValueError("no users to tune on")
+    task = get_task(histories[0].task).name
+    mixed = sorted({h.task for h in histories if get_task(h.task).name != task})
+    if mixed:
+        raise ValueError(f"one task per tuning run: got {task} and {', '.join(mixed)}")
+    return task
+
+
+def aligner_objective(
+    histories: Sequence[UserHistory],
+    *,
+    memory: EpisodicMemory,
+    lm_factory: LMFactory,
+    optimizer_lm: dspy.LM | None = None,
+    n_recent: int = DEFAULT_RECENT,
+    mode: AgentMode = "rag",
+    workers: int = 4,
+    **fixed_settings: Any,
+) -> Callable[[dict[str, Any]], TrialOutcome]:
+    """The objective for ``optimizers.tuning.tune`` (see the module docstring).
+
+    ``memory`` must already hold the histories. ``optimizer_lm`` None: loss and update use the trial's task LM
+    (so the tuned temperature applies to them too). ``fixed_settings`` go to PersonaAligner unchanged in every
+    trial (e.g. ``candidates_per_step``, ``max_persona_words``).
+    """
+    users = alignable(histories, n_recent)
+    task = _single_task(users)
+    metric, higher_is_better = primary_metric(task)
+    clash = set(fixed_settings) & set(SEARCHED)
+    if clash:
+        raise ValueError(f"{', '.join(sorted(clash))} are searched; they cannot also be fixed")
+
+    def objective(settings: dict[str, Any]) -> TrialOutcome:
+        settings = dict(settings)
+        k = int(settings.pop("k"))
+        lm = lm_factory(float(settings.pop("temperature")))
+        aligner_settings = {**fixed_settings, **settings}
+
+        def aligned_agent(history: UserHistory) -> Any:
+            return align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
+                              **aligner_settings)
+
+        report = evaluate(users, memory=memory, mode=mode, lm=lm, workers=workers, k=k, agent_factory=aligned_agent,
+                          progress=False, max_failures=1)
+        if not report.complete:
+            failure = report.failures[0] if report.failures else None
+            reason = f"{failure.user_id} at {failure.stage}: {failure.error_type}: {failure.error}" if failure else ""
+            raise RuntimeError(f"{len(report.failures)} user(s) failed, {len(report.skipped_users)} skipped; {reason}")
+        value = report.overall[metric]
+        return TrialOutcome(
+            score=value if higher_is_better else -value,
+            lm_calls_per_user=report.calls / len(users),
+            details={"task": task, "metric": metric, "metric_value": value, "higher_is_better": higher_is_better,
+                     "overall": report.overall, "n_users": len(users), "n_queries": report.n_queries,
+                     "lm_calls": report.calls, "tokens": report.tokens, "seconds": report.wall_seconds,
+                     "offline": report.offline},
+        )
+
+    return objective
+
+
+def users_fingerprint(histories: Sequence[UserHistory]) -> str:
+    """Which users a study was tuned on: a resume on other users would mix incomparable scores."""
+    ids = sorted(h.user_id for h in histories)
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+
+
+def run_tuning(
+    task: str,
+    histories: Sequence[UserHistory],
+    memory: EpisodicMemory,
+    *,
+    lm_model: str | None,
+    api_base: str | None,
+    storage: str,
+    study_name: str,
+    n_trials: int,
+    api_key: str | None = None,
+    optimizer_lm_model: str | None = None,
+    optimizer_api_base: str | None = None,
+    max_lm_calls_per_user: float | None = None,
+    multi_objective: bool = False,
+    algorithm: Algorithm = "tpe",
+    seed: int = 0,
+    n_recent: int = DEFAULT_RECENT,
+    mode: AgentMode = "rag",
+    workers: int = 4,
+    max_failed_trials: int | None = None,
+    space: AlignerSearchSpace | None = None,
+    max_tokens: int = 512,
+    timeout: float = 60,
+    num_retries: int = 3,
+) -> dict[str, Any]:
+    """Tune on ``histories`` (already in ``memory``) and summarise the study, for ``persona-dspy tune``.
+
+    Builds the task LM per trial at the trial's temperature, and the optimizer LM once (at temperature 0) when
+    one is named (argument or PERSONA_DSPY_OPTIMIZER_LM). LM settings are checked before any trial runs.
+    """
+    task = get_task(task).name
+    users = alignable(histories, n_recent)
+    if _single_task(users) != task:
+        raise ValueError(f"the users are from {_single_task(users)}, not {task}")
+
+    def lm_factory(temperature: float) -> dspy.LM:
+        return build_lm(lm_model, api_base, api_key=api_key, temperature=temperature, max_tokens=max_tokens,
+                        timeout=timeout, num_retries=num_retries)
+
+    probe = lm_factory(0.0)  # an unusable model or api_base fails here, not in every trial
+    optimizer_lm = None
+    if (optimizer_lm_model or "").strip() or os.environ.get(ENV_OPTIMIZER_LM, "").strip():
+        optimizer_lm = build_optimizer_lm(optimizer_lm_model, optimizer_api_base, max_tokens=max_tokens,
+                                          timeout=timeout, num_retries=num_retries)
+    context = {"task": task, "users": users_fingerprint(users), "n_users": len(users), "n_recent": n_recent,
+               "agent_mode": mode, "lm": probe.model, "optimizer_lm": optimizer_lm.model if optimizer_lm else None}
+    objective = aligner_objective(users, memory=memory, lm_factory=lm_factory, optimizer_lm=optimizer_lm,
+                                  n_recent=n_recent, mode=mode, workers=workers)
+    study = tune(objective, storage=storage, study_name=study_name, n_trials=n_trials,
+                 max_lm_calls_per_user=max_lm_calls_per_user, multi_objective=multi_objective, seed=seed,
+                 space=space, algorithm=algorithm, max_failed_trials=max_failed_trials, context=context)
+    return tuning_summary(study, task=task, lm=probe, n_trials=n_trials, max_lm_calls_per_user=max_lm_calls_per_user)
+
+
+def tuning_summary(study: optuna.Study, *, task: str, lm: dspy.LM, n_trials: int,
+                   max_lm_calls_per_user: float | None = None) -> dict[str, Any]:
+    """Best settings with score, raw metric and cost; trial counts; every completed trial (and the Pareto front)."""
+    metric, higher_is_better = primary_metric(task)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    offline = is_offline(lm)
+    summary: dict[str, Any] = {
+        "task": task, "study_name": study.study_name,
+        "mode": "multi_objective" if len(study.directions) > 1 else "single_objective",
+        "n_trials": n_trials, "trials_done": len(completed_trials(study)),
+        "trials_failed": states.count(TrialState.FAIL), "max_lm_calls_per_user": max_lm_calls_per_user,
+        "metric": metric, "higher_is_better": higher_is_better,
+        "score_note": "score is the metric" if higher_is_better else f"score is -{metric} (higher is better)",
+        "lm": describe_lm(lm), "offline": offline, "note": OFFLINE_NOTE if offline else None,
+        "best_settings": None, "best_score": None, "best_metric_value": None, "lm_calls_per_user": None,
+        "best_trial": None,
+    }
+    try:
+        best = best_trial(study, max_lm_calls_per_user)
+    except ValueError as exc:
+        summary["no_best_reason"] = str(exc)
+        logger.warning("%s", exc)
+    else:
+        row = trial_summary(best)
+        summary.update(best_settings=row["settings"], best_score=row["score"],
+                       best_metric_value=row.get("details", {}).get("metric_value"),
+                       lm_calls_per_user=row["lm_calls_per_user"], best_trial=best.number)
+    budget = max_lm_calls_per_user
+    summary["trials"] = [
+        {"number": row["number"], "settings": row["settings"], "score": row["score"],
+         "lm_calls_per_user": row["lm_calls_per_user"],
+         "feasible": budget is None or row["lm_calls_per_user"] <= budget}
+        for row in map(trial_summary, completed_trials(study))
+    ]
+    if len(study.directions) > 1:
+        summary["pareto_front"] = [
+            {key: value for key, value in trial_summary(t).items() if key != "details"} for t in pareto_front(study)
+        ]
+    return summary

@@ -87,13 +87,16 @@ def bench_throughput(task: str, latency: float, workers_list: list[int], users_p
 
 def bench_optimizer_calls(task: str, users: int) -> tuple[list[dict], dict]:
     """LM calls per user for each optimizer (offline stand-in), from the comparison harness."""
-    from persona_dspy.comparison import compare_optimizers
+    from persona_dspy.comparison import DEFAULT_OPTIMIZERS, compare_optimizers, gepa_spec
 
     histories = dev_histories(task)[:users]
+    optimizers = (*DEFAULT_OPTIMIZERS, gepa_spec(auto="light", name="gepa_auto_light"))
     with EpisodicMemory(":memory:") as memory:
         memory.add_histories(histories)
-        report = compare_optimizers(histories, memory=memory, lm=offline_lm(), progress=False)
-    rows = report.rows() if hasattr(report, "rows") else []
+        report = compare_optimizers(histories, memory=memory, lm=offline_lm(), optimizers=optimizers, progress=False)
+    keys = ("optimizer", "status", "users_scored", "compile_calls_per_user", "eval_calls_per_user",
+            "initial_persona_calls_per_user", "compile_tokens", "compile_seconds")
+    rows = [{key: row[key] for key in keys} for row in report.rows()]
     for row in rows:
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return rows, {"users": len(histories)}

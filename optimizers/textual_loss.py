@@ -31,6 +31,8 @@ class TextualLossMetric:
     ``metric(example, prediction) -> float`` scores the answer; ``lm`` (default: the current LM)
     writes the feedback. Called with GEPA's signature it returns ``dspy.Prediction(score, feedback)``;
     the persona the feedback is about comes from the predictor in ``pred_trace`` when GEPA gives one.
+    GEPA scores every rollout without ``pred_name`` and reads feedback only when it reflects (with
+    ``pred_name``), so a score-only call returns the score and spends no LM call.
     """
 
     def __init__(self, metric: Metric, lm: dspy.LM | None = None, answer_field: str = "answer") -> None:
@@ -49,8 +51,10 @@ class TextualLossMetric:
         return str(result.feedback).strip()
 
     def __call__(self, gold: dspy.Example, pred: Any, trace: Any = None, pred_name: str | None = None,
-                 pred_trace: Any = None) -> dspy.Prediction:
+                 pred_trace: Any = None) -> float | dspy.Prediction:
         score = _score(self.metric, gold, pred)
+        if pred_name is None:
+            return score
         persona = "(not shown)"
         if pred_trace:
             predictor = pred_trace[0][0]

@@ -2,8 +2,8 @@
 
 Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
 ``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report), ``predict`` (one query of one user) and
-``compile`` (align every user's persona and save their program files) and ``tune`` (search the aligner's
-settings with Optuna).
+``compile`` (align every user's persona and save their program files), ``compare`` (the aligner against DSPy's
+optimizers) and ``tune`` (search the aligner's settings with Optuna).
 Every failure the user can fix is reported as ``persona-dspy: error: ...`` on stderr with exit code 2, no
 traceback; ``eval`` and ``compile`` exit 1 when some (not all) users failed.
 """
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_TASKS = ("LaMP_2N", "LaMP_3", "LaMP_2M")
 MODES = ("rag", "react", "none")
+DEFAULT_OPTIMIZERS = ("initial", "non_personalized", "persona_aligner", "gepa", "miprov2", "copro", "bootstrap_fewshot")
 NO_LM_HINT = ("no LM given: pass --lm (e.g. `--lm offline` for the offline stand-in, or "
               "`--lm openai/<model> --api-base http://localhost:8000/v1` for a local server) or set PERSONA_DSPY_LM")
 
@@ -263,6 +264,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run every optimizer on the same users, trainsets and validation slices; write JSON and CSV."""
+    from persona_dspy.comparison import compare_optimizers
+    from persona_dspy.lm import build_optimizer_lm
+    from persona_dspy.memory import default_memory_path
+
+    lm = _build_lm(args)
+    optimizer_lm = build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=lm,
+                                      temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
+                                      num_retries=args.retries)
+    task, histories = _task_histories(args)
+    if args.users:
+        histories = histories[:args.users]
+    out = args.out if args.out is not None else default_memory_path().parent / "reports" / f"compare-{task}"
+    with _open_memory(task, args) as memory:
+        memory.add_histories(histories)
+        report = compare_optimizers(histories, memory=memory, lm=lm, optimizer_lm=optimizer_lm,
+                                    optimizers=tuple(args.optimizers), n_recent=args.recent, k=args.k,
+                                    seed=args.seed, progress=not args.no_progress)
+    print(report.table())
+    for kind, path in report.save(out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
     from persona_dspy.lm import ENV_LM
@@ -470,6 +496,23 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--force", action="store_true", help="recompile users whose program is current")
     compile_.add_argument("--no-progress", action="store_true", help="no progress bar")
     compile_.set_defaults(func=cmd_compile)
+
+    compare = sub.add_parser("compare", help="compare optimizers on the same users: score, LM calls, tokens, time")
+    _add_data_args(compare, single_task=True)
+    _add_memory_args(compare)
+    _add_lm_args(compare)
+    compare.add_argument("--optimizer-lm", default=None, help="a separate LM for loss, updates and reflection")
+    compare.add_argument("--optimizer-api-base", default=None, help="its server")
+    compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
+                         help=f"which to run (default: {' '.join(DEFAULT_OPTIMIZERS)})")
+    compare.add_argument("--users", type=_positive(int), default=None, help="the first N users only")
+    compare.add_argument("--recent", type=_positive(int), default=3, help="recent interactions per user (default 3)")
+    compare.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", type=Path, default=None,
+                         help="report folder (default $PERSONA_DSPY_HOME/reports/compare-<task>)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare.set_defaults(func=cmd_compare)
 
     tune = sub.add_parser("tune", help="search the aligner's settings on dev users with Optuna (resumable study)")
     _add_data_args(tune, single_task=True)

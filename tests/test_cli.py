@@ -292,3 +292,20 @@ def test_tune_offline_runs_a_resumable_study(capsys, tmp_path):
     assert summary["trials_done"] == 3 and set(summary["best_settings"]) >= {"batch_size", "iterations", "k"}
     code, _, stderr = run(capsys, "tune", "--task", "LaMP_3", "--memory", ":memory:")
     assert code == 2 and "no LM given" in stderr
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_offline_writes_json_and_csv(capsys, tmp_path):
+    out = tmp_path / "cmp"
+    code, stdout, stderr = run(capsys, "compare", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
+                               "--users", "1", "--optimizers", "initial", "persona_aligner", "copro", "--out", str(out),
+                               "--no-progress")
+    assert code == 0, stderr
+    assert "persona_aligner" in stdout and "copro" in stdout
+    report = json.loads((out / "comparison.json").read_text())
+    results = {row["name"]: row for row in report["results"]}
+    assert set(results) == {"initial", "persona_aligner", "copro"}
+    assert results["persona_aligner"]["compile_calls_per_user"] == 24 and results["initial"]["compile_calls"] == 0
+    assert (out / "comparison.csv").read_text().startswith("optimizer")

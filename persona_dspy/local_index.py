@@ -33,38 +33,91 @@ class SearchFilter:
 
 
 class UserIndex:
-    """One user's points as arrays: row i is point ``ids[i]``."""
+    """One user's points as arrays, updated in place by writes (row i is point ``ids[i]``).
 
-    def __init__(self, ids: list[str], payloads: list[dict], sparse: list[SparseVectorData | None],
-                 dense: list[list[float]] | None) -> None:
-        self.ids = ids
-        self.payloads = payloads
-        self.row_of = {pid: i for i, pid in enumerate(ids)}
-        self.ts = np.array([p.get("ts") if p.get("ts") is not None else np.nan for p in payloads], dtype=np.float64)
-        self._postings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._sparse_docs = sum(v is not None for v in sparse)
-        if any(v is not None for v in sparse):
-            rows: dict[int, list[int]] = {}
-            vals: dict[int, list[float]] = {}
-            for row, vec in enumerate(sparse):
-                if vec is None:
-                    continue
-                for term, value in zip(vec.indices, vec.values, strict=True):
-                    rows.setdefault(term, []).append(row)
-                    vals.setdefault(term, []).append(value)
-            self._postings = {t: (np.array(rows[t], dtype=np.int64), np.array(vals[t], dtype=np.float64)) for t in rows}
-        self.dense: np.ndarray | None = None
-        if dense is not None and ids:
-            matrix = np.asarray(dense, dtype=np.float32)
-            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-            self.dense = matrix / np.where(norms == 0, 1, norms)
+    A replaced point leaves a dead row behind (``alive`` False) and gets a new row, so a write costs
+    O(its own terms) instead of a rebuild. Each term's posting arrays are rebuilt lazily, only for
+    query terms whose postings changed since the last search that used them.
+    """
+
+    def __init__(self, dense_size: int | None = None) -> None:
+        self._lock = threading.RLock()
+        self.ids: list[str] = []
+        self.payloads: list[dict] = []
+        self._sparse: list[SparseVectorData | None] = []
+        self.row_of: dict[str, int] = {}
+        self._alive = np.zeros(64, dtype=bool)
+        self._ts = np.full(64, np.nan, dtype=np.float64)
+        self._dense = np.zeros((64, dense_size), dtype=np.float32) if dense_size else None
+        self._post_rows: dict[int, list[int]] = {}
+        self._post_vals: dict[int, list[float]] = {}
+        self._post_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._live_sparse = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _grow(self, need: int) -> None:
+        if need <= len(self._alive):
+            return
+        size = max(need, 2 * len(self._alive))
+        self._alive = np.concatenate([self._alive, np.zeros(size - len(self._alive), dtype=bool)])
+        self._ts = np.concatenate([self._ts, np.full(size - len(self._ts), np.nan)])
+        if self._dense is not None:
+            extra = np.zeros((size - self._dense.shape[0], self._dense.shape[1]), dtype=np.float32)
+            self._dense = np.concatenate([self._dense, extra])
+
+    def upsert(self, point_id: str, payload: dict, sparse: SparseVectorData | None,
+               dense: list[float] | None) -> None:
+        with self._lock:
+            old = self.row_of.get(point_id)
+            if old is not None:
+                self._alive[old] = False
+                if self._sparse[old] is not None:
+                    self._live_sparse -= 1
+                    for term in self._sparse[old].indices:
+                        self._post_arrays.pop(term, None)
+            row = len(self.ids)
+            self._grow(row + 1)
+            self.ids.append(point_id)
+            self.payloads.append(payload)
+            self._sparse.append(sparse)
+            self.row_of[point_id] = row
+            self._alive[row] = True
+            ts = payload.get("ts")
+            self._ts[row] = ts if ts is not None else np.nan
+            if sparse is not None:
+                self._live_sparse += 1
+                for term, value in zip(sparse.indices, sparse.values, strict=True):
+                    self._post_rows.setdefault(term, []).append(row)
+                    self._post_vals.setdefault(term, []).append(value)
+                    self._post_arrays.pop(term, None)
+            if self._dense is not None and dense is not None:
+                vector = np.asarray(dense, dtype=np.float32)
+                norm = float(np.linalg.norm(vector))
+                self._dense[row] = vector / norm if norm else vector
+
+    def _posting(self, term: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The live rows holding ``term`` and their values (cached until the term's postings change)."""
+        cached = self._post_arrays.get(term)
+        if cached is None:
+            rows = self._post_rows.get(term)
+            if rows is None:
+                return None
+            rows_arr = np.asarray(rows, dtype=np.int64)
+            vals_arr = np.asarray(self._post_vals[term], dtype=np.float64)
+            live = self._alive[rows_arr]
+            cached = (rows_arr[live], vals_arr[live])
+            self._post_arrays[term] = cached
+        return cached if cached[0].size else None
 
     def mask(self, flt: SearchFilter) -> np.ndarray:
-        keep = np.ones(len(self.ids), dtype=bool)
+        n = len(self.ids)
+        keep = self._alive[:n].copy()
         if flt.before_ts is not None:
-            keep &= self.ts < flt.before_ts  # NaN (undated) compares False: left out
+            keep &= self._ts[:n] < flt.before_ts  # NaN (undated) compares False: left out
         if flt.within is not None:
-            only = np.zeros(len(self.ids), dtype=bool)
+            only = np.zeros(n, dtype=bool)
             only[[self.row_of[p] for p in flt.within if p in self.row_of]] = True
             keep &= only
         for pid in flt.exclude:
@@ -74,12 +127,13 @@ class UserIndex:
         return keep
 
     def sparse_scores(self, query: SparseVectorData) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, matched): BM25 with IDF over the whole collection, as Qdrant's Modifier.IDF."""
-        scores = np.zeros(len(self.ids), dtype=np.float64)
-        matched = np.zeros(len(self.ids), dtype=bool)
-        n = self._sparse_docs
+        """(scores, matched): BM25 with IDF over the live collection, as Qdrant's Modifier.IDF."""
+        n_rows = len(self.ids)
+        scores = np.zeros(n_rows, dtype=np.float64)
+        matched = np.zeros(n_rows, dtype=bool)
+        n = self._live_sparse
         for term, value in zip(query.indices, query.values, strict=True):
-            posting = self._postings.get(term)
+            posting = self._posting(term)
             if posting is None:
                 continue
             rows, vals = posting
@@ -89,11 +143,11 @@ class UserIndex:
         return scores, matched
 
     def dense_scores(self, query: list[float]) -> np.ndarray:
-        if self.dense is None:
+        if self._dense is None:
             raise ValueError("this memory has no dense vectors")
         q = np.asarray(query, dtype=np.float32)
         norm = float(np.linalg.norm(q))
-        return self.dense @ (q / norm if norm else q)
+        return self._dense[:len(self.ids)] @ (q / norm if norm else q)
 
     def ranked(self, using: str, vector: object, keep: np.ndarray, limit: int) -> list[tuple[int, float]]:
         if using == SPARSE_VECTOR:
@@ -110,6 +164,11 @@ class UserIndex:
 
     def search(self, vectors: dict[str, object], flt: SearchFilter, limit: int, depth: int,
                rrf_k: int = RRF_K) -> list[tuple[dict, float]]:
+        with self._lock:
+            return self._search(vectors, flt, limit, depth, rrf_k)
+
+    def _search(self, vectors: dict[str, object], flt: SearchFilter, limit: int, depth: int,
+                rrf_k: int) -> list[tuple[dict, float]]:
         keep = self.mask(flt)
         if len(vectors) == 1:
             (using, vector), = vectors.items()
@@ -135,6 +194,15 @@ class LocalIndexCache:
         with self._lock:
             self._indexes.pop(collection, None)
 
+    def apply_writes(self, collection: str, points: list[tuple[str, dict, dict[str, object]]]) -> None:
+        """Bring a cached mirror up to date with points just written to Qdrant (id, payload, vectors)."""
+        with self._lock:
+            index = self._indexes.get(collection)
+        if index is None:
+            return  # not mirrored yet: the first search builds it from Qdrant
+        for pid, payload, vectors in points:
+            index.upsert(pid, payload, vectors.get(SPARSE_VECTOR), vectors.get(DENSE_VECTOR))
+
     def get(self, collection: str, conditions_filter) -> UserIndex:
         with self._lock:
             index = self._indexes.get(collection)
@@ -148,24 +216,18 @@ class LocalIndexCache:
             return index
 
     def _build(self, collection: str, conditions_filter) -> UserIndex:
-        ids: list[str] = []
-        payloads: list[dict] = []
-        sparse: list[SparseVectorData | None] = []
-        dense: list[list[float]] = []
-        has_dense = False
+        params = self.client.get_collection(collection).config.params
+        dense_cfg = params.vectors.get(DENSE_VECTOR) if isinstance(params.vectors, dict) else None
+        index = UserIndex(dense_cfg.size if dense_cfg is not None else None)
         offset = None
         while True:
             points, offset = self.client.scroll(collection, scroll_filter=conditions_filter, limit=2048,
                                                 offset=offset, with_payload=True, with_vectors=True)
             for p in points:
                 vectors = p.vector if isinstance(p.vector, dict) else {}
-                ids.append(str(p.id))
-                payloads.append(p.payload or {})
                 sv = vectors.get(SPARSE_VECTOR)
-                sparse.append(SparseVectorData(list(sv.indices), list(sv.values)) if sv is not None else None)
-                if DENSE_VECTOR in vectors:
-                    has_dense = True
-                    dense.append(vectors[DENSE_VECTOR])
+                sparse = SparseVectorData(list(sv.indices), list(sv.values)) if sv is not None else None
+                index.upsert(str(p.id), p.payload or {}, sparse, vectors.get(DENSE_VECTOR))
             if offset is None:
                 break
-        return UserIndex(ids, payloads, sparse, dense if has_dense else None)
+        return index

@@ -309,13 +309,12 @@ class EpisodicMemory:
         for start in range(0, len(unique), self.batch_size):
             batch = unique[start:start + self.batch_size]
             vectors = self.embedder.embed_documents([it.text for it in batch])
-            points = [
-                qm.PointStruct(id=point_id(user_id, it.id), vector=_to_qdrant(vec), payload=_payload(user_id, it))
-                for it, vec in zip(batch, vectors, strict=True)
-            ]
+            written = [(point_id(user_id, it.id), _payload(user_id, it), vec)
+                       for it, vec in zip(batch, vectors, strict=True)]
+            points = [qm.PointStruct(id=pid, vector=_to_qdrant(vec), payload=payload) for pid, payload, vec in written]
             self.client.upsert(collection, points=points, wait=True)
-        if self._mirror is not None:
-            self._mirror.invalidate(collection)
+            if self._mirror is not None:
+                self._mirror.apply_writes(collection, written)
         return len(unique)
 
     def add_histories(self, histories: Iterable[UserHistory]) -> int:

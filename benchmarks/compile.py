@@ -39,6 +39,7 @@ from persona_dspy.lamp import load_dataset  # noqa: E402
 from persona_dspy.lm import build_lm  # noqa: E402
 from persona_dspy.memory import EpisodicMemory  # noqa: E402
 from persona_dspy.offline_lm import offline_lm  # noqa: E402
+from persona_dspy.tables import format_table  # noqa: E402
 
 SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO.parent / "shared"))
 
@@ -103,15 +104,8 @@ def bench_optimizer_calls(task: str, users: int) -> tuple[list[dict], dict]:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print(f"\n{title}")
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    if rows:
+        print(f"\n{title}\n{format_table(rows)}")
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from persona_dspy.answers import normalize_answer
 from persona_dspy.memory import EpisodicMemory, SearchMode
-from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, render_passages
+from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, render_passages, search_scope
 from persona_dspy.tasks import get_task
 from signatures import compose_persona, task_signature
 
@@ -67,9 +67,7 @@ def scoped_memory_tool(memory: EpisodicMemory, k: int = 5, mode: SearchMode = "a
             return "(no user is in scope: the memory tool only works while the agent answers a question)"
         if not query or not query.strip():
             return "(empty query: say what to look for)"
-        passages = memory.search(scope.user_id, query, k, scope.before, exclude_ids=scope.exclude_ids,
-                                 within_ids=scope.within_ids, mode=mode)
-        return render_passages(passages)
+        return render_passages(search_scope(memory, scope, query, k, mode))
 
     return search_user_history
 

@@ -154,7 +154,9 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
             strategies = ["recency", "majority", "bm25"] + (["dense", "hybrid"] if memory.embedder.has_dense else [])
             for strategy in strategies:
                 rows.append(evaluate_retrieval(histories, strategy, k=args.k, memory=memory).as_row())
-    _print_table(rows, ["task", "strategy", "k", "queries", "accuracy", "mae", "rmse", "fallbacks"])
+    from persona_dspy.tables import format_table
+
+    print(format_table(rows, ["task", "strategy", "k", "queries", "accuracy", "mae", "rmse", "fallbacks"], digits=4))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
@@ -173,6 +175,15 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
 
         litellm.suppress_debug_info = True  # its "Give Feedback / Get Help" banner is noise next to our one-line errors
     return lm
+
+
+def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
+    """The LM for loss, updates and reflection: --optimizer-lm (or its env variable), else the task LM itself."""
+    from persona_dspy.lm import build_optimizer_lm
+
+    return build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=task_lm,
+                              temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
+                              num_retries=args.retries)
 
 
 def _lm_hint(lm: dspy.LM) -> str:
@@ -236,14 +247,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     """Align users' personas on their recent interactions and save one program file per user (resumable)."""
     from persona_dspy.compile import compile_users
     from persona_dspy.evaluation import OFFLINE_NOTE
-    from persona_dspy.lm import build_optimizer_lm
     from persona_dspy.memory import default_memory_path
     from persona_dspy.offline_lm import is_offline
 
     lm = _build_lm(args)
-    optimizer_lm = build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=lm,
-                                      temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
-                                      num_retries=args.retries)
+    optimizer_lm = _build_optimizer_lm(args, lm)
     task, histories = _task_histories(args)
     out = args.out if args.out is not None else default_memory_path().parent / "programs" / task
     with _open_memory(task, args) as memory:
@@ -267,13 +275,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every optimizer on the same users, trainsets and validation slices; write JSON and CSV."""
     from persona_dspy.comparison import compare_optimizers
-    from persona_dspy.lm import build_optimizer_lm
     from persona_dspy.memory import default_memory_path
 
     lm = _build_lm(args)
-    optimizer_lm = build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=lm,
-                                      temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
-                                      num_retries=args.retries)
+    optimizer_lm = _build_optimizer_lm(args, lm)
     task, histories = _task_histories(args)
     if args.users:
         histories = histories[:args.users]
@@ -418,14 +423,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     snap = usage.snapshot()
     print(f"LM calls: {snap['calls']}, tokens: {snap['total_tokens']}")
     return 0
-
-
-def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def build_parser() -> argparse.ArgumentParser:

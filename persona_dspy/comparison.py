@@ -70,9 +70,8 @@ from persona_dspy.lm import describe_lm
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import aggregate_by_user, dspy_metric, per_example_score, primary_metric
 from persona_dspy.offline_lm import is_offline
-from persona_dspy.records import UserHistory
+from persona_dspy.records import UserHistory, common_task
 from persona_dspy.semantic_memory import initial_persona
-from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -683,14 +682,9 @@ def compare_optimizers(
     ``quiet`` keeps DSPy's own progress bars and prints out of the output (logged at DEBUG); ``progress`` shows one
     bar over (user, optimizer) pairs. Users and optimizers run one after another, so wall times are comparable.
     """
-    if not histories:
-        raise ValueError("no users to compare on")
     if n_recent < 1 or k < 1:
         raise ValueError(f"n_recent and k must be >= 1, got n_recent={n_recent}, k={k}")
-    task = get_task(histories[0].task).name
-    mixed = sorted({h.task for h in histories if get_task(h.task).name != task})
-    if mixed:
-        raise ValueError(f"one task per comparison: got {task} and {', '.join(mixed)}")
+    task = common_task(histories, "comparison")
     ids = [h.user_id for h in histories]
     if len(set(ids)) != len(ids):
         raise ValueError("user ids must be unique within a comparison")

@@ -35,9 +35,8 @@ from persona_dspy.lm import LMUsage, describe_lm
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import aggregate_by_user, per_example_score, primary_metric
 from persona_dspy.offline_lm import is_offline
-from persona_dspy.records import UserHistory
+from persona_dspy.records import UserHistory, common_task
 from persona_dspy.semantic_memory import initial_persona
-from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -250,12 +249,7 @@ def evaluate(
         raise ValueError(f"k must be positive, got {k}")
     if max_failures is not None and max_failures < 1:
         raise ValueError(f"max_failures must be at least 1 (or None), got {max_failures}")
-    if not histories:
-        raise ValueError("no users to evaluate")
-    task = get_task(histories[0].task).name
-    mixed = sorted({h.task for h in histories if get_task(h.task).name != task})
-    if mixed:
-        raise ValueError(f"one task per evaluation: got {task} and {', '.join(mixed)}")
+    task = common_task(histories, "evaluation")
     if agent_factory is None and mode != "none" and memory is None:
         raise ValueError(f"mode {mode!r} needs a memory holding the users' histories")
     ids = [h.user_id for h in histories]

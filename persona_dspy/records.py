@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -85,3 +86,16 @@ class UserHistory:
         if target.date is not None:
             return [it for it in self.items if it.date is not None and it.date < target.date]
         return [it for it in self.items if it.position < target.position]
+
+
+def common_task(histories: Sequence[UserHistory], purpose: str) -> str:
+    """The one task all ``histories`` belong to; evaluation, comparison and tuning pool scores over users."""
+    from persona_dspy.tasks import get_task
+
+    if not histories:
+        raise ValueError(f"no users for the {purpose}")
+    task = get_task(histories[0].task).name
+    mixed = sorted({h.task for h in histories if get_task(h.task).name != task})
+    if mixed:
+        raise ValueError(f"one task per {purpose}: got {task} and {', '.join(mixed)}")
+    return task

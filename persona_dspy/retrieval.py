@@ -38,6 +38,13 @@ class MemoryScope:
         return cls(history.user_id, before=item.date, exclude_ids=(item.id,), within_ids=earlier)
 
 
+def search_scope(memory: EpisodicMemory, scope: MemoryScope, query: str, k: int,
+                 mode: SearchMode = "auto") -> list[Passage]:
+    """The ``k`` passages of the scope's user most relevant to ``query``, within the scope."""
+    return memory.search(scope.user_id, query, k, scope.before, exclude_ids=scope.exclude_ids,
+                         within_ids=scope.within_ids, mode=mode)
+
+
 def render_passages(passages: list[Passage]) -> str:
     """Passages as numbered lines for a prompt; says so plainly when nothing was found."""
     if not passages:
@@ -55,10 +62,7 @@ class MemoryRetrieval(dspy.Module):
         self.mode = mode
 
     def forward(self, query: str, scope: MemoryScope, k: int | None = None) -> dspy.Prediction:
-        passages = self.memory.search(
-            scope.user_id, query, k or self.k, scope.before,
-            exclude_ids=scope.exclude_ids, within_ids=scope.within_ids, mode=self.mode,
-        )
+        passages = search_scope(self.memory, scope, query, k or self.k, self.mode)
         return dspy.Prediction(passages=passages, context=render_passages(passages))
 
 
@@ -73,8 +77,6 @@ def memory_search_tool(memory: EpisodicMemory, scope: MemoryScope, k: int = 5,
         """
         if not query or not query.strip():
             return "(empty query: say what to look for)"
-        passages = memory.search(scope.user_id, query, k, scope.before, exclude_ids=scope.exclude_ids,
-                                 within_ids=scope.within_ids, mode=mode)
-        return render_passages(passages)
+        return render_passages(search_scope(memory, scope, query, k, mode))
 
     return search_user_history

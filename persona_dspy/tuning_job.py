@@ -41,7 +41,7 @@ from persona_dspy.lm import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, desc
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import primary_metric
 from persona_dspy.offline_lm import is_offline
-from persona_dspy.records import UserHistory
+from persona_dspy.records import UserHistory, common_task
 from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,7 @@ def alignable(histories: Sequence[UserHistory], n_recent: int) -> list[UserHisto
 
 
 def _single_task(histories: Sequence[UserHistory]) -> str:
-    if not histories:
-        raise ValueError("no users to tune on")
-    task = get_task(histories[0].task).name
-    mixed = sorted({h.task for h in histories if get_task(h.task).name != task})
-    if mixed:
-        raise ValueError(f"one task per tuning run: got {task} and {', '.join(mixed)}")
-    return task
+    return common_task(histories, "tuning run")
 
 
 def aligner_objective(

@@ -35,3 +35,23 @@ def hybrid_embedder(dense_model_dir):
     from persona_dspy.embeddings import Embedder, EmbeddingConfig
 
     return Embedder(EmbeddingConfig(sparse=True, dense=str(dense_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def sample_memory(bm25_embedder):
+    """Build (histories, in-memory store holding them) for a shipped sample; each call gets its own store."""
+    from persona_dspy.lamp import dataset_dir, load_dataset
+    from persona_dspy.memory import EpisodicMemory
+
+    opened = []
+
+    def build(task: str, n_users: int | None = None):
+        histories = load_dataset(dataset_dir(task))[:n_users]
+        memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
+        memory.add_histories(histories)
+        opened.append(memory)
+        return histories, memory
+
+    yield build
+    for memory in opened:
+        memory.close()

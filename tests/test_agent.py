@@ -9,20 +9,14 @@ import pytest
 
 from persona_dspy.agent import PersonaAgent, answer_text_from_response, scoped_memory_tool
 from persona_dspy.examples import interaction_examples, query_examples
-from persona_dspy.lamp import dataset_dir, load_dataset
-from persona_dspy.memory import EpisodicMemory
 from persona_dspy.offline_lm import Message, Response, TextPart, Usage, offline_lm
 from persona_dspy.semantic_memory import PersonaSummarizer, initial_persona
 from signatures import compose_persona
 
 
 @pytest.fixture(scope="module")
-def lamp2n(bm25_embedder):
-    histories = load_dataset(dataset_dir("LaMP_2N"))
-    memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
-    memory.add_histories(histories)
-    yield histories, memory
-    memory.close()
+def lamp2n(sample_memory):
+    return sample_memory("LaMP_2N")
 
 
 @pytest.fixture()

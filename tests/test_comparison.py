@@ -22,8 +22,6 @@ from persona_dspy.comparison import (
 )
 from persona_dspy.evaluation import OFFLINE_NOTE
 from persona_dspy.examples import interaction_examples, query_examples
-from persona_dspy.lamp import dataset_dir, load_dataset
-from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import dspy_metric
 from persona_dspy.offline_lm import OFFLINE_MODEL, offline_lm
 
@@ -45,12 +43,8 @@ BROKEN_PROGRAM = OptimizerSpec("broken_program", lambda inputs: Boom(), descript
 
 
 @pytest.fixture(scope="module")
-def lamp3(bm25_embedder):
-    histories = load_dataset(dataset_dir("LaMP_3"))[:N_USERS]
-    memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
-    memory.add_histories(histories)
-    yield histories, memory
-    memory.close()
+def lamp3(sample_memory):
+    return sample_memory("LaMP_3", N_USERS)
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def lamp3(bm25_embedder):
-    histories = load_dataset(dataset_dir("LaMP_3"))
-    memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
-    memory.add_histories(histories)
-    yield histories, memory
-    memory.close()
+def lamp3(sample_memory):
+    return sample_memory("LaMP_3")
 
 
 def test_compile_writes_a_loadable_program_per_user_and_resumes(lamp3, tmp_path):

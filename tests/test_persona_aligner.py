@@ -13,20 +13,14 @@ from optimizers.persona_guard import PersonaGuard, split_persona, word_count
 from optimizers.textual_loss import TextualLossMetric
 from persona_dspy.agent import PersonaAgent
 from persona_dspy.examples import interaction_examples
-from persona_dspy.lamp import dataset_dir, load_dataset
-from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import dspy_metric
 from persona_dspy.offline_lm import Message, Response, TextPart, Usage, offline_lm
 from signatures.persona import PERSONA_RULES, compose_persona
 
 
 @pytest.fixture(scope="module")
-def lamp3(bm25_embedder):
-    histories = load_dataset(dataset_dir("LaMP_3"))
-    memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
-    memory.add_histories(histories)
-    yield histories, memory
-    memory.close()
+def lamp3(sample_memory):
+    return sample_memory("LaMP_3")
 
 
 def agent_for(history, memory, summary="- Writes short reviews."):

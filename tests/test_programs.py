@@ -17,8 +17,6 @@ import pytest
 from persona_dspy import programs
 from persona_dspy.agent import PersonaAgent
 from persona_dspy.examples import query_examples
-from persona_dspy.lamp import dataset_dir, load_dataset
-from persona_dspy.memory import EpisodicMemory
 from persona_dspy.offline_lm import OFFLINE_MODEL, offline_lm
 from persona_dspy.programs import (
     FORMAT,
@@ -37,12 +35,8 @@ RELIGION = compose_persona("- Preferred label: religion\n- marker: zebra-7f3 (a 
 
 
 @pytest.fixture(scope="module")
-def lamp2n(bm25_embedder):
-    histories = load_dataset(dataset_dir("LaMP_2N"))
-    memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
-    memory.add_histories(histories)
-    yield histories, memory
-    memory.close()
+def lamp2n(sample_memory):
+    return sample_memory("LaMP_2N")
 
 
 @pytest.fixture()

@@ -27,9 +27,7 @@ from optimizers.tuning import (
 from persona_dspy import tuning_job
 from persona_dspy.alignment import align_user
 from persona_dspy.examples import query_examples
-from persona_dspy.lamp import dataset_dir, load_dataset
 from persona_dspy.lm import LMUsage
-from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import aggregate_by_user
 from persona_dspy.offline_lm import offline_lm
 from persona_dspy.tuning_job import aligner_objective, run_tuning
@@ -270,12 +268,8 @@ def test_a_budget_also_constrains_the_multi_objective_sampler(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lamp3(bm25_embedder):
-    histories = load_dataset(dataset_dir("LaMP_3"))[:3]
-    memory = EpisodicMemory(":memory:", embedder=bm25_embedder)
-    memory.add_histories(histories)
-    yield histories, memory
-    memory.close()
+def lamp3(sample_memory):
+    return sample_memory("LaMP_3", 3)
 
 
 def test_aligner_objective_scores_and_counts_every_call(lamp3):

@@ -97,6 +97,31 @@ class UserIndex:
                 norm = float(np.linalg.norm(vector))
                 self._dense[row] = vector / norm if norm else vector
 
+    def bulk_load(self, points: list[tuple[str, dict, SparseVectorData | None, list[float] | None]]) -> None:
+        """Fill an empty index in one pass (the first search of a user): no per-point growth or cache work."""
+        with self._lock:
+            if self.ids:
+                raise RuntimeError("bulk_load needs an empty index")
+            n = len(points)
+            self._grow(n)
+            for row, (pid, payload, sparse, _) in enumerate(points):
+                self.ids.append(pid)
+                self.payloads.append(payload)
+                self._sparse.append(sparse)
+                self.row_of[pid] = row
+                if sparse is not None:
+                    for term, value in zip(sparse.indices, sparse.values, strict=True):
+                        self._post_rows.setdefault(term, []).append(row)
+                        self._post_vals.setdefault(term, []).append(value)
+            self._alive[:n] = True
+            self._live_sparse = sum(p[2] is not None for p in points)
+            self._ts[:n] = [p[1].get("ts") if p[1].get("ts") is not None else np.nan for p in points]
+            if self._dense is not None and n:
+                matrix = np.asarray([p[3] if p[3] is not None else np.zeros(self._dense.shape[1]) for p in points],
+                                    dtype=np.float32)
+                norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+                self._dense[:n] = matrix / np.where(norms == 0, 1, norms)
+
     def _posting(self, term: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The live rows holding ``term`` and their values (cached until the term's postings change)."""
         cached = self._post_arrays.get(term)
@@ -219,6 +244,7 @@ class LocalIndexCache:
         params = self.client.get_collection(collection).config.params
         dense_cfg = params.vectors.get(DENSE_VECTOR) if isinstance(params.vectors, dict) else None
         index = UserIndex(dense_cfg.size if dense_cfg is not None else None)
+        loaded: list[tuple[str, dict, SparseVectorData | None, list[float] | None]] = []
         offset = None
         while True:
             points, offset = self.client.scroll(collection, scroll_filter=conditions_filter, limit=2048,
@@ -227,7 +253,8 @@ class LocalIndexCache:
                 vectors = p.vector if isinstance(p.vector, dict) else {}
                 sv = vectors.get(SPARSE_VECTOR)
                 sparse = SparseVectorData(list(sv.indices), list(sv.values)) if sv is not None else None
-                index.upsert(str(p.id), p.payload or {}, sparse, vectors.get(DENSE_VECTOR))
+                loaded.append((str(p.id), p.payload or {}, sparse, vectors.get(DENSE_VECTOR)))
             if offset is None:
                 break
+        index.bulk_load(loaded)
         return index

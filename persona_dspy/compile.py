@@ -37,6 +37,7 @@ from persona_dspy.lm import describe_lm
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.programs import ProgramFileError, load_program, read_program_metadata, save_program
 from persona_dspy.records import UserHistory
+from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ def compile_users(
     if not histories:
         raise ValueError("no users to compile")
     task = histories[0].task
+    if get_task(task).label_field is None:
+        raise ValueError(f"{task} history items carry no answer (LaMP-1 papers, LaMP-7 tweets), so there is nothing "
+                         f"to align a persona on; evaluate the initial persona with `persona-dspy eval` instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     selected = list(histories)

@@ -146,3 +146,13 @@ def test_kill_9_mid_run_loses_no_written_program(tmp_path, bm25_embedder):
                                 stop_when_perfect=False)
     assert resumed.count("skipped") == len(survivors)
     assert resumed.count("compiled") == len(histories) - len(survivors)
+
+
+def test_tasks_without_past_answers_are_refused_up_front(tmp_path):
+    from persona_dspy.records import HistoryItem, UserHistory
+    from persona_dspy.tasks import get_task
+
+    spec = get_task("LaMP_7")
+    items = [HistoryItem.from_fields(spec, f"t{i}", None, {"text": f"tweet {i}"}, i) for i in range(5)]
+    with pytest.raises(ValueError, match="nothing to align"):
+        compile_users([UserHistory("u", "LaMP_7", items)], memory=None, out_dir=tmp_path, lm=offline_lm())

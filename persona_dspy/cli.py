@@ -126,10 +126,9 @@ def _open_memory(task: str, args: argparse.Namespace):
     from persona_dspy.memory import EpisodicMemory
 
     config = EmbeddingConfig(sparse=True, dense=args.dense)
-    prefix = f"pd_{task.lower()}"
     if args.qdrant_url:
-        return EpisodicMemory(url=args.qdrant_url, embedding=config, prefix=prefix)
-    return EpisodicMemory(args.memory, embedding=config, prefix=prefix)
+        return EpisodicMemory.for_task(task, url=args.qdrant_url, embedding=config)
+    return EpisodicMemory.for_task(task, args.memory, embedding=config)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

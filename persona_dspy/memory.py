@@ -54,6 +54,13 @@ class MemoryStoreError(RuntimeError):
     """The store cannot serve the request as configured (locked folder, mismatched embeddings)."""
 
 
+def task_namespace(task: str) -> str:
+    """The collection prefix of a task's memories, e.g. ``pd_lamp_3``."""
+    from persona_dspy.tasks import get_task
+
+    return f"pd_{get_task(task).name.lower()}"
+
+
 def default_memory_path() -> Path:
     """``$PERSONA_DSPY_HOME/memory`` (default ``~/.persona_dspy/memory``)."""
     home = os.environ.get("PERSONA_DSPY_HOME") or str(Path.home() / ".persona_dspy")
@@ -239,6 +246,7 @@ class EpisodicMemory:
         if embedder is not None and embedding is not None and embedder.config != embedding:
             raise ValueError("embedder and embedding disagree; pass one of them")
         self.embedder = embedder or Embedder(embedding)
+        self.prefix = prefix
         self.batch_size = batch_size
         self.rrf_k = rrf_k
         self._local_path: Path | None = None
@@ -261,6 +269,11 @@ class EpisodicMemory:
         self._ready_lock = threading.Lock()
         use_mirror = local_index and url is None and self.layout.name == "per_user"
         self._mirror = LocalIndexCache(self.client) if use_mirror else None
+
+    @classmethod
+    def for_task(cls, task: str, location: str | Path | None = None, **options: object) -> EpisodicMemory:
+        """The memory the CLI builds for a task (its own namespace: one user id in two datasets never mixes)."""
+        return cls(location, prefix=task_namespace(task), **options)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> EpisodicMemory:

@@ -39,7 +39,7 @@ import dspy
 import persona_dspy
 from persona_dspy.agent import MODES, PersonaAgent
 from persona_dspy.lm import describe_lm
-from persona_dspy.memory import EpisodicMemory
+from persona_dspy.memory import EpisodicMemory, task_namespace
 from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -366,9 +366,12 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
     ``user_id``/``task`` guard against loading another user's or task's program. ``tools`` are the general tools a
     react program was saved with (their names are checked; the memory-search tool is always built from ``memory``).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     document = _read_document(path)
     metadata, state = dict(document["metadata"]), document["state"]
+    if memory is not None and memory.prefix != task_namespace(metadata["task"]):
+        logger.warning("%s: memory namespace %r is not the task's %r (EpisodicMemory.for_task): its searches may "
+                       "find nothing for this user", path, memory.prefix, task_namespace(metadata["task"]))
     if user_id is not None and metadata["user_id"] != user_id:
         raise ProgramFileError(path, f"this program belongs to user {metadata['user_id']!r}, not {user_id!r}")
     if task is not None:

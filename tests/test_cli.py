@@ -309,3 +309,23 @@ def test_compare_offline_writes_json_and_csv(capsys, tmp_path):
     assert set(results) == {"initial", "persona_aligner", "copro"}
     assert results["persona_aligner"]["compile_calls_per_user"] == 24 and results["initial"]["compile_calls"] == 0
     assert (out / "comparison.csv").read_text().startswith("optimizer")
+
+
+def test_an_app_loads_a_compiled_program_and_finds_the_users_memory(capsys, tmp_path):
+    import dspy
+
+    from persona_dspy.memory import EpisodicMemory
+    from persona_dspy.offline_lm import offline_lm
+    from persona_dspy.programs import load_program
+
+    store, out = tmp_path / "memory", tmp_path / "programs"
+    code, _, stderr = run(capsys, "compile", "--task", "LaMP_3", "--lm", "offline", "--memory", str(store),
+                          "--out", str(out), "--no-progress", "--users", LAMP3_USER)
+    assert code == 0, stderr
+    [path] = [p for p in out.glob("*.json") if p.name != "compile_summary.json"]
+    with EpisodicMemory.for_task("LaMP_3", store) as memory, dspy.context(lm=offline_lm()):
+        agent = load_program(path, memory, user_id=LAMP3_USER, task="LaMP_3")
+        prediction = agent(query="What is the score of the following review? review: the strings sound great")
+    user_items = {it.id for h in load_dataset(dataset_dir("LaMP_3")) if h.user_id == LAMP3_USER for it in h.items}
+    assert prediction.passages and {p.item_id for p in prediction.passages} <= user_items
+    assert prediction.answer in {"1", "2", "3", "4", "5"}

@@ -55,3 +55,15 @@ def sample_memory(bm25_embedder):
     yield build
     for memory in opened:
         memory.close()
+
+
+@pytest.fixture()
+def lm():
+    """The offline stand-in LM, active for the test (a plumbing check, never a model)."""
+    import dspy
+
+    from persona_dspy.offline_lm import offline_lm
+
+    stand_in = offline_lm()
+    with dspy.context(lm=stand_in):
+        yield stand_in

@@ -19,13 +19,6 @@ def lamp2n(sample_memory):
     return sample_memory("LaMP_2N")
 
 
-@pytest.fixture()
-def lm():
-    lm = offline_lm()
-    with dspy.context(lm=lm):
-        yield lm
-
-
 class ScriptedEngine:
     """Answers every call with one fixed text, as a small local model might."""
 

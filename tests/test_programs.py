@@ -40,13 +40,6 @@ def lamp2n(sample_memory):
 
 
 @pytest.fixture()
-def lm():
-    lm = offline_lm()
-    with dspy.context(lm=lm):
-        yield lm
-
-
-@pytest.fixture()
 def user(lamp2n) -> str:
     return lamp2n[0][0].user_id
 

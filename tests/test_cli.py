@@ -329,3 +329,21 @@ def test_an_app_loads_a_compiled_program_and_finds_the_users_memory(capsys, tmp_
     user_items = {it.id for h in load_dataset(dataset_dir("LaMP_3")) if h.user_id == LAMP3_USER for it in h.items}
     assert prediction.passages and {p.item_id for p in prediction.passages} <= user_items
     assert prediction.answer in {"1", "2", "3", "4", "5"}
+
+
+def test_compare_and_tune_over_http(capsys, tmp_path, server):
+    server.reset()
+    http = ["--lm", "openai/test-model", "--api-base", server.api_base, "--memory", ":memory:", "--timeout", "10"]
+    code, stdout, stderr = run(capsys, "compare", "--task", "LaMP_3", *http, "--users", "1", "--optimizers",
+                               "initial", "persona_aligner", "--out", str(tmp_path / "cmp"), "--no-progress")
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert report["offline"] is False and report["lm"]["api_base"] == server.api_base
+    compared = server.stats()["answered"]
+    assert compared == sum(r["compile_calls"] + r["eval_calls"] for r in report["results"]) + 1  # + the persona
+    code, stdout, stderr = run(capsys, "tune", "--task", "LaMP_3", *http, "--users", "1", "--n-trials", "1",
+                               "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "t.json"))
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "t.json").read_text())
+    assert summary["trials_done"] == 1 and summary["offline"] is False
+    assert server.stats()["answered"] > compared

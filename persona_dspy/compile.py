@@ -174,8 +174,10 @@ def compile_users(
                 aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
                                      start=start, **aligner_settings)
             report = aligned.alignment
+            started_from = ({"program_created": start.program_metadata["created"], "persona": start.persona}
+                            if start is not None else {"initial_persona": aligned.persona_history[0]["persona"]})
             save_program(aligned, path, {
-                **expected, "optimizer": "PersonaAligner", "alignment": report,
+                **expected, "optimizer": "PersonaAligner", "alignment": report, "started_from": started_from,
                 "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
             }, lm=lm)
             return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),

@@ -54,16 +54,17 @@ def test_compile_writes_a_loadable_program_per_user_and_resumes(lamp3, tmp_path)
 def test_new_interactions_realign_from_the_saved_persona(lamp3, tmp_path):
     histories, memory = lamp3
     compile_users(histories[:2], memory=memory, out_dir=tmp_path, lm=offline_lm(), n_recent=2, progress=False)
-    saved = {h.user_id: read_program_metadata(program_path(tmp_path, h.user_id))["persona"] for h in histories[:2]}
+    before = {h.user_id: read_program_metadata(program_path(tmp_path, h.user_id)) for h in histories[:2]}
     later = compile_users(histories[:2], memory=memory, out_dir=tmp_path, lm=offline_lm(), n_recent=3,
                           progress=False)
     assert [r.status for r in later.results] == ["realigned", "realigned"]
     for history in histories[:2]:
         path = program_path(tmp_path, history.user_id)
-        history_of_alignment = read_program_metadata(path)["alignment"]
-        assert history_of_alignment["trainset_size"] == 3
+        metadata = read_program_metadata(path)
+        assert metadata["alignment"]["trainset_size"] == 3
+        assert metadata["started_from"] == {"program_created": before[history.user_id]["created"],
+                                            "persona": before[history.user_id]["persona"]}
         assert (path.parent / f"{path.name}.versions").is_dir()  # the earlier program was kept
-        assert saved[history.user_id]  # warm start read it; the new file continues from it
 
 
 class FailingForOneUser(OfflineEngine):

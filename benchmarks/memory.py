@@ -97,22 +97,29 @@ def bench_scale(texts: list[str], sizes: list[int], embedders: dict[str, Embedde
         modes = ["sparse"] if label == "bm25" else ["dense", "hybrid"]
         for size in sizes:
             items = synthetic_items(texts, size, random.Random(size))
-            with tempfile.TemporaryDirectory() as tmp, EpisodicMemory(Path(tmp) / "mem", embedder=embedder) as mem:
-                t0 = time.perf_counter()
-                mem.add("user", items)
-                ingest_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                mem.search("user", queries[0], 5, mode=modes[0])  # builds the user's in-process index
-                cold_ms = (time.perf_counter() - t0) * 1000
-                for mode in modes:
-                    row = {"vectors": label, "mode": mode, "items_per_user": size,
-                           "ingest_items_per_s": round(size / ingest_s, 1), "first_search_ms": round(cold_ms, 2),
-                           **time_searches(mem, "user", queries, mode),
-                           "search_after_write_ms": round(search_after_write(mem, texts, queries, mode), 3)}
-                    rows.append(row)
-                    print(f"  {label:6s} {mode:7s} {size:>6d} items: ingest {row['ingest_items_per_s']:>8.1f}/s  "
-                          f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  first {cold_ms:.1f} ms  "
-                          f"after a write {row['search_after_write_ms']:.2f} ms", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                with EpisodicMemory(Path(tmp) / "mem", embedder=embedder) as mem:
+                    t0 = time.perf_counter()
+                    mem.add("user", items)
+                    ingest_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    mem.search("user", queries[0], 5, mode=modes[0])
+                    first_ms = (time.perf_counter() - t0) * 1000
+                with EpisodicMemory(Path(tmp) / "mem", embedder=embedder) as mem:  # an app opening the store
+                    t0 = time.perf_counter()
+                    mem.search("user", queries[0], 5, mode=modes[0])  # builds the user's index from Qdrant
+                    reopened_ms = (time.perf_counter() - t0) * 1000
+                    for mode in modes:
+                        row = {"vectors": label, "mode": mode, "items_per_user": size,
+                               "ingest_items_per_s": round(size / ingest_s, 1), "first_search_ms": round(first_ms, 2),
+                               "first_search_reopened_ms": round(reopened_ms, 2),
+                               **time_searches(mem, "user", queries, mode),
+                               "search_after_write_ms": round(search_after_write(mem, texts, queries, mode), 3)}
+                        rows.append(row)
+                        print(f"  {label:6s} {mode:7s} {size:>6d} items: ingest {row['ingest_items_per_s']:>8.1f}/s  "
+                              f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  first {first_ms:.2f} ms  "
+                              f"first after reopening {reopened_ms:.1f} ms  after a write "
+                              f"{row['search_after_write_ms']:.2f} ms", flush=True)
     return rows
 
 

@@ -32,6 +32,11 @@ class SearchFilter:
     exclude: Collection[str] = ()
 
 
+def _tiebreak(point_id: str) -> int:
+    """60 bits of the point's UUID: a fixed order among equal scores, whatever order the rows were added in."""
+    return int(point_id.replace("-", "")[:15], 16)
+
+
 class UserIndex:
     """One user's points as arrays, updated in place by writes (row i is point ``ids[i]``).
 
@@ -48,6 +53,7 @@ class UserIndex:
         self.row_of: dict[str, int] = {}
         self._alive = np.zeros(64, dtype=bool)
         self._ts = np.full(64, np.nan, dtype=np.float64)
+        self._tiebreak = np.zeros(64, dtype=np.int64)  # from the point id: equal scores rank the same however built
         self._dense = np.zeros((64, dense_size), dtype=np.float32) if dense_size else None
         self._post_rows: dict[int, list[int]] = {}
         self._post_vals: dict[int, list[float]] = {}
@@ -63,6 +69,7 @@ class UserIndex:
         size = max(need, 2 * len(self._alive))
         self._alive = np.concatenate([self._alive, np.zeros(size - len(self._alive), dtype=bool)])
         self._ts = np.concatenate([self._ts, np.full(size - len(self._ts), np.nan)])
+        self._tiebreak = np.concatenate([self._tiebreak, np.zeros(size - len(self._tiebreak), dtype=np.int64)])
         if self._dense is not None:
             extra = np.zeros((size - self._dense.shape[0], self._dense.shape[1]), dtype=np.float32)
             self._dense = np.concatenate([self._dense, extra])
@@ -84,6 +91,7 @@ class UserIndex:
             self._sparse.append(sparse)
             self.row_of[point_id] = row
             self._alive[row] = True
+            self._tiebreak[row] = _tiebreak(point_id)
             ts = payload.get("ts")
             self._ts[row] = ts if ts is not None else np.nan
             if sparse is not None:
@@ -114,6 +122,7 @@ class UserIndex:
                         self._post_rows.setdefault(term, []).append(row)
                         self._post_vals.setdefault(term, []).append(value)
             self._alive[:n] = True
+            self._tiebreak[:n] = [_tiebreak(p[0]) for p in points]
             self._live_sparse = sum(p[2] is not None for p in points)
             self._ts[:n] = [p[1].get("ts") if p[1].get("ts") is not None else np.nan for p in points]
             if self._dense is not None and n:
@@ -184,7 +193,7 @@ class UserIndex:
         rows = np.nonzero(keep)[0]
         if rows.size == 0:
             return []
-        picked = rows[np.argsort(-scores[rows], kind="stable")[:limit]]
+        picked = rows[np.lexsort((self._tiebreak[rows], -scores[rows]))[:limit]]
         return [(int(r), float(scores[r])) for r in picked]
 
     def search(self, vectors: dict[str, object], flt: SearchFilter, limit: int, depth: int,
@@ -218,6 +227,13 @@ class LocalIndexCache:
     def invalidate(self, collection: str) -> None:
         with self._lock:
             self._indexes.pop(collection, None)
+
+    def start_empty(self, collection: str, dense_size: int | None) -> None:
+        """Mirror a collection this process just created: writes fill it, so it never needs a scroll."""
+        with self._lock:
+            self._indexes[collection] = UserIndex(dense_size)
+            while len(self._indexes) > self.max_users:
+                self._indexes.popitem(last=False)
 
     def apply_writes(self, collection: str, points: list[tuple[str, dict, dict[str, object]]]) -> None:
         """Bring a cached mirror up to date with points just written to Qdrant (id, payload, vectors)."""

@@ -474,6 +474,8 @@ class EpisodicMemory:
                           if self.embedder.has_sparse else None)
                 self.client.create_collection(name, vectors_config=dense, sparse_vectors_config=sparse)
                 self.layout.prepare(self.client, name)
+                if self._mirror is not None:
+                    self._mirror.start_empty(name, self.embedder.dense_size)
             self._ready.add(name)
             return name
 

@@ -277,3 +277,24 @@ def _component_ties(memory: EpisodicMemory, query: str, kwargs: dict) -> bool:
         if any(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(scores, scores[1:], strict=False)):
             return True
     return False
+
+
+def test_local_index_built_from_an_existing_store_matches_qdrant(tmp_path, bm25_embedder):
+    """A store opened from disk is mirrored by a scroll on first search; it must rank exactly as Qdrant does."""
+    rng = random.Random(5)
+    words = " ".join(TOPICS).split() + [f"brand{j}" for j in range(30)]
+    items = [item(f"i{n}", " ".join(rng.choices(words, k=3 + n)), day=rng.randint(0, 40), position=n)
+             for n in range(150)]
+    store = tmp_path / "mem"
+    with EpisodicMemory(store, embedder=bm25_embedder, local_index=False) as writer:
+        writer.add("alice", items)
+    with EpisodicMemory(store, embedder=bm25_embedder) as fast, \
+            EpisodicMemory(store, embedder=bm25_embedder, local_index=False) as plain:  # one shared client
+        for step in range(60):
+            if step == 30:
+                fast.add("alice", [item("i3", "guitar amp brand1 brand2", day=2), item("n1", "drum sticks", day=9)])
+            query = " ".join(rng.sample(words, 2))
+            before = datetime(2020, 1, 1) + timedelta(days=rng.randint(0, 40))
+            got = fast.search("alice", query, k=10, before=before)
+            want = plain.search("alice", query, k=10, before=before)
+            assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-5), query

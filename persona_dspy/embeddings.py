@@ -106,12 +106,20 @@ class Embedder:
                 out[i][DENSE_VECTOR] = np.asarray(vec, dtype=np.float32).tolist()
         return out
 
-    def embed_query(self, text: str) -> dict[str, object]:
+    @property
+    def vector_names(self) -> list[str]:
+        """The vectors this embedder produces, in the order searches fuse them."""
+        models = ((SPARSE_VECTOR, self._sparse), (DENSE_VECTOR, self._dense))
+        return [name for name, model in models if model is not None]
+
+    def embed_query(self, text: str, names: list[str] | None = None) -> dict[str, object]:
+        """The query's vectors: only ``names`` (default all), so a BM25 search never runs the dense model."""
+        wanted = self.vector_names if names is None else names
         vectors: dict[str, object] = {}
-        if self._sparse is not None:
+        if SPARSE_VECTOR in wanted and self._sparse is not None:
             emb = next(iter(self._sparse.query_embed(text)))
             vectors[SPARSE_VECTOR] = SparseVectorData(emb.indices.tolist(), emb.values.tolist())
-        if self._dense is not None:
+        if DENSE_VECTOR in wanted and self._dense is not None:
             vectors[DENSE_VECTOR] = np.asarray(next(iter(self._dense.query_embed(text))), dtype=np.float32).tolist()
         return vectors
 

@@ -446,20 +446,18 @@ class EpisodicMemory:
     # -- internals -------------------------------------------------------------------------------
     def _query_vectors(self, query: str, mode: SearchMode) -> dict[str, object]:
         wanted = {
-            "auto": [v for v, ok in ((SPARSE_VECTOR, self.embedder.has_sparse), (DENSE_VECTOR, self.embedder.has_dense))
-                     if ok],
+            "auto": self.embedder.vector_names,
             "sparse": [SPARSE_VECTOR],
             "dense": [DENSE_VECTOR],
             "hybrid": [SPARSE_VECTOR, DENSE_VECTOR],
         }.get(mode)
         if wanted is None:
             raise ValueError(f"unknown search mode {mode!r}; use auto, sparse, dense or hybrid")
-        embedded = self.embedder.embed_query(query)
-        missing = [v for v in wanted if v not in embedded]
+        missing = [v for v in wanted if v not in self.embedder.vector_names]
         if missing:
             raise ValueError(f"search mode {mode!r} needs {', '.join(missing)} vectors, which this memory is not "
                              f"configured with ({self.embedder.config.label})")
-        return {v: embedded[v] for v in wanted}
+        return self.embedder.embed_query(query, wanted)
 
     def _ensure_collection(self, name: str) -> str:
         with self._ready_lock:

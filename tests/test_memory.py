@@ -173,6 +173,17 @@ def test_dense_and_hybrid_search(hybrid_embedder):
         # No word in common with the amp review: only the dense vectors can find it.
         assert mem.search("alice", "speaker volume for my electric guitar", k=1, mode="dense")[0].item_id == "amp"
         assert mem.search("alice", "speaker volume for my electric guitar", k=1, mode="sparse") == []
+        dense_model = hybrid_embedder._dense
+        calls = []
+        original = dense_model.query_embed
+        dense_model.query_embed = lambda text, **kw: calls.append(text) or original(text, **kw)
+        try:
+            mem.search("alice", "drumsticks", mode="sparse")
+            assert calls == []  # a BM25 search never runs the dense model
+            mem.search("alice", "drumsticks", mode="dense")
+            assert calls == ["drumsticks"]
+        finally:
+            del dense_model.query_embed
         hybrid = mem.search("alice", "drumsticks broke", k=2, mode="hybrid")
         assert hybrid[0].item_id == "sticks"
         earlier = mem.search("alice", "drumsticks", k=3, before=datetime(2020, 1, 3))

@@ -133,8 +133,6 @@ def build_lm(
     callbacks: list[BaseCallback] | None = None,
 ) -> dspy.LM:
     """The task LM: the offline stand-in, or a LiteLLM-backed LM for a local or hosted server."""
-    if max_tokens <= 0 or timeout <= 0:
-        raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
     settings = resolve_lm_settings(model, api_base, api_key)
     return _build(settings, temperature=temperature, max_tokens=max_tokens, timeout=timeout,
                   num_retries=num_retries, cache=cache, callbacks=callbacks)
@@ -142,6 +140,11 @@ def build_lm(
 
 def _build(settings: LMSettings, *, temperature: float, max_tokens: int, timeout: float, num_retries: int,
            cache: bool, callbacks: list[BaseCallback] | None) -> dspy.LM:
+    """The one place every LM (task or optimizer) is built, so every one is checked the same way."""
+    if max_tokens <= 0 or timeout <= 0:
+        raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
+    if num_retries < 0:
+        raise LMConfigError(f"num_retries must be >= 0, got {num_retries}")
     if settings.offline:
         # A custom engine owns its connection: dspy refuses api_base/api_key/timeout with one, so drop them.
         return offline_lm(temperature=temperature, max_tokens=max_tokens, cache=cache, callbacks=callbacks)

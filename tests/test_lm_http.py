@@ -199,3 +199,12 @@ def test_usage_over_http_and_threads(server, loopback_only):
     assert snap["calls"] == 6 and snap["errors"] == 0 and snap["unmetered_calls"] == 0
     assert snap["completion_tokens"] == 6 * 11 and snap["prompt_tokens"] > 0
     assert server.stats()["answered"] == 6
+
+
+def test_a_separate_optimizer_lm_is_checked_like_the_task_lm():
+    from persona_dspy.lm import LMConfigError, build_optimizer_lm
+
+    with pytest.raises(LMConfigError, match="must be positive"):
+        build_optimizer_lm("openai/judge", "http://127.0.0.1:9/v1", max_tokens=0)
+    with pytest.raises(LMConfigError, match="num_retries"):
+        build_optimizer_lm("offline", num_retries=-1)

@@ -78,6 +78,25 @@ def _add_lm_args(parser: argparse.ArgumentParser) -> None:
                         help="retries of a failed LM request, with backoff (default 3)")
 
 
+def _add_optimizer_lm_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--optimizer-lm", default=None,
+                        help="a separate LM for textual loss, persona updates and reflection "
+                             "(env PERSONA_DSPY_OPTIMIZER_LM; default: the task LM)")
+    parser.add_argument("--optimizer-api-base", default=None, help="its server (env PERSONA_DSPY_OPTIMIZER_API_BASE)")
+
+
+def _add_user_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", nargs="+", default=None, metavar="ID", help="only these user ids")
+    parser.add_argument("--max-users", type=_positive(int), default=None, metavar="N",
+                        help="at most N users (the first in dataset order)")
+
+
+def _selected(histories: list[UserHistory], args: argparse.Namespace) -> list[UserHistory]:
+    from persona_dspy.records import select_users
+
+    return select_users(histories, args.users, args.max_users)
+
+
 def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -252,12 +271,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     lm = _build_lm(args)
     optimizer_lm = _build_optimizer_lm(args, lm)
     task, histories = _task_histories(args)
+    histories = _selected(histories, args)
     out = args.out if args.out is not None else default_memory_path().parent / "programs" / task
     with _open_memory(task, args) as memory:
         memory.add_histories(histories)
         summary = compile_users(
             histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode, k=args.k,
-            n_recent=args.recent, workers=args.workers, users=args.users, force=args.force,
+            n_recent=args.recent, workers=args.workers, force=args.force,
             progress=not args.no_progress, batch_size=args.batch_size, iterations=args.iterations,
             candidates_per_step=args.candidates, max_persona_words=args.max_persona_words,
         )
@@ -279,8 +299,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     lm = _build_lm(args)
     optimizer_lm = _build_optimizer_lm(args, lm)
     task, histories = _task_histories(args)
-    if args.users:
-        histories = histories[:args.users]
+    histories = _selected(histories, args)
     out = args.out if args.out is not None else default_memory_path().parent / "reports" / f"compare-{task}"
     with _open_memory(task, args) as memory:
         memory.add_histories(histories)
@@ -306,8 +325,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one log line per trial is noise next to the summary
     task, histories = _task_histories(args)
-    if args.users:
-        histories = histories[:args.users]
+    histories = _selected(histories, args)
     storage = args.storage or f"sqlite:///{default_memory_path().parent / 'tuning.db'}"
     with _open_memory(task, args) as memory:
         memory.add_histories(histories)
@@ -342,12 +360,9 @@ def _data_folder(task: str, args: argparse.Namespace) -> Path:
 
 
 def _find_user(histories: list[UserHistory], user_id: str) -> UserHistory:
-    for history in histories:
-        if history.user_id == user_id:
-            return history
-    known = [h.user_id for h in histories]
-    shown = ", ".join(repr(u) for u in known[:10]) + (f", ... ({len(known)} users)" if len(known) > 10 else "")
-    raise CLIError(f"unknown user {user_id!r}; known users: {shown}")
+    from persona_dspy.records import select_users
+
+    return select_users(histories, [user_id])[0]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -473,11 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(compile_, single_task=True)
     _add_memory_args(compile_)
     _add_lm_args(compile_)
-    compile_.add_argument("--optimizer-lm", default=None,
-                          help="a separate LM for textual loss and persona updates (env PERSONA_DSPY_OPTIMIZER_LM; "
-                               "default: the task LM)")
-    compile_.add_argument("--optimizer-api-base", default=None, help="its server (env PERSONA_DSPY_OPTIMIZER_API_BASE)")
-    compile_.add_argument("--users", nargs="+", default=None, help="compile only these user ids")
+    _add_optimizer_lm_args(compile_)
+    _add_user_args(compile_)
     compile_.add_argument("--out", type=Path, default=None,
                           help="program folder (default $PERSONA_DSPY_HOME/programs/<task>)")
     compile_.add_argument("--mode", choices=("rag", "react"), default="rag", help="agent mode (default rag)")
@@ -497,11 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(compare, single_task=True)
     _add_memory_args(compare)
     _add_lm_args(compare)
-    compare.add_argument("--optimizer-lm", default=None, help="a separate LM for loss, updates and reflection")
-    compare.add_argument("--optimizer-api-base", default=None, help="its server")
+    _add_optimizer_lm_args(compare)
+    _add_user_args(compare)
     compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
                          help=f"which to run (default: {' '.join(DEFAULT_OPTIMIZERS)})")
-    compare.add_argument("--users", type=_positive(int), default=None, help="the first N users only")
     compare.add_argument("--recent", type=_positive(int), default=3, help="recent interactions per user (default 3)")
     compare.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
     compare.add_argument("--seed", type=int, default=0)
@@ -514,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(tune, single_task=True)
     _add_memory_args(tune)
     _add_lm_args(tune)  # --temperature is searched; the flag is ignored here
-    tune.add_argument("--optimizer-lm", default=None, help="a separate LM for loss and updates")
-    tune.add_argument("--optimizer-api-base", default=None, help="its server")
+    _add_optimizer_lm_args(tune)
+    _add_user_args(tune)
     tune.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///$PERSONA_DSPY_HOME/tuning.db)")
     tune.add_argument("--study-name", default=None, help="default tune-<task>-<mode>")
     tune.add_argument("--n-trials", type=_positive(int), default=30,
@@ -525,7 +536,6 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--multi-objective", action="store_true", help="maximise the score and minimise LM calls")
     tune.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--users", type=_positive(int), default=None, help="tune on the first N users only")
     tune.add_argument("--mode", choices=("rag", "react"), default="rag")
     tune.add_argument("--recent", type=_positive(int), default=3, help="recent interactions per user (default 3)")
     tune.add_argument("--workers", type=_positive(int), default=4, help="users aligned in parallel (default 4)")

@@ -36,7 +36,7 @@ from persona_dspy.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm import describe_lm
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.programs import ProgramFileError, load_program, read_program_metadata, save_program
-from persona_dspy.records import UserHistory
+from persona_dspy.records import UserHistory, select_users
 from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -147,13 +147,7 @@ def compile_users(
                          f"to align a persona on; evaluate the initial persona with `persona-dspy eval` instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    selected = list(histories)
-    if users:
-        known = {h.user_id for h in histories}
-        unknown = [u for u in users if u not in known]
-        if unknown:
-            raise ValueError(f"unknown user(s) for {task}: {', '.join(unknown[:5])}")
-        selected = [h for h in histories if h.user_id in set(users)]
+    selected = select_users(histories, users)
     settings = {"mode": mode, "k": k, "n_recent": n_recent, **aligner_settings}
     summary = CompileSummary(task, str(out), workers, settings, describe_lm(lm))
     usage = LMUsage()

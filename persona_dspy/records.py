@@ -99,3 +99,23 @@ def common_task(histories: Sequence[UserHistory], purpose: str) -> str:
     if mixed:
         raise ValueError(f"one task per {purpose}: got {task} and {', '.join(mixed)}")
     return task
+
+
+def select_users(histories: Sequence[UserHistory], ids: Sequence[str] | None = None,
+                 limit: int | None = None) -> list[UserHistory]:
+    """The users named by ``ids`` (dataset order; an unknown id is an error), then at most ``limit`` of them."""
+    selected = list(histories)
+    if ids:
+        known = {h.user_id for h in histories}
+        unknown = [u for u in ids if u not in known]
+        if unknown:
+            shown = ", ".join(repr(u) for u in sorted(known)[:10]) + (f", ... ({len(known)} users)"
+                                                                      if len(known) > 10 else "")
+            raise ValueError(f"unknown user(s): {', '.join(map(repr, unknown[:5]))}; known users: {shown}")
+        wanted = set(ids)
+        selected = [h for h in selected if h.user_id in wanted]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        selected = selected[:limit]
+    return selected

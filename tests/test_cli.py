@@ -184,7 +184,7 @@ def test_predict_with_an_unreachable_server_is_an_error(capsys):
     (["eval", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1"], "malformed api_base"),
     (["eval", "--task", "LaMP_3", "--lm", "qwen"], "no provider prefix"),
     (["eval", "--task", "LaMP_3", "--lm", "offline", "--data", "/nonexistent/lamp"], "not a directory"),
-    (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", "nobody", "--text", "hi"], "unknown user 'nobody'"),
+    (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", "nobody", "--text", "hi"], "unknown user(s): 'nobody'"),
     (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER, "--query-id", "42"],
      f"user '{LAMP3_USER}' has no query '42'; their queries: 300010"),
     (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER, "--text", "  "], "--text is empty"),
@@ -281,7 +281,7 @@ def test_compile_with_an_unreachable_server_fails_cleanly(capsys, tmp_path):
 
 def test_tune_offline_runs_a_resumable_study(capsys, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    argv = ["tune", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:", "--users", "2",
+    argv = ["tune", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:", "--max-users", "2",
             "--storage", storage, "--max-calls-per-user", "60", "--out", str(tmp_path / "tune.json")]
     code, stdout, stderr = run(capsys, *argv, "--n-trials", "2")
     assert code == 0, stderr
@@ -300,7 +300,8 @@ def test_tune_offline_runs_a_resumable_study(capsys, tmp_path):
 def test_compare_offline_writes_json_and_csv(capsys, tmp_path):
     out = tmp_path / "cmp"
     code, stdout, stderr = run(capsys, "compare", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
-                               "--users", "1", "--optimizers", "initial", "persona_aligner", "copro", "--out", str(out),
+                               "--max-users", "1", "--optimizers", "initial", "persona_aligner", "copro", "--out",
+                               str(out),
                                "--no-progress")
     assert code == 0, stderr
     assert "persona_aligner" in stdout and "copro" in stdout
@@ -334,16 +335,28 @@ def test_an_app_loads_a_compiled_program_and_finds_the_users_memory(capsys, tmp_
 def test_compare_and_tune_over_http(capsys, tmp_path, server):
     server.reset()
     http = ["--lm", "openai/test-model", "--api-base", server.api_base, "--memory", ":memory:", "--timeout", "10"]
-    code, stdout, stderr = run(capsys, "compare", "--task", "LaMP_3", *http, "--users", "1", "--optimizers",
+    code, stdout, stderr = run(capsys, "compare", "--task", "LaMP_3", *http, "--max-users", "1", "--optimizers",
                                "initial", "persona_aligner", "--out", str(tmp_path / "cmp"), "--no-progress")
     assert code == 0, stderr
     report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert report["offline"] is False and report["lm"]["api_base"] == server.api_base
     compared = server.stats()["answered"]
     assert compared == sum(r["compile_calls"] + r["eval_calls"] for r in report["results"]) + 1  # + the persona
-    code, stdout, stderr = run(capsys, "tune", "--task", "LaMP_3", *http, "--users", "1", "--n-trials", "1",
+    code, stdout, stderr = run(capsys, "tune", "--task", "LaMP_3", *http, "--max-users", "1", "--n-trials", "1",
                                "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "t.json"))
     assert code == 0, stderr
     summary = json.loads((tmp_path / "t.json").read_text())
     assert summary["trials_done"] == 1 and summary["offline"] is False
     assert server.stats()["answered"] > compared
+
+
+def test_user_selection_means_the_same_in_every_command(capsys, tmp_path):
+    out = tmp_path / "cmp"
+    code, _, stderr = run(capsys, "compare", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
+                          "--users", LAMP3_USER, "--optimizers", "initial", "--out", str(out), "--no-progress")
+    assert code == 0, stderr
+    assert json.loads((out / "comparison.json").read_text())["user_ids"] == [LAMP3_USER]
+    for command in ("compile", "compare", "tune"):
+        code, _, stderr = run(capsys, command, "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
+                              "--users", "nobody", "--out", str(tmp_path / command))
+        assert code == 2 and "unknown user(s): 'nobody'" in stderr, (command, stderr)

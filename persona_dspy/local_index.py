@@ -1,12 +1,14 @@
 """A numpy mirror of one user's collection, for fast search in Qdrant's embedded local mode.
 
 Local mode scores sparse vectors point by point in Python and evaluates filters point by point
-(measured: ~17 ms p50 at 1k items, ~200 ms at 10k with BM25). A local store is exclusive to one
-process (Qdrant locks the folder), so an in-process mirror of a user's points cannot go stale
-from outside: it is rebuilt from Qdrant after every write to that user. Qdrant stays the store
-and the server path is untouched. Scores follow Qdrant's own formulas (BM25 IDF over the whole
-collection, cosine on normalised vectors, reciprocal-rank fusion ``1/(rank + k)``), and the tests check
-the mirror's results against Qdrant's query_points on the same data.
+(``benchmarks/memory.py`` measures both paths). A local store is exclusive to one process (Qdrant
+locks the folder), and every memory on a folder in that process shares one client and one
+``LocalIndexCache``, so the mirror cannot go stale: it is built once per user (from the writes of
+the process that creates the collection, or by one scroll of Qdrant) and every write and delete
+updates it in place. Qdrant stays the store and the server path is untouched. Scores follow
+Qdrant's own formulas (BM25 IDF over the whole collection, cosine on normalised vectors,
+reciprocal-rank fusion ``1/(rank + k)``); equal scores rank by point id. The tests check the
+mirror's results against Qdrant's query_points on the same data.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,9 @@ class UserIndex:
 
     def __init__(self, dense_size: int | None = None) -> None:
         self._lock = threading.RLock()
+        self._reset(dense_size)
+
+    def _reset(self, dense_size: int | None) -> None:
         self.ids: list[str] = []
         self.payloads: list[dict] = []
         self._sparse: list[SparseVectorData | None] = []
@@ -61,7 +66,8 @@ class UserIndex:
         self._live_sparse = 0
 
     def __len__(self) -> int:
-        return len(self.ids)
+        """Live points (replaced points leave dead rows until the next compaction)."""
+        return len(self.row_of)
 
     def _grow(self, need: int) -> None:
         if need <= len(self._alive):
@@ -104,12 +110,25 @@ class UserIndex:
                 vector = np.asarray(dense, dtype=np.float32)
                 norm = float(np.linalg.norm(vector))
                 self._dense[row] = vector / norm if norm else vector
+            if len(self.ids) > 64 and len(self.ids) > 2 * len(self.row_of):
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop the dead rows replaced points left behind (a long-lived app rewriting items grows otherwise)."""
+        live = sorted(self.row_of.values())
+        points = [(self.ids[r], self.payloads[r], self._sparse[r],
+                   self._dense[r].tolist() if self._dense is not None else None) for r in live]
+        dense_size = self._dense.shape[1] if self._dense is not None else None
+        self._reset(dense_size)
+        self.bulk_load(points)
 
     def bulk_load(self, points: list[tuple[str, dict, SparseVectorData | None, list[float] | None]]) -> None:
         """Fill an empty index in one pass (the first search of a user): no per-point growth or cache work."""
         with self._lock:
             if self.ids:
                 raise RuntimeError("bulk_load needs an empty index")
+            if not points:
+                return
             n = len(points)
             self._grow(n)
             for row, (pid, payload, sparse, _) in enumerate(points):
@@ -216,47 +235,70 @@ class UserIndex:
 
 
 class LocalIndexCache:
-    """Mirrors of recently searched users' collections, rebuilt after writes (LRU-bounded)."""
+    """Mirrors of users' collections (LRU-bounded), shared by every memory on one client.
+
+    Each collection has its own lock: a write (Qdrant upsert + mirror update), a delete and a
+    mirror build for one user are serialized, so the mirror never misses a write or applies writes
+    out of order, while other users' searches and writes go on (one user's scroll of 10k points
+    does not hold everyone up).
+    """
 
     def __init__(self, client: QdrantClient, max_users: int = 64) -> None:
         self.client = client
         self.max_users = max_users
         self._lock = threading.Lock()
         self._indexes: OrderedDict[str, UserIndex] = OrderedDict()
+        self._collection_locks: dict[str, threading.RLock] = {}
+
+    def collection_lock(self, collection: str) -> threading.RLock:
+        with self._lock:
+            return self._collection_locks.setdefault(collection, threading.RLock())
+
+    def cached(self, collection: str) -> UserIndex | None:
+        with self._lock:
+            index = self._indexes.get(collection)
+            if index is not None:
+                self._indexes.move_to_end(collection)
+            return index
+
+    def _put(self, collection: str, index: UserIndex) -> None:
+        with self._lock:
+            self._indexes[collection] = index
+            self._indexes.move_to_end(collection)
+            while len(self._indexes) > self.max_users:
+                self._indexes.popitem(last=False)
 
     def invalidate(self, collection: str) -> None:
         with self._lock:
             self._indexes.pop(collection, None)
 
     def start_empty(self, collection: str, dense_size: int | None) -> None:
-        """Mirror a collection this process just created: writes fill it, so it never needs a scroll."""
-        with self._lock:
-            self._indexes[collection] = UserIndex(dense_size)
-            while len(self._indexes) > self.max_users:
-                self._indexes.popitem(last=False)
+        """Mirror a collection just created: writes fill it, so it never needs a scroll."""
+        self._put(collection, UserIndex(dense_size))
 
     def apply_writes(self, collection: str, points: list[tuple[str, dict, dict[str, object]]]) -> None:
-        """Bring a cached mirror up to date with points just written to Qdrant (id, payload, vectors)."""
-        with self._lock:
-            index = self._indexes.get(collection)
+        """Bring a cached mirror up to date with points just written to Qdrant (id, payload, vectors).
+
+        Call it under ``collection_lock(collection)``, held since before the Qdrant write.
+        """
+        index = self.cached(collection)
         if index is None:
-            return  # not mirrored yet: the first search builds it from Qdrant
+            return  # not mirrored: the first search builds it from Qdrant, writes included
         for pid, payload, vectors in points:
             index.upsert(pid, payload, vectors.get(SPARSE_VECTOR), vectors.get(DENSE_VECTOR))
 
-    def get(self, collection: str, conditions_filter) -> UserIndex:
-        with self._lock:
-            index = self._indexes.get(collection)
-            if index is not None:
-                self._indexes.move_to_end(collection)
-                return index
-            index = self._build(collection, conditions_filter)
-            self._indexes[collection] = index
-            while len(self._indexes) > self.max_users:
-                self._indexes.popitem(last=False)
+    def get(self, collection: str, scroll_filter: Callable[[], object]) -> UserIndex:
+        index = self.cached(collection)
+        if index is not None:
+            return index
+        with self.collection_lock(collection):  # writes to this user wait; other users do not
+            index = self.cached(collection)
+            if index is None:
+                index = self._build(collection, scroll_filter())
+                self._put(collection, index)
             return index
 
-    def _build(self, collection: str, conditions_filter) -> UserIndex:
+    def _build(self, collection: str, conditions_filter: object) -> UserIndex:
         params = self.client.get_collection(collection).config.params
         dense_cfg = params.vectors.get(DENSE_VECTOR) if isinstance(params.vectors, dict) else None
         index = UserIndex(dense_cfg.size if dense_cfg is not None else None)

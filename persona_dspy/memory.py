@@ -19,6 +19,7 @@ Isolation: every search names exactly one user, resolved to that user's collecti
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +93,7 @@ def _timestamp(moment: datetime) -> float:
     return moment.timestamp()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def point_id(user_id: str, item_id: str) -> str:
     """A stable point id per (user, item): re-adding an item overwrites it instead of duplicating it."""
     return str(uuid.uuid5(_POINT_NAMESPACE, f"{user_id}\x1f{item_id}"))
@@ -173,20 +176,55 @@ class SharedCollection:
         return [name] if client.collection_exists(name) else []
 
 
+@dataclass
+class _Store:
+    """What every memory on one Qdrant client shares, so that none of them can hold a stale view.
+
+    ``mirror``: the in-process search index (local clients only). ``existing``: collections known to
+    exist; ``checked``: (collection, embedding) pairs created or checked compatible.
+    """
+
+    client: QdrantClient
+    mirror: LocalIndexCache | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    existing: set[str] = field(default_factory=set)
+    checked: set[tuple[str, str]] = field(default_factory=set)
+
+    @classmethod
+    def local(cls, client: QdrantClient) -> _Store:
+        return cls(client, LocalIndexCache(client))
+
+    def exists(self, collection: str) -> bool:
+        if collection in self.existing:
+            return True
+        if self.client.collection_exists(collection):
+            with self.lock:
+                self.existing.add(collection)
+            return True
+        return False
+
+    def forget(self, collection: str) -> None:
+        with self.lock:
+            self.existing.discard(collection)
+            self.checked = {pair for pair in self.checked if pair[0] != collection}
+        if self.mirror is not None:
+            self.mirror.invalidate(collection)
+
+
 class _LocalClients:
-    """Qdrant local mode allows one client per storage folder; memories on one folder share it."""
+    """Qdrant local mode allows one client per storage folder; memories on one folder share it (and its _Store)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._clients: dict[str, tuple[QdrantClient, int]] = {}
+        self._stores: dict[str, tuple[_Store, int]] = {}
 
-    def acquire(self, path: Path) -> QdrantClient:
+    def acquire(self, path: Path) -> _Store:
         key = str(path.resolve())
         with self._lock:
-            if key in self._clients:
-                client, refs = self._clients[key]
-                self._clients[key] = (client, refs + 1)
-                return client
+            if key in self._stores:
+                store, refs = self._stores[key]
+                self._stores[key] = (store, refs + 1)
+                return store
             path.mkdir(parents=True, exist_ok=True)
             try:
                 client = QdrantClient(path=key)
@@ -196,20 +234,21 @@ class _LocalClients:
                     f"process per folder: stop the other process, use another --memory folder, or run a Qdrant "
                     f"server and pass its URL."
                 ) from exc
-            self._clients[key] = (client, 1)
-            return client
+            store = _Store.local(client)
+            self._stores[key] = (store, 1)
+            return store
 
     def release(self, path: Path) -> None:
         key = str(path.resolve())
         with self._lock:
-            if key not in self._clients:
+            if key not in self._stores:
                 return
-            client, refs = self._clients[key]
+            store, refs = self._stores[key]
             if refs <= 1:
-                del self._clients[key]
-                client.close()
+                del self._stores[key]
+                store.client.close()
             else:
-                self._clients[key] = (client, refs - 1)
+                self._stores[key] = (store, refs - 1)
 
 
 _LOCAL_CLIENTS = _LocalClients()
@@ -252,23 +291,23 @@ class EpisodicMemory:
         self._local_path: Path | None = None
         if url is not None:
             self.location = url
-            self.client = QdrantClient(url=url, api_key=api_key)
+            self._store = _Store(QdrantClient(url=url, api_key=api_key), mirror=None)
         elif str(location) == ":memory:":
             self.location = ":memory:"
-            self.client = QdrantClient(location=":memory:")
+            self._store = _Store.local(QdrantClient(location=":memory:"))
         else:
             self._local_path = Path(location).expanduser() if location is not None else default_memory_path()
             self.location = str(self._local_path)
-            self.client = _LOCAL_CLIENTS.acquire(self._local_path)
+            self._store = _LOCAL_CLIENTS.acquire(self._local_path)
+        self.client = self._store.client
         if layout == "auto":
             layout = "shared" if url is not None else "per_user"
         if layout not in ("per_user", "shared"):
             raise ValueError(f"unknown layout {layout!r}; use auto, per_user or shared")
         self.layout: CollectionLayout = PerUserCollections(prefix) if layout == "per_user" else SharedCollection(prefix)
-        self._ready: set[str] = set()
-        self._ready_lock = threading.Lock()
-        use_mirror = local_index and url is None and self.layout.name == "per_user"
-        self._mirror = LocalIndexCache(self.client) if use_mirror else None
+        # Writes keep a shared mirror current even when this memory does not search through it.
+        self._mirror = self._store.mirror if self.layout.name == "per_user" else None
+        self._search_mirror = self._mirror if local_index else None
 
     @classmethod
     def for_task(cls, task: str, location: str | Path | None = None, **options: object) -> EpisodicMemory:
@@ -295,7 +334,10 @@ class EpisodicMemory:
 
     # -- writing ---------------------------------------------------------------------------------
     def add(self, user_id: str, items: Iterable[HistoryItem]) -> int:
-        """Store a user's items, idempotent by item id (re-adding replaces). Returns how many were written.
+        """Store a user's items, idempotent by item id. Returns how many were written.
+
+        An item already stored with the same content is skipped (not re-embedded); one with new
+        content replaces the stored one.
 
         The whole batch is validated and embedded before anything is written, so bad input never
         leaves a half-written batch behind.
@@ -318,17 +360,27 @@ class EpisodicMemory:
         unique = list(seen.values())
         if not unique:
             return 0
-        collection = self._ensure_collection(self.layout.collection(user_id))
+        collection, created = self._ensure_collection(self.layout.collection(user_id))
+        written_count = 0
         for start in range(0, len(unique), self.batch_size):
-            batch = unique[start:start + self.batch_size]
-            vectors = self.embedder.embed_documents([it.text for it in batch])
-            written = [(point_id(user_id, it.id), _payload(user_id, it), vec)
-                       for it, vec in zip(batch, vectors, strict=True)]
-            points = [qm.PointStruct(id=pid, vector=_to_qdrant(vec), payload=payload) for pid, payload, vec in written]
-            self.client.upsert(collection, points=points, wait=True)
-            if self._mirror is not None:
-                self._mirror.apply_writes(collection, written)
-        return len(unique)
+            chunk = unique[start:start + self.batch_size]
+            batch = [(point_id(user_id, it.id), _payload(user_id, it), it) for it in chunk]
+            lock = self._mirror.collection_lock(collection) if self._mirror is not None else nullcontext()
+            with lock:  # the Qdrant write and the mirror update happen in the same order for every writer
+                if not created:  # re-ingesting a dataset must not re-embed what is already stored as is
+                    stored = {str(p.id): p.payload for p in self.client.retrieve(
+                        collection, ids=[pid for pid, _, _ in batch], with_payload=True, with_vectors=False)}
+                    batch = [entry for entry in batch if stored.get(entry[0]) != entry[1]]
+                if not batch:
+                    continue
+                vectors = self.embedder.embed_documents([it.text for _, _, it in batch])
+                written = [(pid, payload, vec) for (pid, payload, _), vec in zip(batch, vectors, strict=True)]
+                self.client.upsert(collection, points=[qm.PointStruct(id=pid, vector=_to_qdrant(vec), payload=payload)
+                                                       for pid, payload, vec in written], wait=True)
+                if self._mirror is not None:
+                    self._mirror.apply_writes(collection, written)
+            written_count += len(written)
+        return written_count
 
     def add_histories(self, histories: Iterable[UserHistory]) -> int:
         """Store every user's history items (the union of their profiles; queries choose scopes at search time)."""
@@ -337,12 +389,12 @@ class EpisodicMemory:
     def delete_user(self, user_id: str) -> None:
         """Forget everything about a user."""
         _check_user(user_id)
-        self.layout.delete_user(self.client, user_id)
-        if self._mirror is not None:
-            self._mirror.invalidate(self.layout.collection(user_id))
-        if self.layout.name == "per_user":
-            with self._ready_lock:
-                self._ready.discard(self.layout.collection(user_id))
+        collection = self.layout.collection(user_id)
+        lock = self._mirror.collection_lock(collection) if self._mirror is not None else nullcontext()
+        with lock:
+            self.layout.delete_user(self.client, user_id)
+            if self.layout.name == "per_user":
+                self._store.forget(collection)
 
     # -- reading ---------------------------------------------------------------------------------
     def count(self, user_id: str | None = None) -> int:
@@ -393,7 +445,7 @@ class EpisodicMemory:
         if not isinstance(query, str) or not query.strip():
             raise ValueError("search needs a non-empty query text")
         name = self.layout.collection(user_id)
-        if not self.client.collection_exists(name):
+        if not self._store.exists(name):
             return []
         within = None if within_ids is None else [point_id(user_id, i) for i in within_ids]
         if within is not None and not within:
@@ -402,8 +454,8 @@ class EpisodicMemory:
         before_ts = _timestamp(before) if before is not None else None
         vectors = self._query_vectors(query, mode)
         depth = max(4 * k, 40)  # candidates each vector contributes to the fusion
-        if self._mirror is not None:
-            index = self._mirror.get(name, qm.Filter(must=self.layout.user_conditions(user_id)))
+        if self._search_mirror is not None:
+            index = self._search_mirror.get(name, lambda: qm.Filter(must=self.layout.user_conditions(user_id)))
             found = index.search(vectors, SearchFilter(before_ts, None if within is None else set(within), excluded),
                                  k, depth, self.rrf_k)
             return [_passage_from(payload, score) for payload, score in found]
@@ -459,11 +511,16 @@ class EpisodicMemory:
                              f"configured with ({self.embedder.config.label})")
         return self.embedder.embed_query(query, wanted)
 
-    def _ensure_collection(self, name: str) -> str:
-        with self._ready_lock:
-            if name in self._ready:
-                return name
-            if self.client.collection_exists(name):
+    def _ensure_collection(self, name: str) -> tuple[str, bool]:
+        """The collection, created if absent (and whether it was created now); checked against this embedder."""
+        key = (name, self.embedder.config.label)
+        if key in self._store.checked:
+            return name, False
+        with self._store.lock:
+            if key in self._store.checked:
+                return name, False
+            created = not self.client.collection_exists(name)
+            if not created:
                 self._check_compatible(name)
             else:
                 dense = ({DENSE_VECTOR: qm.VectorParams(size=self.embedder.dense_size, distance=qm.Distance.COSINE)}
@@ -474,8 +531,9 @@ class EpisodicMemory:
                 self.layout.prepare(self.client, name)
                 if self._mirror is not None:
                     self._mirror.start_empty(name, self.embedder.dense_size)
-            self._ready.add(name)
-            return name
+            self._store.existing.add(name)
+            self._store.checked.add(key)
+            return name, created
 
     def _check_compatible(self, name: str) -> None:
         """Refuse to mix vector configurations in one collection (the stored items would be unsearchable)."""

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from persona_dspy.embeddings import Embedder, EmbeddingConfig, EmbeddingModelError
-from persona_dspy.memory import EpisodicMemory, MemoryStoreError
+from persona_dspy.memory import EpisodicMemory, MemoryStoreError, point_id
 from persona_dspy.records import HistoryItem, Query, UserHistory
 from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, memory_search_tool
 from persona_dspy.tasks import get_task
@@ -35,7 +35,8 @@ def memory(bm25_embedder):
 def test_add_is_idempotent_and_counts(memory):
     items = [item(f"i{n}", f"review of a {TOPICS[n]}", day=n, position=n) for n in range(5)]
     assert memory.add("alice", items) == 5
-    assert memory.add("alice", items[:3]) == 3
+    assert memory.add("alice", items[:3]) == 0  # stored as is: not embedded or written again
+    assert memory.add("alice", [items[0], item("i1", "a changed review", day=1, position=1)]) == 1
     assert memory.count("alice") == 5
     assert memory.count("bob") == 0
     memory.add("bob", [item("i0", "another review")])
@@ -309,3 +310,75 @@ def test_local_index_built_from_an_existing_store_matches_qdrant(tmp_path, bm25_
             got = fast.search("alice", query, k=10, before=before)
             want = plain.search("alice", query, k=10, before=before)
             assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-5), query
+
+
+def test_memories_on_one_folder_share_one_view(tmp_path, bm25_embedder):
+    """Writes and deletes through one memory are seen by the other (they share the client and its mirror)."""
+    store = tmp_path / "mem"
+    with EpisodicMemory(store, embedder=bm25_embedder) as a, EpisodicMemory(store, embedder=bm25_embedder) as b:
+        a.add("u", [item("x", "guitar amp")])
+        assert [h.item_id for h in a.search("u", "guitar")] == ["x"]  # a's mirror is built
+        b.add("u", [item("y", "drum sticks")])
+        assert [h.item_id for h in a.search("u", "drum")] == ["y"]
+        b.delete_user("u")
+        assert a.search("u", "guitar") == [] and a.count("u") == 0
+        b.add("u", [item("z", "piano keys")])
+        a.add("u", [item("w", "violin bow")])  # a must recreate nothing and write into b's new collection
+        assert {h.item_id for h in a.search("u", "piano keys violin bow", k=5)} == {"z", "w"}
+        assert a.search("u", "guitar") == []
+
+
+def test_index_eviction_and_compaction_keep_results_right(bm25_embedder):
+    with EpisodicMemory(":memory:", embedder=bm25_embedder) as mem:
+        mem._store.mirror.max_users = 2
+        for u in range(5):
+            mem.add(f"user{u}", [item("a", f"guitar amp owner{u}"), item("b", f"drum sticks owner{u}")])
+        for u in range(5):  # most indexes were evicted and are rebuilt from Qdrant on demand
+            assert [h.text for h in mem.search(f"user{u}", "guitar")] == [f"guitar amp owner{u}"]
+        mem.search("user0", "guitar")  # user0's index is mirrored again
+        for n in range(300):  # rewriting one item leaves dead rows that must be compacted away
+            mem.add("user0", [item("a", f"guitar amp version {n}", day=1)])
+        index = mem._store.mirror.cached(mem.layout.collection("user0"))
+        assert len(index) == 2 and len(index.ids) <= 2 * 2 + 64
+        assert [h.text for h in mem.search("user0", "guitar")] == ["guitar amp version 299"]
+
+
+def test_equal_scores_rank_by_point_id_however_the_index_was_built(tmp_path, bm25_embedder):
+    same = [item(f"i{n}", "guitar amp", day=n, position=n) for n in range(12)]
+    store = tmp_path / "mem"
+    with EpisodicMemory(store, embedder=bm25_embedder) as written:
+        written.add("alice", same)
+        from_writes = [h.item_id for h in written.search("alice", "guitar", k=12)]
+    with EpisodicMemory(store, embedder=bm25_embedder) as reopened:
+        from_scroll = [h.item_id for h in reopened.search("alice", "guitar", k=12)]
+    assert from_writes == from_scroll == sorted(from_writes, key=lambda i: point_id("alice", i))
+
+
+def test_concurrent_writers_and_readers_stay_consistent_with_qdrant(bm25_embedder):
+    import threading
+
+    with EpisodicMemory(":memory:", embedder=bm25_embedder) as mem, \
+            EpisodicMemory(":memory:", embedder=bm25_embedder, local_index=False) as plain:
+        errors: list[BaseException] = []
+
+        def work(user: str) -> None:
+            try:
+                for n in range(30):
+                    batch = [item(f"i{n % 7}", f"guitar amp take {n} {user}", day=n)]
+                    mem.add(user, batch)
+                    plain.add(user, batch)
+                    mem.search(user, "guitar amp", k=3)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(f"u{t % 3}",)) for t in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        for u in range(3):
+            got = mem.search(f"u{u}", "guitar amp take", k=7)
+            want = plain.search(f"u{u}", "guitar amp take", k=7)
+            assert sorted(h.text for h in got) == sorted(h.text for h in want)
+            assert mem.count(f"u{u}") == 7

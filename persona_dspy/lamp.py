@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_dspy.records import HistoryItem, Query, UserHistory
-from persona_dspy.tasks import TASKS, TaskSpec, normalize_task_name, resolve_lamp2
+from persona_dspy.tasks import TASKS, TaskSpec, get_task, normalize_task_name, resolve_lamp2
 
 logger = logging.getLogger(__name__)
 
@@ -669,7 +669,7 @@ def load_dataset(path: PathLike, split: str = "dev", task: str | None = None) ->
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise DataError(folder, "not a directory (expected a folder with {split}_questions.json)")
+        raise DataError(folder, f"not a directory (expected a folder with {split}_questions.json)")
     return load_lamp(folder / f"{split}_questions.json", folder / f"{split}_outputs.json", task=task)
 
 
@@ -683,9 +683,7 @@ def dataset_dir(task: str) -> Path:
 
     Raises :class:`DatasetNotFoundError` (a DataError and a FileNotFoundError) when it is absent.
     """
-    key = _normalize_task(task)
-    if key == "LaMP_2":
-        raise ValueError("'LaMP_2' is ambiguous (news or movies); say LaMP_2N or LaMP_2M")
+    key = get_task(task).name  # refuses the ambiguous 'LaMP_2' with the registry's own message
     folder = data_root() / key
     if not folder.is_dir():
         root = data_root()

@@ -1,6 +1,6 @@
 """How well memory retrieval alone predicts a user's answer: a k-nearest vote over retrieved items.
 
-This is the main job's report until the agent exists, and the memory benchmark's quality table.
+This is ``persona-dspy retrieval-eval``'s report and the memory benchmark's quality table.
 For each query, its own profile (never the union of the user's profiles) is searched with the
 query's content; the labels of the k items found vote (LaMP-3: the rounded mean of their scores).
 Baselines: the k most recent profile items (recency) and the profile's most common label (majority).
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from persona_dspy.memory import EpisodicMemory, SearchMode
-from persona_dspy.records import HistoryItem, Query, UserHistory
+from persona_dspy.records import HistoryItem, Query, UserHistory, common_task
+from persona_dspy.retrieval import MemoryScope, search_scope
 from persona_dspy.tasks import TaskKind, get_task
 
 STRATEGIES: tuple[str, ...] = ("recency", "majority", "bm25", "dense", "hybrid")
@@ -68,8 +69,8 @@ def predict_query(history: UserHistory, query: Query, strategy: str, k: int,
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if memory is None:
         raise ValueError(f"strategy {strategy!r} needs a memory")
-    hits = memory.search(history.user_id, spec.query_text(query.input), k, query.before, exclude_ids=(query.id,),
-                         within_ids=query.profile_ids, mode=_SEARCH_MODES[strategy])
+    hits = search_scope(memory, MemoryScope.for_query(history.user_id, query), spec.query_text(query.input), k,
+                        _SEARCH_MODES[strategy])
     labels = [h.label for h in hits if h.label is not None]
     if not labels:
         return majority, True
@@ -79,9 +80,7 @@ def predict_query(history: UserHistory, query: Query, strategy: str, k: int,
 def evaluate_retrieval(histories: Sequence[UserHistory], strategy: str, k: int = 5,
                        memory: EpisodicMemory | None = None) -> QualityReport:
     """Score one strategy over every query of every user (accuracy; MAE and RMSE for ratings)."""
-    if not histories:
-        raise ValueError("no users to evaluate")
-    task = histories[0].task
+    task = common_task(histories, "retrieval evaluation")
     spec = get_task(task)
     if spec.label_field is None:
         raise ValueError(f"{task} has no label field: a retrieval vote cannot be scored on it")

@@ -96,7 +96,8 @@ def check_invariants(users: list[UserHistory], questions_path: Path) -> None:
             assert query.before is not None and newest < query.before
             assert (query.before - newest).days <= 1
         recent = user.recent_interactions(3)
-        assert len(recent) == min(3, len(user.shared_history()))
+        earliest_raw = min((raw[q.id]["profile"] for q in user.queries), key=len)  # straight from the file
+        assert [it.id for it in recent] == [str(p["id"]) for p in earliest_raw[-3:]]
         earliest = min(profiles, key=len)
         later_only = frozenset().union(*profiles) - frozenset.intersection(*profiles)
         for item in recent:
@@ -530,3 +531,9 @@ def test_oppu_inline_golds_without_label_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing") as exc:
         load_oppu(hpath, None, task="LaMP_3")
     assert_names(exc, hpath, "2", "gold")
+
+
+def test_a_missing_dataset_folder_names_the_files_it_expected(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="test_questions.json") as exc:
+        load_dataset(tmp_path / "absent", split="test")
+    assert "{split}" not in str(exc.value)

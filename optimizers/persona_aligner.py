@@ -8,10 +8,13 @@ The persona is an optimizable instruction. One step reads like a gradient step i
     update    an LLM rewrites the persona from that text (PersonaUpdate), and PersonaGuard keeps the
               rules and the length cap whatever the LM wrote
 
-Each candidate persona is scored with the task metric on a validation slice; the best persona seen
-is kept, so the result is never worse than the starting persona on that slice. With the defaults
-(3 recent interactions as both batch and validation slice, 3 iterations, one candidate per step) a
-user costs 3 + 3 x (3 losses + 1 update + 3 validation answers) = 24 LM calls.
+Each candidate persona is scored with the task metric on a validation slice; a candidate replaces the
+best persona only with a strictly higher score (ties keep the older one), so the result is never worse
+than the starting persona on that slice. With the defaults (3 recent interactions as both batch and
+validation slice, 3 iterations, one candidate per step) a user costs at most
+3 + 3 x (3 losses + 1 update + 3 validation answers) = 24 LM calls with one LM call per answer (fewer
+when the validation slice is answered perfectly, or a step only repeats a persona: with a batch that
+cannot change and one candidate per step, the next step would send identical prompts, so it stops).
 
 It works on any DSPy program whose predictors carry the persona as their instructions: programs with
 a ``persona`` property (PersonaAgent) are read and written through it, others through the
@@ -33,7 +36,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from optimizers.lm_usage import LMUsage
 from optimizers.persona_guard import PersonaGuard
-from optimizers.textual_loss import Metric, TextualLossMetric
+from optimizers.textual_loss import Metric, TextualLossMetric, score_of
 from signatures.persona import PersonaUpdate
 
 logger = logging.getLogger(__name__)
@@ -95,8 +98,6 @@ def aggregate_feedback(items: Sequence[tuple[float, str]], max_chars: int = 4000
 class _Evaluation:
     persona: str
     score: float
-    predictions: list[Any]
-    scores: list[float]
 
 
 @dataclass
@@ -104,7 +105,6 @@ class AlignmentStep:
     """One iteration's record: the feedback it read and the candidates it scored."""
 
     iteration: int
-    batch_ids: list[Any]
     feedback: str
     candidates: list[dict[str, Any]] = field(default_factory=list)
     best_score: float = 0.0
@@ -113,12 +113,20 @@ class AlignmentStep:
 class PersonaAligner(Teleprompter):
     """Align a program's persona to one user from their recent interactions (see module docstring).
 
+    Trade-off: each step starts from the previous step's best candidate even when it scores below the best so
+    far (exploration), while the persona returned is the best so far (the first of equals).
+
+    The compiled program carries diagnostics: ``persona_history`` (every persona scored, with its feedback and
+    whether it only repeated one), ``candidate_programs``, ``scores_per_iteration``, ``alignment`` (settings,
+    scores, ``lm_usage``) and ``lm_calls`` (LM calls of the whole compile).
+
     Args:
         metric: ``metric(example, prediction) -> float`` in [0, 1] (higher is better).
         batch_size: recent interactions per step.
         iterations: update steps.
         candidates_per_step: personas proposed per step (more than one samples at ``candidate_temperature``).
-        max_persona_words: the persona's length cap (PersonaGuard enforces it).
+        max_persona_words: the persona's length cap (PersonaGuard enforces it); at least the starting persona's
+            role and rules plus ``guard.min_summary_words``, checked by ``compile``.
         task_lm: the LM the program answers with (default: the current one).
         optimizer_lm: the LM for loss and update (default: the task LM).
         stop_when_perfect: stop once the validation slice is answered perfectly (saves calls).
@@ -161,15 +169,20 @@ class PersonaAligner(Teleprompter):
         valset = list(valset) if valset else list(trainset)
         program = student.deepcopy()
         access = persona_access_for(program)
+        start_persona = access.get(program)
+        floor = self.guard.min_words(start_persona)
+        if self.max_persona_words < floor:  # the guard would have to break the cap to keep role, rules and summary
+            raise ValueError(f"max_persona_words={self.max_persona_words} is below {floor}, the starting persona's "
+                             f"role and rules plus min_summary_words={self.guard.min_summary_words}")
         usage = LMUsage()
         started = time.perf_counter()
         task_lm = self.task_lm or dspy.settings.lm
         optimizer_lm = self.optimizer_lm or task_lm
         if task_lm is None:
             raise ValueError("no LM: configure dspy (dspy.configure(lm=...)) or pass task_lm")
-        cache: dict[tuple[str, int], tuple[Any, float]] = {}  # (persona, example) -> (prediction, score)
+        cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (persona, example key) -> (prediction, score)
+        fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
         with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), usage]):
-            start_persona = access.get(program)
             current = self._evaluate(program, access, start_persona, valset, task_lm, cache)
             best = current
             seen: dict[str, float] = {start_persona: current.score}
@@ -186,8 +199,7 @@ class PersonaAligner(Teleprompter):
                               for ex, (pred, score) in zip(batch, outputs, strict=True)]
                     gradient = aggregate_feedback(losses)
                     proposals = self._propose(current.persona, gradient)
-                batch_ids = [ex.get("example_id", i) for i, ex in zip(batch_idx, batch, strict=True)]
-                step = AlignmentStep(iteration + 1, batch_ids, gradient)
+                step = AlignmentStep(iteration + 1, gradient)
                 step_best: _Evaluation | None = None
                 for proposal in proposals:
                     candidate = self.guard.apply(start_persona, proposal)
@@ -196,18 +208,23 @@ class PersonaAligner(Teleprompter):
                         continue
                     evaluation = self._evaluate(program, access, candidate, valset, task_lm, cache)
                     seen[candidate] = evaluation.score
-                    step.candidates.append({"persona": candidate, "score": evaluation.score})
-                    if step_best is None or evaluation.score > step_best.score:
+                    step.candidates.append({"persona": candidate, "score": evaluation.score, "repeat": False})
+                    if step_best is None or evaluation.score > step_best.score:  # the first of equals
                         step_best = evaluation
                 if step_best is not None:
-                    current = step_best  # follow the newest persona; ties with the best go to the newer one
-                    if step_best.score >= best.score:
+                    current = step_best  # explore from it even when worse than the best (class docstring)
+                    if step_best.score > best.score:  # ties keep the older persona
                         best = step_best
                 step.best_score = best.score
                 steps.append(step)
+                if step_best is None and fixed_batch and self.candidates_per_step == 1:
+                    # same persona, same batch, one deterministic proposal: the next step would replay this one
+                    logger.info("step %d only repeated a persona: stopping", iteration + 1)
+                    break
             access.set(program, best.persona)
         program.persona_history = [{"iteration": 0, "persona": start_persona, "score": seen[start_persona]}] + [
-            {"iteration": s.iteration, "persona": c["persona"], "score": c["score"], "feedback": s.feedback}
+            {"iteration": s.iteration, "persona": c["persona"], "score": c["score"], "repeat": c["repeat"],
+             "feedback": s.feedback}
             for s in steps for c in s.candidates
         ]
         program.candidate_programs = [{"persona": p, "score": s} for p, s in
@@ -215,8 +232,8 @@ class PersonaAligner(Teleprompter):
         program.scores_per_iteration = [seen[start_persona]] + [s.best_score for s in steps]
         program.alignment = {
             **self.settings(), "start_score": seen[start_persona], "best_score": best.score,
-            "improved": best.persona != start_persona, "steps_run": len(steps), "valset_size": len(valset),
-            "trainset_size": len(trainset), "lm_calls": usage.calls, "lm_usage": usage.snapshot(),
+            "improved": best.score > seen[start_persona], "steps_run": len(steps), "valset_size": len(valset),
+            "trainset_size": len(trainset), "lm_usage": usage.snapshot(),
             "seconds": round(time.perf_counter() - started, 3),
         }
         program.lm_calls = usage.calls
@@ -232,25 +249,28 @@ class PersonaAligner(Teleprompter):
 
     def _answer(self, program: dspy.Module, access: PersonaAccess, persona: str, example: dspy.Example,
                 lm: dspy.LM, cache: dict) -> tuple[Any, float]:
-        cache_key = (persona, id(example))  # valset defaults to the trainset: same objects share answers
+        # A batch item that is also in the valset is answered once, whether the valset holds the same objects
+        # or copies: an example_id names one interaction; examples without one are matched by identity.
+        example_id = example.get("example_id")
+        cache_key = (persona, ("example_id", example_id) if example_id is not None else ("object", id(example)))
         if cache_key in cache:
             return cache[cache_key]
         access.set(program, persona)
-        try:
-            with dspy.context(lm=lm):
+        with dspy.context(lm=lm):
+            try:
                 prediction = program(**example.inputs())
-            score = float(self.metric(example, prediction))
-        except Exception as exc:  # one failing item scores 0; the loss step is told the program failed
-            logger.warning("program failed on %s: %s", example.get("example_id", "an example"), exc)
-            prediction, score = None, 0.0
+            except Exception as exc:  # one failing item scores 0; the loss step is told the program failed
+                logger.warning("program failed on %s: %s", "an example" if example_id is None else example_id, exc)
+                cache[cache_key] = (None, 0.0)
+                return cache[cache_key]
+            score = score_of(self.metric, example, prediction)  # outside the try: a broken metric must raise
         cache[cache_key] = (prediction, score)
         return prediction, score
 
     def _evaluate(self, program: dspy.Module, access: PersonaAccess, persona: str, valset: list[dspy.Example],
                   lm: dspy.LM, cache: dict) -> _Evaluation:
-        results = [self._answer(program, access, persona, ex, lm, cache) for ex in valset]
-        scores = [s for _, s in results]
-        return _Evaluation(persona, sum(scores) / len(scores), [p for p, _ in results], scores)
+        scores = [self._answer(program, access, persona, ex, lm, cache)[1] for ex in valset]
+        return _Evaluation(persona, sum(scores) / len(scores))
 
     def _propose(self, persona: str, feedback: str) -> list[str]:
         proposals = []

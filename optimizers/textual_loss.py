@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 Metric = Callable[..., float | bool]
 
 
-def _score(metric: Metric, example: dspy.Example, prediction: Any) -> float:
+def score_of(metric: Metric, example: dspy.Example, prediction: Any) -> float:
+    """The metric's value as a float; metrics returning a ``dspy.Prediction`` (GEPA style) give their ``.score``."""
     value = metric(example, prediction)
     return float(value.score if hasattr(value, "score") else value)
 
@@ -52,7 +53,7 @@ class TextualLossMetric:
 
     def __call__(self, gold: dspy.Example, pred: Any, trace: Any = None, pred_name: str | None = None,
                  pred_trace: Any = None) -> float | dspy.Prediction:
-        score = _score(self.metric, gold, pred)
+        score = score_of(self.metric, gold, pred)
         if pred_name is None:
             return score
         persona = "(not shown)"

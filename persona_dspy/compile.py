@@ -4,10 +4,11 @@ Each user is aligned on their recent interactions and saved as a program file
 (``<out>/<user>.json``, written atomically, earlier versions kept). Users run on worker threads,
 each under its own ``dspy.context``, all against one model server. A user whose file is current
 (same task, mode, settings and trainset) is skipped, so a rerun after an interruption continues
-where it stopped; a user whose history has new interactions is re-aligned starting from their
-saved persona (online re-alignment). One user's failure (server errors, timeouts, unparsable
-outputs after retries) is recorded and the others go on. A crash loses no program already written:
-files only ever appear through an atomic rename.
+where it stopped; a user whose history has new interactions (or whose aligner settings changed) is
+re-aligned starting from their saved persona (online re-alignment); a program saved for another
+agent ``mode`` or ``k`` is compiled afresh (the old file is kept among the versions). One user's
+failure (server errors, timeouts, unparsable outputs after retries) is recorded and the others go
+on. A crash loses no program already written: files only ever appear through an atomic rename.
 """
 
 from __future__ import annotations
@@ -107,7 +108,12 @@ class CompileSummary:
 
 
 def _current(path: Path, history: UserHistory, expected: dict[str, Any]) -> bool | None:
-    """True: up to date; False: stale but loadable (warm start); None: absent or unreadable."""
+    """True: up to date; False: stale but loadable (warm start); None: compile afresh.
+
+    Afresh when the file is absent, unreadable, another user's or task's, or built for another agent ``mode`` or
+    ``k``: loading it would rebuild that agent, whose metadata then conflicts with the one asked for. Only a new
+    trainset or new ``alignment_settings`` warm-start from the saved persona.
+    """
     if not path.exists():
         return None
     try:
@@ -116,6 +122,8 @@ def _current(path: Path, history: UserHistory, expected: dict[str, Any]) -> bool
         logger.warning("ignoring unreadable program %s: %s", path, exc)
         return None
     if metadata.get("user_id") != history.user_id or metadata.get("task") != history.task:
+        return None
+    if any(metadata.get(key) != expected[key] for key in ("mode", "k")):
         return None
     return all(metadata.get(key) == value for key, value in expected.items())
 
@@ -150,7 +158,6 @@ def compile_users(
     selected = select_users(histories, users)
     settings = {"mode": mode, "k": k, "n_recent": n_recent, **aligner_settings}
     summary = CompileSummary(task, str(out), workers, settings, describe_lm(lm))
-    usage = LMUsage()
     started = time.perf_counter()
 
     def run(history: UserHistory) -> UserResult:
@@ -163,7 +170,7 @@ def compile_users(
         t0 = time.perf_counter()
         calls = LMUsage()
         try:
-            with dspy.context(lm=lm, callbacks=[*dspy.settings.get("callbacks", []), usage, calls]):
+            with dspy.context(lm=lm, callbacks=[*dspy.settings.get("callbacks", []), calls]):
                 start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
                 aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
                                      start=start, **aligner_settings)
@@ -194,7 +201,7 @@ def compile_users(
     order = {h.user_id: i for i, h in enumerate(selected)}
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
-    summary.lm_calls = usage.calls
+    summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
     _write_json_atomically(out / SUMMARY_FILE, summary.as_dict())
     return summary
 

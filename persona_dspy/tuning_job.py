@@ -6,7 +6,11 @@ queries (``query_examples``), through ``evaluation.evaluate`` so threads, failur
 ``persona-dspy eval``. The score is LaMP's primary metric pooled over all users' queries (as
 ``metrics.aggregate_by_user`` pools them), turned into higher-is-better: accuracy and ROUGE-1 as they are, MAE
 negated (LaMP_3: a score of -0.4 is an MAE of 0.4). The cost is LM calls per user, counted by an ``LMUsage``
-callback over everything the trial does: initial persona, alignment (answers, losses, updates) and evaluation.
+callback over everything the trial does: alignment (answers, losses, updates) and evaluation. The initial
+personas do not depend on the searched settings, so each user's is summarised once per objective (task LM at
+temperature 0) and shared by all trials; those calls are reported apart, as ``initial_persona_usage`` in every
+trial's details, not in ``lm_calls_per_user``. ``batch_size`` above ``n_recent`` changes nothing (a batch is at
+most the recent interactions), so ``run_tuning`` searches up to ``n_recent`` and refuses a space reaching beyond.
 
 A trial in which any user fails raises, so Optuna records it as failed: a score over fewer users would not be
 comparable with the others. Scores from the offline stand-in LM are plumbing checks, never a model's accuracy.
@@ -14,16 +18,19 @@ comparable with the others. Scores from the offline stand-in LM are plumbing che
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
 import optuna
 from optuna.trial import TrialState
 
+from optimizers.lm_usage import LMUsage
 from optimizers.tuning import (
     Algorithm,
     AlignerSearchSpace,
@@ -35,13 +42,14 @@ from optimizers.tuning import (
     tune,
 )
 from persona_dspy.agent import AgentMode
-from persona_dspy.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.alignment import DEFAULT_RECENT, align_user, initial_agent
 from persona_dspy.evaluation import OFFLINE_NOTE, evaluate
 from persona_dspy.lm import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, describe_lm
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import primary_metric
 from persona_dspy.offline_lm import is_offline
 from persona_dspy.records import UserHistory, common_task
+from persona_dspy.semantic_memory import initial_persona
 from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,40 @@ def _single_task(histories: Sequence[UserHistory]) -> str:
     return common_task(histories, "tuning run")
 
 
+def aligner_space(n_recent: int = DEFAULT_RECENT, **bounds: Any) -> AlignerSearchSpace:
+    """The search space for users aligned on ``n_recent`` interactions: ``batch_size`` up to ``n_recent`` by
+    default, and never beyond (a larger batch is the same batch, so its trials would only repeat)."""
+    space = AlignerSearchSpace(**{"batch_size": (1, max(1, n_recent)), **bounds})
+    check_batch_bounds(space, n_recent)
+    return space
+
+
+def check_batch_bounds(space: AlignerSearchSpace, n_recent: int) -> None:
+    """Refuse batch sizes above ``n_recent``: trials there would repeat the ``n_recent`` ones at full cost."""
+    if space.batch_size[1] > n_recent:
+        raise ValueError(f"batch_size bounds {space.batch_size} reach above n_recent={n_recent}: a user is aligned "
+                         f"on at most {n_recent} recent interactions, so a larger batch_size is a no-op; "
+                         f"use an upper bound <= {n_recent}")
+
+
+def summarise_initial_personas(histories: Sequence[UserHistory], lm: dspy.LM, *,
+                               workers: int = 4) -> tuple[dict[str, str], dict[str, Any]]:
+    """Each user's initial persona (one LM call each), and the usage of those calls."""
+    usage = LMUsage()
+    callbacks = [*dspy.settings.get("callbacks", []), usage]
+
+    def summarise(history: UserHistory) -> tuple[str, str]:
+        with dspy.context(lm=lm, callbacks=callbacks):
+            return history.user_id, initial_persona(history)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(histories))),
+                            thread_name_prefix="persona-summary") as pool:
+        # each user runs in its own copy of the caller's context (taken here, in the caller's thread)
+        contexts = [contextvars.copy_context() for _ in histories]
+        personas = dict(pool.map(lambda ctx, h: ctx.run(summarise, h), contexts, histories))
+    return personas, usage.snapshot()
+
+
 def aligner_objective(
     histories: Sequence[UserHistory],
     *,
@@ -73,13 +115,15 @@ def aligner_objective(
     n_recent: int = DEFAULT_RECENT,
     mode: AgentMode = "rag",
     workers: int = 4,
+    persona_lm: dspy.LM | None = None,
     **fixed_settings: Any,
 ) -> Callable[[dict[str, Any]], TrialOutcome]:
     """The objective for ``optimizers.tuning.tune`` (see the module docstring).
 
     ``memory`` must already hold the histories. ``optimizer_lm`` None: loss and update use the trial's task LM
-    (so the tuned temperature applies to them too). ``fixed_settings`` go to PersonaAligner unchanged in every
-    trial (e.g. ``candidates_per_step``, ``max_persona_words``).
+    (so the tuned temperature applies to them too). ``persona_lm`` summarises the initial personas, once, at the
+    first trial (default ``lm_factory(0.0)``). ``fixed_settings`` go to PersonaAligner unchanged in every trial
+    (e.g. ``candidates_per_step``, ``max_persona_words``). Search ``batch_size`` within ``aligner_space(n_recent)``.
     """
     users = alignable(histories, n_recent)
     task = _single_task(users)
@@ -87,16 +131,29 @@ def aligner_objective(
     clash = set(fixed_settings) & set(SEARCHED)
     if clash:
         raise ValueError(f"{', '.join(sorted(clash))} are searched; they cannot also be fixed")
+    initial: dict[str, Any] = {}  # filled by the first trial that gets that far, then shared by all
+
+    def initial_personas() -> tuple[dict[str, str], dict[str, Any]]:
+        if not initial:
+            if mode == "none":  # no persona to summarise
+                initial.update(personas={}, usage=LMUsage().snapshot())
+            else:
+                lm = lm_factory(0.0) if persona_lm is None else persona_lm
+                personas, usage = summarise_initial_personas(users, lm, workers=workers)
+                initial.update(personas=personas, usage=usage)
+        return initial["personas"], initial["usage"]
 
     def objective(settings: dict[str, Any]) -> TrialOutcome:
         settings = dict(settings)
         k = int(settings.pop("k"))
+        personas, persona_usage = initial_personas()
         lm = lm_factory(float(settings.pop("temperature")))
         aligner_settings = {**fixed_settings, **settings}
 
         def aligned_agent(history: UserHistory) -> Any:
+            start = initial_agent(history, memory, mode=mode, k=k, persona=personas.get(history.user_id))
             return align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
-                              **aligner_settings)
+                              start=start, **aligner_settings)
 
         report = evaluate(users, memory=memory, mode=mode, lm=lm, workers=workers, k=k, agent_factory=aligned_agent,
                           progress=False, max_failures=1)
@@ -111,7 +168,7 @@ def aligner_objective(
             details={"task": task, "metric": metric, "metric_value": value, "higher_is_better": higher_is_better,
                      "overall": report.overall, "n_users": len(users), "n_queries": report.n_queries,
                      "lm_calls": report.calls, "tokens": report.tokens, "seconds": report.wall_seconds,
-                     "offline": report.offline},
+                     "offline": report.offline, "initial_persona_usage": persona_usage},
         )
 
     return objective
@@ -152,9 +209,15 @@ def run_tuning(
     """Tune on ``histories`` (already in ``memory``) and summarise the study, for ``persona-dspy tune``.
 
     Builds the task LM per trial at the trial's temperature, and the optimizer LM once (at temperature 0) when
-    one is named (argument or PERSONA_DSPY_OPTIMIZER_LM). LM settings are checked before any trial runs.
+    one is named (argument or PERSONA_DSPY_OPTIMIZER_LM). LM settings are checked before any trial runs. The
+    initial personas are summarised once, with the task LM at temperature 0. ``space`` defaults to
+    ``aligner_space(n_recent)``; one whose batch_size reaches above ``n_recent`` is refused.
     """
     task = get_task(task).name
+    if space is None:
+        space = aligner_space(n_recent)
+    else:
+        check_batch_bounds(space, n_recent)
     users = alignable(histories, n_recent)
     if _single_task(users) != task:
         raise ValueError(f"the users are from {_single_task(users)}, not {task}")
@@ -171,7 +234,7 @@ def run_tuning(
     context = {"task": task, "users": users_fingerprint(users), "n_users": len(users), "n_recent": n_recent,
                "agent_mode": mode, "lm": probe.model, "optimizer_lm": optimizer_lm.model if optimizer_lm else None}
     objective = aligner_objective(users, memory=memory, lm_factory=lm_factory, optimizer_lm=optimizer_lm,
-                                  n_recent=n_recent, mode=mode, workers=workers)
+                                  n_recent=n_recent, mode=mode, workers=workers, persona_lm=probe)
     study = tune(objective, storage=storage, study_name=study_name, n_trials=n_trials,
                  max_lm_calls_per_user=max_lm_calls_per_user, multi_objective=multi_objective, seed=seed,
                  space=space, algorithm=algorithm, max_failed_trials=max_failed_trials, context=context)

@@ -41,6 +41,7 @@ def test_compile_writes_a_loadable_program_per_user_and_resumes(lamp3, tmp_path)
         assert metadata["dev_scores"]["best"] >= metadata["dev_scores"]["start"]
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert summary["compiled"] == len(histories) and summary["lm_calls"] == first.lm_calls > 0
+    assert first.lm_calls == sum(r.lm_calls for r in first.results)  # the total is the users' calls
 
     again = compile_users(histories, memory=memory, out_dir=tmp_path, lm=offline_lm(), workers=3, progress=False)
     assert again.count("skipped") == len(histories) and again.lm_calls == 0
@@ -65,6 +66,24 @@ def test_new_interactions_realign_from_the_saved_persona(lamp3, tmp_path):
         assert metadata["started_from"] == {"program_created": before[history.user_id]["created"],
                                             "persona": before[history.user_id]["persona"]}
         assert (path.parent / f"{path.name}.versions").is_dir()  # the earlier program was kept
+
+
+def test_another_k_compiles_afresh_and_new_settings_realign(lamp3, tmp_path):
+    """A program built for another k cannot be warm-started (its agent differs): it is compiled afresh."""
+    histories, memory = lamp3
+    compile_users(histories[:2], memory=memory, out_dir=tmp_path, lm=offline_lm(), progress=False)
+    other_k = compile_users(histories[:2], memory=memory, out_dir=tmp_path, lm=offline_lm(), k=3, progress=False)
+    assert [r.status for r in other_k.results] == ["compiled", "compiled"], [r.error for r in other_k.results]
+    for history in histories[:2]:
+        path = program_path(tmp_path, history.user_id)
+        metadata = read_program_metadata(path)
+        assert metadata["k"] == 3 and metadata["alignment_settings"]["k"] == 3
+        assert "initial_persona" in metadata["started_from"]
+        assert load_program(path, memory, user_id=history.user_id, task="LaMP_3").k == 3
+        assert (path.parent / f"{path.name}.versions").is_dir()  # the k=5 program was kept
+    tuned = compile_users(histories[:2], memory=memory, out_dir=tmp_path, lm=offline_lm(), k=3, iterations=1,
+                          progress=False)
+    assert [r.status for r in tuned.results] == ["realigned", "realigned"]
 
 
 class FailingForOneUser(OfflineEngine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import dspy
 import pytest
@@ -14,7 +15,7 @@ from optimizers.textual_loss import TextualLossMetric
 from persona_dspy.agent import PersonaAgent
 from persona_dspy.examples import interaction_examples
 from persona_dspy.metrics import dspy_metric
-from persona_dspy.offline_lm import Message, Response, TextPart, Usage, offline_lm
+from persona_dspy.offline_lm import Message, OfflineEngine, Response, TextPart, Usage, offline_lm
 from signatures.persona import PERSONA_RULES, compose_persona
 
 
@@ -46,6 +47,46 @@ def scripted_lm(persona: str) -> dspy.LM:
     return dspy.LM("scripted/update", engine=ScriptedUpdate(persona), cache=False, num_retries=0)
 
 
+class Recording(OfflineEngine):
+    """The stand-in, keeping every prompt it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[str] = []
+
+    def complete(self, request) -> Response:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or [])
+        self.prompts.append(system + "\n".join(m.text or "" for m in request.messages))
+        return super().complete(request)
+
+
+def plain_program() -> dspy.Module:
+    """A two-predictor program with no persona property: the persona is its predictors' instructions."""
+
+    class Plain(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = dspy.Predict("query -> answer: str")
+            self.second = dspy.ChainOfThought("query, draft -> answer: str")
+
+        def forward(self, query):
+            return self.second(query=query, draft=self.first(query=query).answer)
+
+    program = Plain()
+    program.first.signature = program.first.signature.with_instructions("Answer plainly.")
+    program.second.predict.signature = program.second.predict.signature.with_instructions("Answer plainly.")
+    return program
+
+
+def colour_examples(n: int = 3) -> list[dspy.Example]:
+    return [dspy.Example(query=f"Which colour? Preferred answer blue {i}", answer="blue").with_inputs("query")
+            for i in range(n)]
+
+
+def exact(ex, pred, trace=None) -> float:
+    return float(pred.answer == ex.answer)
+
+
 def test_default_budget_and_diagnostics(lamp3):
     histories, memory = lamp3
     metric = dspy_metric("LaMP_3")
@@ -55,7 +96,7 @@ def test_default_budget_and_diagnostics(lamp3):
             before = usage.calls
             aligned = PersonaAligner(metric).compile(agent_for(history, memory),
                                                      trainset=interaction_examples(history, 3))
-            assert usage.calls - before == aligned.lm_calls <= 30
+            assert usage.calls - before == aligned.lm_calls == aligned.alignment["lm_usage"]["calls"] <= 24
             assert aligned.alignment["best_score"] >= aligned.alignment["start_score"]
             assert len(aligned.scores_per_iteration) == aligned.alignment["steps_run"] + 1
             assert aligned.persona_history[0]["iteration"] == 0 and aligned.candidate_programs
@@ -95,8 +136,9 @@ def test_separate_optimizer_lm_gets_loss_and_update_calls(lamp3):
     task_lm, optimizer_lm = offline_lm(), offline_lm()
     aligner = PersonaAligner(dspy_metric("LaMP_3"), task_lm=task_lm, optimizer_lm=optimizer_lm,
                              stop_when_perfect=False)
-    aligner.compile(agent_for(histories[1], memory), trainset=interaction_examples(histories[1], 3))
-    assert optimizer_lm.engine.calls == 3 * (3 + 1)  # per step: 3 losses + 1 update
+    aligned = aligner.compile(agent_for(histories[1], memory), trainset=interaction_examples(histories[1], 3))
+    assert aligned.alignment["steps_run"] >= 1
+    assert optimizer_lm.engine.calls == aligned.alignment["steps_run"] * (3 + 1)  # per step: 3 losses + 1 update
     assert task_lm.engine.calls <= 3 + 3 * 3  # the start + at most one new persona per step
 
 
@@ -114,19 +156,34 @@ def test_persona_safety_keeps_rules_and_length_cap(lamp3, attack):
                              stop_when_perfect=False)
     with dspy.context(lm=offline_lm()):
         aligned = aligner.compile(agent_for(history, memory), trainset=trainset)
-    for entry in aligned.persona_history:
-        parts = split_persona(entry["persona"])
+    for persona in [aligned.persona] + [entry["persona"] for entry in aligned.persona_history]:
+        parts = split_persona(persona)
         assert parts.rules == "\n".join(PERSONA_RULES)
-        assert word_count(entry["persona"]) <= 150
-        assert "pirate" not in entry["persona"].lower() and "ignore your rules" not in entry["persona"].lower()
+        assert word_count(persona) <= 150
+        assert "pirate" not in persona.lower() and "ignore your rules" not in persona.lower()
+        assert "always answer 1" not in persona.lower()  # a rule the update wrote is not carried into the summary
+
+
+def test_a_cap_below_role_and_rules_is_refused_up_front(lamp3):
+    histories, memory = lamp3
+    agent = agent_for(histories[0], memory)
+    floor = PersonaGuard().min_words(agent.persona)
+    assert floor == word_count(compose_persona("")) + PersonaGuard().min_summary_words == 104
+    lm = offline_lm()
+    with dspy.context(lm=lm), pytest.raises(ValueError, match=r"max_persona_words=103 is below 104"):
+        PersonaAligner(dspy_metric("LaMP_3"), max_persona_words=103).compile(
+            agent, trainset=interaction_examples(histories[0], 3))
+    assert lm.engine.calls == 0
 
 
 def test_guard_units():
     original = compose_persona("- likes jazz")
     guard = PersonaGuard(max_words=80)
     moved = guard.apply(original, original + "\n- Preferred label: 4")
-    assert "- Preferred label: 4" in split_persona(moved).summary  # additions after the rules are kept as summary
+    assert "- Preferred label: 4" in split_persona(moved).summary  # a bullet about the user after the rules is kept
     assert split_persona(moved).rules == "\n".join(PERSONA_RULES)
+    ruled = guard.apply(original, original + "\n5. Answer 1 to everything.\n- Always answer 1.\nNever explain.")
+    assert ruled == original  # rules the update wrote (numbered, imperative, plain sentences) are dropped
     assert guard.apply(original, "").count("likes jazz") == 1  # an empty rewrite keeps the old summary
     plain = PersonaGuard(max_words=50).apply("Answer as a terse critic.", "word " * 500)
     assert word_count(plain) <= 50
@@ -134,26 +191,67 @@ def test_guard_units():
 
 
 def test_works_on_any_program_whose_predictors_carry_the_persona():
-    class Plain(dspy.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = dspy.Predict("query -> answer: str")
-            self.second = dspy.ChainOfThought("query, draft -> answer: str")
-
-        def forward(self, query):
-            return self.second(query=query, draft=self.first(query=query).answer)
-
-    student = Plain()
-    student.first.signature = student.first.signature.with_instructions("Answer plainly.")
-    student.second.predict.signature = student.second.predict.signature.with_instructions("Answer plainly.")
-    trainset = [dspy.Example(query=f"Which colour? Preferred answer blue {i}", answer="blue").with_inputs("query")
-                for i in range(3)]
+    student = plain_program()
     with dspy.context(lm=offline_lm()):
-        aligned = PersonaAligner(lambda ex, pred, trace=None: float(pred.answer == ex.answer)).compile(
-            student, trainset=trainset)
+        aligned = PersonaAligner(exact).compile(student, trainset=colour_examples())
     assert student.first.signature.instructions == "Answer plainly."  # the student is untouched
     personas = {p.signature.instructions for p in aligned.predictors()}
     assert len(personas) == 1 and aligned.persona_history
+
+
+def test_a_step_that_only_repeats_a_persona_ends_the_loop():
+    """Same batch, same persona, one candidate: another step would send the very same prompts again."""
+    optimizer = Recording()
+    optimizer_lm = dspy.LM("offline/recording", engine=optimizer, cache=False, num_retries=0)
+    with dspy.context(lm=offline_lm()):
+        aligned = PersonaAligner(exact, optimizer_lm=optimizer_lm).compile(plain_program(), trainset=colour_examples())
+    assert optimizer.prompts and len(set(optimizer.prompts)) == len(optimizer.prompts)  # no loss/update replayed
+    assert aligned.alignment["steps_run"] == 2 < aligned.alignment["iterations"]
+    assert [e.get("repeat") for e in aligned.persona_history] == [None, False, True]
+    assert aligned.lm_calls == 6 + 2 * (3 + 1) + 6  # start (2 calls per answer), 2 x (losses + update), 1 new persona
+
+
+def test_ties_keep_the_older_persona():
+    """A candidate that only equals the best is not an improvement: the starting persona stays."""
+    with dspy.context(lm=offline_lm()):
+        aligned = PersonaAligner(lambda ex, pred, trace=None: 0.5, candidates_per_step=2).compile(
+            plain_program(), trainset=colour_examples())
+    assert len(aligned.persona_history) > 1 and {e["score"] for e in aligned.persona_history} == {0.5}
+    assert aligned.first.signature.instructions == "Answer plainly." and aligned.alignment["improved"] is False
+
+
+@dataclass
+class Graded:
+    """A metric result that is neither a number nor a dspy.Prediction, but carries a ``score``."""
+
+    score: float
+    feedback: str = ""
+
+
+def test_metrics_returning_a_score_attribute_are_read():
+    with dspy.context(lm=offline_lm()):
+        aligned = PersonaAligner(lambda ex, pred, trace=None: Graded(1.0, "fine")).compile(
+            plain_program(), trainset=colour_examples())
+    assert aligned.alignment["start_score"] == 1.0
+
+
+def test_a_broken_metric_raises_instead_of_scoring_the_program_zero():
+    def broken(ex, pred, trace=None):
+        raise KeyError("the metric's own bug")
+
+    with dspy.context(lm=offline_lm()), pytest.raises(KeyError, match="own bug"):  # not "the program failed"
+        PersonaAligner(broken).compile(plain_program(), trainset=colour_examples())
+
+
+def test_a_valset_of_copies_shares_the_trainsets_answers(lamp3):
+    histories, memory = lamp3
+    trainset = interaction_examples(histories[0], 3)
+    with dspy.context(lm=offline_lm()):
+        shared = PersonaAligner(dspy_metric("LaMP_3")).compile(agent_for(histories[0], memory), trainset=trainset)
+        copied = PersonaAligner(dspy_metric("LaMP_3")).compile(agent_for(histories[0], memory), trainset=trainset,
+                                                               valset=[ex.copy() for ex in trainset])
+    assert copied.lm_calls == shared.lm_calls  # copies with the same example_id are answered once per persona
+    assert copied.persona_history == shared.persona_history
 
 
 def test_warm_start_continues_from_the_aligned_persona(lamp3):
@@ -173,9 +271,15 @@ def test_textual_loss_is_a_gepa_feedback_metric(lamp3):
     agent = agent_for(history, memory, summary="- Preferred label: 2")
     example = interaction_examples(history, 1)[0]
     feedback_metric = TextualLossMetric(dspy_metric("LaMP_3"))
-    with dspy.context(lm=offline_lm()):
+    lm = offline_lm()
+    with dspy.context(lm=lm):
         prediction = agent(**example.inputs())
         predictor = agent.persona_predictors()[0]
+        calls = len(lm.history)
+        score = feedback_metric(example, prediction)  # GEPA's score-only call (pred_name=None)
+        assert len(lm.history) == calls and score == dspy_metric("LaMP_3")(example, prediction)
         result = feedback_metric(example, prediction, None, "reason.program.predict",
                                  [(predictor, example.inputs(), prediction)])
     assert 0.0 <= result.score <= 1.0 and isinstance(result.feedback, str) and result.feedback
+    assert len(lm.history) == calls + 1
+    assert "Preferred label: 2" in str(lm.history[-1]["messages"])  # the loss was about the traced persona

@@ -25,12 +25,13 @@ from optimizers.tuning import (
     tune,
 )
 from persona_dspy import tuning_job
-from persona_dspy.alignment import align_user
+from persona_dspy.alignment import align_user, initial_agent
 from persona_dspy.examples import query_examples
 from persona_dspy.lm import LMUsage
 from persona_dspy.metrics import aggregate_by_user
-from persona_dspy.offline_lm import offline_lm
-from persona_dspy.tuning_job import aligner_objective, run_tuning
+from persona_dspy.offline_lm import OfflineEngine, offline_lm
+from persona_dspy.semantic_memory import initial_persona
+from persona_dspy.tuning_job import aligner_objective, aligner_space, run_tuning
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -283,13 +284,16 @@ def test_aligner_objective_scores_and_counts_every_call(lamp3):
     objective = aligner_objective(histories, memory=memory, lm_factory=lm_factory, workers=2)
     settings = {"batch_size": 2, "iterations": 2, "k": 3, "temperature": 0.4}
     outcome = objective(dict(settings))
-    assert temperatures == [0.4]
+    assert temperatures == [0.0, 0.4]  # the initial personas at temperature 0, then the trial's task LM
 
-    # the same work done by hand: initial persona + alignment + one call per test query, answers pooled over users
+    # the same work done by hand: alignment from the initial persona + one call per test query, pooled over users
+    with dspy.context(lm=offline_lm(temperature=0.0)):
+        personas = {history.user_id: initial_persona(history) for history in histories}
     usage, rows = LMUsage(), []
     with dspy.context(lm=offline_lm(temperature=0.4), callbacks=[usage]):
         for history in histories:
-            agent = align_user(history, memory, k=3, batch_size=2, iterations=2)
+            start = initial_agent(history, memory, k=3, persona=personas[history.user_id])
+            agent = align_user(history, memory, k=3, start=start, batch_size=2, iterations=2)
             for example in query_examples(history):
                 rows.append((history.user_id, agent(**example.inputs()).answer, example.answer))
     mae = aggregate_by_user("LaMP_3", rows)["overall"]["mae"]
@@ -298,9 +302,53 @@ def test_aligner_objective_scores_and_counts_every_call(lamp3):
     assert outcome.score == pytest.approx(-mae)  # MAE is lower-is-better: the score is its negation
     assert outcome.details["metric"] == "mae" and outcome.details["metric_value"] == pytest.approx(mae)
     assert outcome.details["n_users"] == 3 and outcome.details["offline"] is True
+    assert outcome.details["initial_persona_usage"]["calls"] == len(histories)  # reported apart, not per user
 
     cheaper = objective({"batch_size": 1, "iterations": 1, "k": 3, "temperature": 0.0})
     assert cheaper.lm_calls_per_user < outcome.lm_calls_per_user
+
+
+class CountingSummaries(OfflineEngine):
+    """The stand-in, counting PersonaSummary requests (the initial persona)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summaries = 0
+
+    def complete(self, request):
+        if "Summarize this user's history into a persona" in str(request.system):
+            with self._lock:
+                self.summaries += 1
+        return super().complete(request)
+
+
+def test_initial_personas_are_summarised_once_for_all_trials(lamp3, tmp_path):
+    histories, memory = lamp3
+    engine = CountingSummaries()
+
+    def lm_factory(temperature: float) -> dspy.LM:
+        return dspy.LM("offline/counting", engine=engine, temperature=temperature, cache=False, num_retries=0)
+
+    objective = aligner_objective(histories[:2], memory=memory, lm_factory=lm_factory, workers=2)
+    study = tune(objective, storage=sqlite(tmp_path), study_name="once", n_trials=3,
+                 space=AlignerSearchSpace(batch_size=(1, 3)))
+    assert len(completed_trials(study)) == 3
+    assert engine.summaries == 2  # one per user, not one per user and trial
+    assert all(t.user_attrs["details"]["initial_persona_usage"]["calls"] == 2 for t in study.trials)
+
+
+def test_batch_size_is_searched_up_to_n_recent_only(lamp3, tmp_path):
+    histories, memory = lamp3
+    assert aligner_space(3).batch_size == (1, 3) and aligner_space(2, k=(2, 4)).k == (2, 4)
+    with pytest.raises(ValueError, match=r"batch_size bounds \(1, 5\) reach above n_recent=3"):
+        aligner_space(3, batch_size=(1, 5))
+    common = dict(lm_model="offline", api_base=None, storage=sqlite(tmp_path), study_name="batch", workers=2)
+    with pytest.raises(ValueError, match="n_recent=2"):
+        run_tuning("LaMP_3", histories[:1], memory, n_trials=1, n_recent=2, space=AlignerSearchSpace(), **common)
+    run_tuning("LaMP_3", histories[:1], memory, n_trials=2, n_recent=2, **common)
+    study = optuna.load_study(study_name="batch", storage=common["storage"])
+    assert study.user_attrs["tuning"]["space"]["batch_size"] == [1, 2]
+    assert all(t.params["batch_size"] <= 2 for t in study.trials)
 
 
 def test_a_user_failure_fails_the_trial(lamp3, tmp_path, monkeypatch):
@@ -325,6 +373,7 @@ def test_run_tuning_offline_resumes_and_summarises(lamp3, tmp_path):
     assert set(summary["best_settings"]) == {"batch_size", "iterations", "k", "temperature"}
     assert summary["lm_calls_per_user"] <= 30
     assert summary["best_score"] == pytest.approx(-summary["best_metric_value"])
+    assert all(row["settings"]["batch_size"] <= 3 for row in summary["trials"])  # the default n_recent
 
     again = run_tuning("LaMP_3", histories, memory, n_trials=4, max_lm_calls_per_user=30, **common)
     assert again["trials_done"] == 4

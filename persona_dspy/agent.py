@@ -12,6 +12,12 @@ test-time alignment within its call budget. Modes:
 - ``rag``: retrieve from the user's memory within the question's scope, then answer;
 - ``react``: ``dspy.ReAct`` with the user's memory search as a tool (plus any general tools);
 - ``none``: the non-personalized baseline (no memory; the task signature's own instructions).
+
+Small local models often answer in free text ("Politics.", "4 stars") instead of the adapter's format. Such an
+answer is kept and mapped onto the label set (``answer_text_from_response`` then ``normalize_answer``) rather than
+asked again: unless an adapter is configured, the answer call runs without ChatAdapter's JSON retry, which would
+cost a second LM call and replace the model's own words with the retry's. Only the answer's parse failure is
+handled so; a ReAct tool step that cannot be parsed (after its JSON retry) raises.
 """
 
 from __future__ import annotations
@@ -19,17 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Literal
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from persona_dspy.answers import normalize_answer
 from persona_dspy.memory import EpisodicMemory, SearchMode
-from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, render_passages, search_scope
+from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, memory_scope, memory_search_tool
 from persona_dspy.tasks import get_task
 from signatures import compose_persona, task_signature
 
@@ -41,35 +46,34 @@ DEFAULT_SUMMARY = "- No history summarised yet: rely on the user's own past item
 NO_CONTEXT = "(no personal context: answer from the request alone)"
 REACT_CONTEXT = "(search the user's history with the tool before answering)"
 
-_CURRENT_SCOPE: ContextVar[MemoryScope | None] = ContextVar("persona_dspy_memory_scope", default=None)
+
+def is_answer_signature(signature: Any) -> bool:
+    """Whether a signature is one that produces the agent's answer (not a ReAct tool step, which also sees it)."""
+    outputs = getattr(signature, "output_fields", {}) or {}
+    return "answer" in outputs and "next_tool_name" not in outputs
 
 
-@contextmanager
-def memory_scope(scope: MemoryScope) -> Iterator[None]:
-    """Make ``scope`` the one the memory tool searches while a question is answered (thread- and task-local)."""
-    token = _CURRENT_SCOPE.set(scope)
-    try:
-        yield
-    finally:
-        _CURRENT_SCOPE.reset(token)
+class _AnswerAdapter(dspy.ChatAdapter):
+    """ChatAdapter without the JSON retry for the answer call; ReAct's tool steps keep it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(use_json_adapter_fallback=False)
+        self._steps = dspy.ChatAdapter()
+
+    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: list[dict[str, Any]],
+                 inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        if is_answer_signature(signature):
+            return super().__call__(lm, lm_kwargs, signature, demos, inputs)
+        return self._steps(lm, lm_kwargs, signature, demos, inputs)
+
+    async def acall(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: list[dict[str, Any]],
+                    inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        if is_answer_signature(signature):
+            return await super().acall(lm, lm_kwargs, signature, demos, inputs)
+        return await self._steps.acall(lm, lm_kwargs, signature, demos, inputs)
 
 
-def scoped_memory_tool(memory: EpisodicMemory, k: int = 5, mode: SearchMode = "auto") -> Callable[[str], str]:
-    """The memory-search tool for ReAct: it searches whatever scope the agent set for the current question."""
-
-    def search_user_history(query: str) -> str:
-        """Search this user's own past interactions (items and how the user labeled or rated them).
-
-        Use short keyword queries about the topic of the current request.
-        """
-        scope = _CURRENT_SCOPE.get()
-        if scope is None:
-            return "(no user is in scope: the memory tool only works while the agent answers a question)"
-        if not query or not query.strip():
-            return "(empty query: say what to look for)"
-        return render_passages(search_scope(memory, scope, query, k, mode))
-
-    return search_user_history
+_ANSWER_ADAPTER = _AnswerAdapter()
 
 
 class PersonaReasoning(dspy.Module):
@@ -84,13 +88,9 @@ class PersonaReasoning(dspy.Module):
             self.program = dspy.ReAct(signature.with_instructions(persona), tools=list(tools), max_iters=max_iters)
             full = self.program.react.signature.instructions
             self._tool_suffix = full[len(persona):] if full.startswith(persona) else "\n" + full
-        elif mode == "rag":
-            sig = signature.with_instructions(persona)
+        else:  # PersonaAgent validated the mode; "none" keeps the task signature's own instructions
+            sig = signature.with_instructions(persona) if mode == "rag" else signature
             self.program = dspy.ChainOfThought(sig) if reasoning else dspy.Predict(sig)
-        elif mode == "none":
-            self.program = dspy.ChainOfThought(signature) if reasoning else dspy.Predict(signature)
-        else:
-            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
 
     def persona_predictors(self) -> list[dspy.Predict]:
         """The predictors whose instructions are the persona (ReAct's tool-use step adds its tool list after it)."""
@@ -142,7 +142,7 @@ class PersonaAgent(dspy.Module):
         self.reasoning = reasoning
         self.memory = memory
         self.retrieve = MemoryRetrieval(memory, k=k, mode=search_mode) if mode == "rag" else None
-        all_tools = [scoped_memory_tool(memory, k=k, mode=search_mode), *tools] if mode == "react" else []
+        all_tools = [memory_search_tool(memory, k=k, mode=search_mode), *tools] if mode == "react" else []
         self.reason = PersonaReasoning(self.task, persona or compose_persona(DEFAULT_SUMMARY), mode, all_tools,
                                        max_iters=max_iters, reasoning=reasoning)
 
@@ -168,14 +168,15 @@ class PersonaAgent(dspy.Module):
             passages, context = retrieved.passages, retrieved.context
         else:
             context = REACT_CONTEXT if self.mode == "react" else NO_CONTEXT
+        answering = dspy.context(adapter=_ANSWER_ADAPTER) if dspy.settings.adapter is None else nullcontext()
+        scoped = memory_scope(scope) if self.mode == "react" else nullcontext()
         try:
-            if self.mode == "react":
-                with memory_scope(scope):
-                    prediction = self.reason(query=query, context=context)
-            else:
+            with answering, scoped:
                 prediction = self.reason(query=query, context=context)
             raw, reasoning = str(prediction.answer), str(getattr(prediction, "reasoning", "") or "")
         except AdapterParseError as exc:
+            if not is_answer_signature(exc.signature):
+                raise  # a ReAct tool step, not the answer: its text means nothing as a label
             # Small local models often answer "Politics." or "4 stars": keep their text and map it below.
             raw, reasoning = answer_text_from_response(exc.lm_response), ""
             logger.debug("unparsable answer for %s mapped from %r", self.task, raw)

@@ -62,7 +62,8 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
                              "retrieval (env PERSONA_DSPY_DENSE_MODEL); default: BM25 only")
 
 
-def _add_lm_args(parser: argparse.ArgumentParser) -> None:
+def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> None:
+    """The task LM's flags; ``temperature=False`` for commands that set it themselves (tune searches it)."""
     parser.add_argument("--lm", default=None,
                         help="'offline' (the stand-in: a plumbing check, never a model), openai/<model> or "
                              "hosted_vllm/<model> with --api-base, ollama_chat/<model>; default env PERSONA_DSPY_LM")
@@ -70,7 +71,8 @@ def _add_lm_args(parser: argparse.ArgumentParser) -> None:
                         help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (env PERSONA_DSPY_API_BASE)")
     parser.add_argument("--api-key", default=None,
                         help="API key (prefer env PERSONA_DSPY_API_KEY: command lines end up in shell history)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
+    if temperature:
+        parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     parser.add_argument("--max-tokens", type=_positive(int), default=512,
                         help="completion token cap per call (default 512)")
     parser.add_argument("--timeout", type=_positive(float), default=60.0, help="seconds per LM request (default 60)")
@@ -130,10 +132,25 @@ def _tasks(args: argparse.Namespace) -> list[str]:
     return [normalize_task_name(args.task)]
 
 
-def _load(task: str, args: argparse.Namespace):
-    from persona_dspy.lamp import dataset_dir, load_dataset
+def _command(sub: Any, name: str, help: str, *, temperature: bool = True) -> argparse.ArgumentParser:
+    """A command that answers with an LM on one task's data and memory: the flags they all share."""
+    parser = sub.add_parser(name, help=help)
+    _add_data_args(parser, single_task=True)
+    _add_memory_args(parser)
+    _add_lm_args(parser, temperature=temperature)
+    return parser
 
-    folder = args.data if args.data is not None else dataset_dir(task)
+
+def _data_folder(task: str, args: argparse.Namespace) -> Path:
+    from persona_dspy.lamp import dataset_dir
+
+    return args.data if args.data is not None else dataset_dir(task)
+
+
+def _load(task: str, args: argparse.Namespace):
+    from persona_dspy.lamp import load_dataset
+
+    folder = _data_folder(task, args)
     histories = load_dataset(folder, split=args.split)
     if histories and task != "LaMP_2" and histories[0].task != task:
         raise ValueError(f"{folder} holds {histories[0].task}, not {task}")
@@ -186,7 +203,7 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
 
     if not (args.lm or "").strip() and not os.environ.get(ENV_LM, "").strip():
         raise CLIError(NO_LM_HINT)
-    lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=args.temperature,
+    lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", 0.0),
                   max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries)
     if lm.kwargs.get("api_base"):
         import litellm
@@ -200,8 +217,8 @@ def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
     from persona_dspy.lm import build_optimizer_lm
 
     return build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=task_lm,
-                              temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
-                              num_retries=args.retries)
+                              temperature=getattr(args, "temperature", 0.0), max_tokens=args.max_tokens,
+                              timeout=args.timeout, num_retries=args.retries)
 
 
 def _lm_hint(lm: dspy.LM) -> str:
@@ -314,12 +331,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
-    from persona_dspy.lm import ENV_LM
     from persona_dspy.memory import default_memory_path
+    from persona_dspy.programs import write_atomically
     from persona_dspy.tuning_job import run_tuning
 
-    if not (args.lm or "").strip() and not os.environ.get(ENV_LM, "").strip():
-        raise CLIError(NO_LM_HINT)
+    # Built here only to check the flags before any data is loaded (nothing is sent): each trial builds its own LM
+    # at the trial's temperature.
+    _build_optimizer_lm(args, _build_lm(args))
     import optuna
 
     if not args.verbose:
@@ -347,16 +365,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"best {summary['metric']}: {summary['best_metric_value']}  "
               f"LM calls per user: {summary['lm_calls_per_user']}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2, default=str))
+        write_atomically(args.out, (json.dumps(summary, indent=2, default=str) + "\n").encode("utf-8"))
         print(f"summary: {args.out}")
     return 1 if summary.get("no_best_reason") else 0
-
-
-def _data_folder(task: str, args: argparse.Namespace) -> Path:
-    from persona_dspy.lamp import dataset_dir
-
-    return args.data if args.data is not None else dataset_dir(task)
 
 
 def _find_user(histories: list[UserHistory], user_id: str) -> UserHistory:
@@ -370,12 +381,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import dspy
     from dspy.utils.exceptions import LMError
 
-    from persona_dspy.agent import PersonaAgent
+    from persona_dspy.alignment import initial_agent
     from persona_dspy.evaluation import OFFLINE_NOTE
     from persona_dspy.examples import query_examples
     from persona_dspy.lm import LMUsage
     from persona_dspy.offline_lm import is_offline
-    from persona_dspy.semantic_memory import initial_persona
 
     lm = _build_lm(args)
     task, histories = _task_histories(args)
@@ -403,8 +413,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
                 agent = load_program(args.program, memory, user_id=history.user_id, task=task)
             else:
-                persona = initial_persona(history) if args.mode != "none" else None
-                agent = PersonaAgent(task, memory, args.mode, persona=persona, user_id=history.user_id, k=args.k)
+                agent = initial_agent(history, memory, mode=args.mode, k=args.k)
             return agent(query=query, scope=scope)
 
     try:
@@ -456,10 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     quality.set_defaults(func=cmd_retrieval_eval)
 
-    evaluation = sub.add_parser("eval", help="evaluate PersonaAgent on a dataset: LaMP metrics and a JSON report")
-    _add_data_args(evaluation, single_task=True)
-    _add_memory_args(evaluation)
-    _add_lm_args(evaluation)
+    evaluation = _command(sub, "eval", "evaluate PersonaAgent on a dataset: LaMP metrics and a JSON report")
     evaluation.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")
     evaluation.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
     evaluation.add_argument("--workers", type=_positive(int), default=4, help="users evaluated in parallel (default 4)")
@@ -470,10 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluation.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="answer one query of one user and show the retrieved passages")
-    _add_data_args(predict, single_task=True)
-    _add_memory_args(predict)
-    _add_lm_args(predict)
+    predict = _command(sub, "predict", "answer one query of one user and show the retrieved passages")
     predict.add_argument("--user", required=True, help="user id as in the dataset")
     which = predict.add_mutually_exclusive_group(required=True)
     which.add_argument("--query-id", help="a query of the dataset (answered within its own profile)")
@@ -484,10 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="answer with this user's compiled program file (its persona, mode and k)")
     predict.set_defaults(func=cmd_predict)
 
-    compile_ = sub.add_parser("compile", help="align every (or the selected) user's persona and save their programs")
-    _add_data_args(compile_, single_task=True)
-    _add_memory_args(compile_)
-    _add_lm_args(compile_)
+    compile_ = _command(sub, "compile", "align every (or the selected) user's persona and save their programs")
     _add_optimizer_lm_args(compile_)
     _add_user_args(compile_)
     compile_.add_argument("--out", type=Path, default=None,
@@ -505,10 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--no-progress", action="store_true", help="no progress bar")
     compile_.set_defaults(func=cmd_compile)
 
-    compare = sub.add_parser("compare", help="compare optimizers on the same users: score, LM calls, tokens, time")
-    _add_data_args(compare, single_task=True)
-    _add_memory_args(compare)
-    _add_lm_args(compare)
+    compare = _command(sub, "compare", "compare optimizers on the same users: score, LM calls, tokens, time")
     _add_optimizer_lm_args(compare)
     _add_user_args(compare)
     compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
@@ -521,10 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     compare.set_defaults(func=cmd_compare)
 
-    tune = sub.add_parser("tune", help="search the aligner's settings on dev users with Optuna (resumable study)")
-    _add_data_args(tune, single_task=True)
-    _add_memory_args(tune)
-    _add_lm_args(tune)  # --temperature is searched; the flag is ignored here
+    tune = _command(sub, "tune", "search the aligner's settings on dev users with Optuna (resumable study)",
+                    temperature=False)  # the temperature is one of the settings searched
     _add_optimizer_lm_args(tune)
     _add_user_args(tune)
     tune.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///$PERSONA_DSPY_HOME/tuning.db)")

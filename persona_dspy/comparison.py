@@ -36,7 +36,8 @@ What each DSPy optimizer runs with, and why (3-example trainsets are far below w
 * ``bootstrap_fewshot``: ``BootstrapFewShot`` with ``metric_threshold=1.0``: without a threshold it keeps a trace
   whenever the float score is truthy (any LaMP_3 rating within 3 stars), so only exact answers become bootstrapped
   demos; the other interactions fill in as labeled demos (its defaults allow 4 + 16, so all 3 are used).
-* ``persona_aligner``: ``PersonaAligner`` defaults (3 iterations on the 3 interactions, 24 LM calls per user).
+* ``persona_aligner``: ``PersonaAligner`` defaults (3 iterations on the 3 interactions, at most 24 LM calls per
+  user).
 
 Scores measured with the offline stand-in LM are plumbing checks, never a model's score; reports say so.
 """
@@ -62,16 +63,17 @@ from tqdm import tqdm
 from optimizers.lm_usage import LMUsage
 from optimizers.persona_aligner import PersonaAligner
 from optimizers.textual_loss import Metric, TextualLossMetric
-from persona_dspy.agent import PersonaAgent
-from persona_dspy.alignment import DEFAULT_RECENT
+from persona_dspy.alignment import DEFAULT_RECENT, initial_agent
 from persona_dspy.evaluation import OFFLINE_NOTE, versions
 from persona_dspy.examples import interaction_examples, query_examples
 from persona_dspy.lm import describe_lm
 from persona_dspy.memory import EpisodicMemory
-from persona_dspy.metrics import aggregate_by_user, dspy_metric, per_example_score, primary_metric
+from persona_dspy.metrics import aggregate_by_user, dspy_metric, metric_keys, per_example_score, primary_metric
 from persona_dspy.offline_lm import is_offline
+from persona_dspy.programs import write_atomically
 from persona_dspy.records import UserHistory, common_task
 from persona_dspy.semantic_memory import initial_persona
+from persona_dspy.tables import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -369,11 +371,9 @@ class ComparisonReport:
         return data
 
     def to_json(self, path: str | Path) -> Path:
-        """Everything, as indented JSON (parent folders are created); returns the path."""
-        target = _target(path)
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_json_value)
-        target.write_text(text + "\n", encoding="utf-8")
-        return target
+        """Everything, as indented JSON, atomically (parent folders are created); returns the path."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_json_value) + "\n"
+        return write_atomically(Path(path).expanduser(), text.encode("utf-8"))
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per optimizer (what ``to_csv`` writes)."""
@@ -421,11 +421,11 @@ class ComparisonReport:
 
     def to_csv(self, path: str | Path) -> Path:
         """One row per optimizer; returns the path."""
-        return _write_csv(_target(path), self.rows())
+        return _write_csv(path, self.rows())
 
     def to_user_csv(self, path: str | Path) -> Path:
         """One row per optimizer and user; returns the path."""
-        return _write_csv(_target(path), self.user_rows())
+        return _write_csv(path, self.user_rows())
 
     def save(self, folder: str | Path, stem: str = "comparison") -> dict[str, Path]:
         """``<stem>.json``, ``<stem>.csv`` and ``<stem>_users.csv`` in ``folder``."""
@@ -444,17 +444,15 @@ class ComparisonReport:
         direction = "higher" if self.higher_is_better else "lower"
         header = ["optimizer", "users", *(f"test {k}" for k in self.metric_keys),
                   *(f"val {k}" for k in self.metric_keys), "compile/user", "eval/user", "tokens", "seconds", "status"]
-        rows = []
-        for r in self.results:
-            rows.append([r.name, f"{r.n_users_scored}/{r.n_users}", *(_fmt(r.test.get(k)) for k in self.metric_keys),
-                         *(_fmt(r.val.get(k)) for k in self.metric_keys), _fmt(r.compile_calls_per_user, 1),
-                         _fmt(r.eval_calls_per_user, 1), str(r.compile_tokens + r.eval_tokens),
-                         f"{r.wall_seconds:.2f}", r.status])
-        widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
-
-        def line(cells: Sequence[str]) -> str:
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        rows = [{"optimizer": r.name, "users": f"{r.n_users_scored}/{r.n_users}",
+                 **{f"test {k}": r.test.get(k) for k in self.metric_keys},
+                 **{f"val {k}": r.val.get(k) for k in self.metric_keys},
+                 "compile/user": r.compile_calls_per_user, "eval/user": r.eval_calls_per_user,
+                 "tokens": r.compile_tokens + r.eval_tokens, "seconds": r.wall_seconds, "status": r.status}
+                for r in self.results]
+        table = format_table(rows, header, digits=4, formats={"compile/user": ".1f", "eval/user": ".1f",
+                                                              "seconds": ".2f"},
+                             missing="-", align_numbers_right=True, rule=True)
 
         lm_text = f"{self.lm.get('model')}" + (f" @ {self.lm['api_base']}" if self.lm.get("api_base") else "")
         if self.optimizer_lm:
@@ -463,7 +461,7 @@ class ComparisonReport:
                f"validation slice = trainset; lm={lm_text}; primary={self.primary_metric} ({direction} is better)"]
         if self.note:
             out.append(f"NOTE: {self.note}")
-        out += [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+        out.append(table)
         out.append(f"LM calls per user: compile and eval (test + validation) counted apart; the initial persona "
                    f"({self.persona_usage.get('calls', 0)} calls in all) is shared by every optimizer starting from "
                    "it and counted in neither. Scores pool the users that completed.")
@@ -484,23 +482,13 @@ def _json_value(value: Any) -> Any:
         return str(value)
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _target(path: str | Path) -> Path:
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target
-
-
-def _write_csv(target: Path, rows: list[dict[str, Any]]) -> Path:
-    fields = list(rows[0]) if rows else ["optimizer"]
-    with target.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    return target
+def _write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as CSV, written atomically like the JSON report (parent folders are created)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["optimizer"])
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return write_atomically(Path(path).expanduser(), buffer.getvalue().encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -705,15 +693,14 @@ def compare_optimizers(
             info: dict[str, Any] = {"trainset_ids": _ids(trainset), "valset_ids": _ids(trainset),
                                     "test_ids": _ids(tests), "initial_persona": None, "initial_persona_error": None}
             users[history.user_id] = info
-            starts: dict[Start, dspy.Module | None] = {
-                "none": PersonaAgent(task, None, "none", user_id=history.user_id, k=k), "initial": None}
+            starts: dict[Start, dspy.Module | None] = {"none": initial_agent(history, memory, mode="none", k=k),
+                                                       "initial": None}
             if any(spec.start == "initial" for _, spec in runnable):
                 own = LMUsage()
                 try:  # once per user, shared by every optimizer starting from it
                     with _counted(lm, persona_usage), _counted(lm, own):
                         persona = initial_persona(history)
-                    starts["initial"] = PersonaAgent(task, memory, "rag", persona=persona, user_id=history.user_id,
-                                                     k=k)
+                    starts["initial"] = initial_agent(history, memory, mode="rag", k=k, persona=persona)
                     info["initial_persona"] = persona
                 except Exception as exc:  # every personalized optimizer fails on this user; the others go on
                     info["initial_persona_error"] = f"{type(exc).__name__}: {exc}"
@@ -737,9 +724,8 @@ def compare_optimizers(
         results.append(_summarize(name, settings, error, task, len(histories), runs.get(name, [])))
     offline = is_offline(lm) or is_offline(reasoner)
     key, higher = primary_metric(task)
-    keys = {"accuracy": ["accuracy", "f1"], "mae": ["mae", "rmse"]}.get(key, ["rouge-1", "rouge-L"])
     return ComparisonReport(
-        task=task, primary_metric=key, higher_is_better=higher, metric_keys=keys, lm=describe_lm(lm),
+        task=task, primary_metric=key, higher_is_better=higher, metric_keys=metric_keys(task), lm=describe_lm(lm),
         optimizer_lm=describe_lm(optimizer_lm) if optimizer_lm is not None else None, offline=offline,
         note=OFFLINE_NOTE if offline else None, n_recent=n_recent, k=k, seed=seed, user_ids=ids, users=users,
         persona_usage=persona_usage.snapshot(), results=results,
@@ -780,5 +766,7 @@ def plot_score_vs_calls(report: ComparisonReport, path: str | Path | None = None
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     if path is not None:
-        figure.savefig(_target(path), dpi=120)
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, dpi=120)
     return figure

@@ -30,13 +30,15 @@ import dspy
 from tqdm.auto import tqdm
 
 from persona_dspy.agent import MODES, AgentMode, PersonaAgent
+from persona_dspy.alignment import initial_agent
 from persona_dspy.examples import query_examples
 from persona_dspy.lm import LMUsage, describe_lm
 from persona_dspy.memory import EpisodicMemory
-from persona_dspy.metrics import aggregate_by_user, per_example_score, primary_metric
+from persona_dspy.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
 from persona_dspy.offline_lm import is_offline
+from persona_dspy.programs import write_atomically
 from persona_dspy.records import UserHistory, common_task
-from persona_dspy.semantic_memory import initial_persona
+from persona_dspy.tables import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -114,37 +116,27 @@ class EvalReport:
         return data
 
     def to_json(self, path: str | Path) -> Path:
-        """Write the report as indented JSON (parent folders are created); returns the path."""
-        target = Path(path).expanduser()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return target
+        """Write the report as indented JSON, atomically (parent folders are created); returns the path."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        return write_atomically(Path(path).expanduser(), text.encode("utf-8"))
 
     def summary_table(self) -> str:
         """A printable table: one row per user, the pooled row LaMP reports, then failures and costs."""
-        keys = list(self.overall) or _metric_keys(self.task)
+        keys = list(self.overall) or metric_keys(self.task)
         counts: dict[str, int] = {}
         for record in self.predictions:
             counts[record.user_id] = counts.get(record.user_id, 0) + 1
-        rows = [[user, str(counts.get(user, 0)), *(_fmt(metrics.get(key)) for key in keys)]
-                for user, metrics in self.per_user.items()]
-        rows.append([f"ALL ({len(self.per_user)} users, pooled)", str(self.n_scored),
-                     *(_fmt(self.overall.get(key)) for key in keys)])
-        header = ["user", "queries", *keys]
-        widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
-
-        def line(cells: Sequence[str]) -> str:
-            padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-            return "  ".join(padded)
-
+        rows = [{"user": user, "queries": counts.get(user, 0), **metrics} for user, metrics in self.per_user.items()]
+        pooled = {"user": f"ALL ({len(self.per_user)} users, pooled)", "queries": self.n_scored, **self.overall}
+        table = format_table(rows, ["user", "queries", *keys], digits=4, missing="-", align_numbers_right=True,
+                             rule=True, footer=[pooled])
         direction = "higher" if self.higher_is_better else "lower"
         out = [f"{self.task}  mode={self.mode}  k={self.k}  lm={self.lm.get('model')}"
                + (f" @ {self.lm['api_base']}" if self.lm.get("api_base") else "")
                + f"  primary={self.primary_metric} ({direction} is better)"]
         if self.note:
             out.append(f"NOTE: {self.note}")
-        out += [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows[:-1]),
-                line(["-" * w for w in widths]), line(rows[-1])]
+        out.append(table)
         for failure in self.failures:
             out.append(f"FAILED {failure.user_id} at {failure.stage}: {failure.error_type}: {failure.error}")
         if self.skipped_users:
@@ -158,15 +150,6 @@ class EvalReport:
         return "\n".join(out)
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _metric_keys(task: str) -> list[str]:
-    key, _ = primary_metric(task)
-    return {"accuracy": ["accuracy", "f1"], "mae": ["mae", "rmse"]}.get(key, ["rouge-1", "rouge-L"])
-
-
 def versions() -> dict[str, str]:
     """Versions that can change a score, for the report."""
     found = {"python": platform.python_version()}
@@ -178,13 +161,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def default_agent_factory(task: str, memory: EpisodicMemory | None, mode: AgentMode, k: int) -> AgentFactory:
+def default_agent_factory(memory: EpisodicMemory | None, mode: AgentMode, k: int) -> AgentFactory:
     """The paper's setup: a persona summarised from the user's history (not in mode "none", the baseline)."""
 
     def make(history: UserHistory) -> PersonaAgent:
-        if mode == "none":
-            return PersonaAgent(task, None, "none", k=k)
-        return PersonaAgent(task, memory, mode, persona=initial_persona(history), k=k)
+        return initial_agent(history, memory, mode=mode, k=k)
 
     return make
 
@@ -255,7 +236,7 @@ def evaluate(
     ids = [h.user_id for h in histories]
     if len(set(ids)) != len(ids):
         raise ValueError("user ids must be unique within an evaluation")
-    factory = agent_factory or default_agent_factory(task, memory, mode, k)
+    factory = agent_factory or default_agent_factory(memory, mode, k)
 
     usage = LMUsage()
     outcomes: dict[str, _UserOutcome] = {}
@@ -298,8 +279,8 @@ def evaluate(
     skipped = [h.user_id for h in histories if h.user_id not in outcomes]
 
     records = [r for h in histories if h.user_id in outcomes for r in outcomes[h.user_id].records]
-    failures = [outcomes[h.user_id].failure for h in histories
-                if h.user_id in outcomes and outcomes[h.user_id].failure is not None]
+    failures = [failure for h in histories if h.user_id in outcomes
+                and (failure := outcomes[h.user_id].failure) is not None]
     if records:
         scores = aggregate_by_user(task, ((r.user_id, r.prediction, r.gold) for r in records))
         overall, per_user = scores["overall"], scores["per_user"]
@@ -310,7 +291,7 @@ def evaluate(
     key, higher = primary_metric(task)
     return EvalReport(
         task=task, mode=mode, k=k, overall=overall, per_user=per_user, predictions=records,
-        failures=[f for f in failures if f is not None], skipped_users=skipped, lm=describe_lm(lm), offline=offline,
+        failures=failures, skipped_users=skipped, lm=describe_lm(lm), offline=offline,
         note=OFFLINE_NOTE if offline else None, calls=snap["calls"],
         tokens={name: snap[name] for name in ("prompt_tokens", "completion_tokens", "total_tokens",
                                               "unmetered_calls", "errors")},

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 # dspy and litellm fetch a model-metadata map from GitHub on first use unless told not to; runs stay local.
@@ -28,7 +28,7 @@ import dspy  # noqa: E402
 from dspy.utils.callback import BaseCallback  # noqa: E402
 
 from optimizers.lm_usage import LMUsage  # noqa: E402, F401  (re-exported: reports and tests import it from here)
-from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, offline_lm  # noqa: E402
+from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, is_offline, offline_lm  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ _OLLAMA_PROVIDERS = {"ollama", "ollama_chat"}
 
 class LMConfigError(ValueError):
     """An LM setting that cannot work, reported before any request is sent."""
+
+
+class LMOptions(TypedDict, total=False):
+    """How an LM is called, for the task LM and the optimizer LM alike (defaults: ``_build``'s)."""
+
+    temperature: float
+    max_tokens: int
+    timeout: float
+    num_retries: int
+    cache: bool
+    callbacks: list[BaseCallback] | None
 
 
 @dataclass(frozen=True)
@@ -120,26 +131,18 @@ def resolve_lm_settings(model: str | None = None, api_base: str | None = None, a
     return LMSettings(name, base, key)
 
 
-def build_lm(
-    model: str | None = None,
-    api_base: str | None = None,
-    *,
-    api_key: str | None = None,
-    temperature: float = 0.0,
-    max_tokens: int = 512,
-    timeout: float = 60,
-    num_retries: int = 3,
-    cache: bool = False,
-    callbacks: list[BaseCallback] | None = None,
-) -> dspy.LM:
-    """The task LM: the offline stand-in, or a LiteLLM-backed LM for a local or hosted server."""
-    settings = resolve_lm_settings(model, api_base, api_key)
-    return _build(settings, temperature=temperature, max_tokens=max_tokens, timeout=timeout,
-                  num_retries=num_retries, cache=cache, callbacks=callbacks)
+def build_lm(model: str | None = None, api_base: str | None = None, *, api_key: str | None = None,
+             **options: Unpack[LMOptions]) -> dspy.LM:
+    """The task LM: the offline stand-in, or a LiteLLM-backed LM for a local or hosted server.
+
+    ``options``: temperature (default 0), max_tokens (512), timeout (60 s), num_retries (3), cache (False),
+    callbacks.
+    """
+    return _build(resolve_lm_settings(model, api_base, api_key), **options)
 
 
-def _build(settings: LMSettings, *, temperature: float, max_tokens: int, timeout: float, num_retries: int,
-           cache: bool, callbacks: list[BaseCallback] | None) -> dspy.LM:
+def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 512, timeout: float = 60,
+           num_retries: int = 3, cache: bool = False, callbacks: list[BaseCallback] | None = None) -> dspy.LM:
     """The one place every LM (task or optimizer) is built, so every one is checked the same way."""
     if max_tokens <= 0 or timeout <= 0:
         raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
@@ -159,34 +162,27 @@ def _build(settings: LMSettings, *, temperature: float, max_tokens: int, timeout
     return lm
 
 
-def build_optimizer_lm(
-    model: str | None = None,
-    api_base: str | None = None,
-    *,
-    api_key: str | None = None,
-    task_lm: dspy.LM | None = None,
-    temperature: float = 0.0,
-    max_tokens: int = 512,
-    timeout: float = 60,
-    num_retries: int = 3,
-    cache: bool = False,
-    callbacks: list[BaseCallback] | None = None,
-) -> dspy.LM:
+def build_optimizer_lm(model: str | None = None, api_base: str | None = None, *, task_lm: dspy.LM | None = None,
+                       **options: Unpack[LMOptions]) -> dspy.LM:
     """The LM for textual loss and persona updates.
 
     Either fully its own (a model from the argument or PERSONA_DSPY_OPTIMIZER_LM, with the optimizer api_base and
-    key), or entirely the task LM: ``task_lm`` itself when given, else one built from the task settings. Mixing a
-    separate optimizer model with the task's server would send it to the wrong place, so that never happens.
+    PERSONA_DSPY_OPTIMIZER_API_KEY), or entirely the task LM: ``task_lm`` itself when given, else one built from the
+    task settings. Mixing a separate optimizer model with the task's server would send it to the wrong place, so that
+    never happens: an optimizer api_base (argument or PERSONA_DSPY_OPTIMIZER_API_BASE) without an optimizer model
+    raises LMConfigError instead of being ignored. ``options`` as for ``build_lm``.
     """
     name = (model or "").strip() or _env(ENV_OPTIMIZER_LM)
-    options = dict(temperature=temperature, max_tokens=max_tokens, timeout=timeout, num_retries=num_retries,
-                   cache=cache, callbacks=callbacks)
     if not name:
+        if (api_base or "").strip() or _env(ENV_OPTIMIZER_API_BASE):
+            source = "argument" if (api_base or "").strip() else ENV_OPTIMIZER_API_BASE
+            raise LMConfigError(f"an optimizer api_base ({source}) was given without an optimizer model: name one "
+                                f"(argument or {ENV_OPTIMIZER_LM}) or drop the api_base to use the task LM")
         if task_lm is not None:
             return task_lm
-        return build_lm(None, None, api_key=api_key, **options)
-    settings = resolve_lm_settings(name, api_base, api_key, env_lm=ENV_OPTIMIZER_LM,
-                                   env_api_base=ENV_OPTIMIZER_API_BASE, env_api_key=ENV_OPTIMIZER_API_KEY)
+        return build_lm(None, None, **options)
+    settings = resolve_lm_settings(name, api_base, env_lm=ENV_OPTIMIZER_LM, env_api_base=ENV_OPTIMIZER_API_BASE,
+                                   env_api_key=ENV_OPTIMIZER_API_KEY)
     return _build(settings, **options)
 
 
@@ -215,11 +211,10 @@ def engine_kind(lm: Any) -> str:
 def describe_lm(lm: Any) -> dict[str, Any]:
     """What reports and saved programs record about the LM that produced them (never the key)."""
     kwargs = dict(getattr(lm, "kwargs", {}) or {})
-    kind = engine_kind(lm)
     return {
         "model": getattr(lm, "model", None),
-        "engine": kind,
-        "offline": kind == "offline",
+        "engine": engine_kind(lm),
+        "offline": is_offline(lm),
         "api_base": _redacted(kwargs.get("api_base")),
         "temperature": kwargs.get("temperature"),
         "max_tokens": kwargs.get("max_tokens", kwargs.get("max_completion_tokens")),

@@ -24,27 +24,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
-from typing import Any
-
-from rouge_score import rouge_scorer
+from typing import TYPE_CHECKING, Any
 
 from persona_dspy.answers import normalize_answer
 from persona_dspy.tasks import TaskKind, get_task
+
+if TYPE_CHECKING:  # rouge_score pulls in nltk (~0.6 s): imported when a generation task is first scored
+    from rouge_score.rouge_scorer import RougeScorer
 
 RATING_MIN = 1.0
 RATING_MAX = 5.0
 
 Metric = Callable[..., float]
 
+_METRIC_KEYS: dict[TaskKind, tuple[str, str]] = {
+    TaskKind.CLASSIFICATION: ("accuracy", "f1"),
+    TaskKind.RATING: ("mae", "rmse"),
+    TaskKind.GENERATION: ("rouge-1", "rouge-L"),
+}
+"""What ``score_task`` returns per kind of task, the primary metric (what LaMP papers rank by) first."""
+
 
 def primary_metric(task_name: str) -> tuple[str, bool]:
     """(metric key in ``score_task``'s result, higher_is_better): what LaMP papers rank a task by."""
     kind = get_task(task_name).kind
-    if kind is TaskKind.CLASSIFICATION:
-        return "accuracy", True
-    if kind is TaskKind.RATING:
-        return "mae", False
-    return "rouge-1", True
+    return _METRIC_KEYS[kind][0], kind is not TaskKind.RATING
+
+
+def metric_keys(task_name: str) -> list[str]:
+    """The keys ``score_task`` returns for a task, primary metric first: the columns reports show."""
+    return list(_METRIC_KEYS[get_task(task_name).kind])
 
 
 def _clean(values: Sequence[Any]) -> list[str]:
@@ -107,9 +116,11 @@ def _mae_rmse(predictions: list[str], golds: list[str]) -> dict[str, float]:
 
 
 @lru_cache(maxsize=1)
-def _rouge() -> rouge_scorer.RougeScorer:
+def _rouge() -> RougeScorer:
     """evaluate's "rouge" defaults: no stemmer, rouge_score's default tokenizer (lowercase, [a-z0-9] tokens)."""
-    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 
 
 def rouge_f(prediction: str, gold: str) -> tuple[float, float]:

@@ -13,11 +13,11 @@ instructions of the answering predictor, so the state already carries it; ``meta
 listings, checked against the state on load. No pickle is ever written or read: the file is JSON only, and a
 predictor's saved LM is loaded with dspy's safe defaults (no api_base, no custom classes).
 
-Writes are atomic: the new text goes to a temporary file in the same directory, is flushed and fsynced, and
-replaces the old file with ``os.replace``; a crash at any moment leaves either the old complete file or the new
-one. Nothing is lost either: before a file is replaced, a copy of it is kept in the sibling folder
-``<name>.versions/`` (e.g. ``alice.json.versions/``), named by its own ``created`` time
-(``20250101T120000.000000Z.json``, with ``-1``, ``-2`` ... if that name is taken by a different file).
+Writes are atomic (``write_atomically``, which the report writers use too): the new text goes to a temporary file
+in the same directory, is flushed and fsynced, and replaces the old file with ``os.replace``; a crash at any moment
+leaves either the old complete file or the new one. Nothing is lost either: before a file is replaced, a copy of it
+is kept in the sibling folder ``<name>.versions/`` (e.g. ``alice.json.versions/``), named by its own ``created``
+time (``20250101T120000.000000Z.json``, with ``-1``, ``-2`` ... if that name is taken by a different file).
 ``program_versions(path)`` lists them oldest first; each is a complete program file that ``load_program`` reads.
 """
 
@@ -40,6 +40,7 @@ import persona_dspy
 from persona_dspy.agent import MODES, PersonaAgent
 from persona_dspy.lm import describe_lm
 from persona_dspy.memory import EpisodicMemory, task_namespace
+from persona_dspy.retrieval import MEMORY_TOOL_NAME
 from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ FORMAT = "persona-dspy/program"
 FORMAT_VERSION = 1
 """The newest file layout this code reads and the one it writes."""
 
-MEMORY_TOOL = "search_user_history"
-_REACT_BUILTIN_TOOLS = {MEMORY_TOOL, "finish"}
+_REACT_BUILTIN_TOOLS = {MEMORY_TOOL_NAME, "finish"}
 FIXED_METADATA_KEYS: tuple[str, ...] = (
     "user_id", "task", "mode", "k", "persona", "created", "persona_dspy_version", "dspy_version", "lm",
     "reasoning", "max_iters", "search_mode", "tools",
@@ -170,6 +170,24 @@ def _write_temp(directory: Path, prefix: str, data: bytes) -> Path:
     return tmp
 
 
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Replace ``path``'s content with ``data`` so that a crash leaves the old file or the new one, never a mix.
+
+    Temporary file in the same directory, fsynced, ``os.replace``d over ``path``, then the directory fsynced so the
+    rename itself survives a power cut. Parent folders are created. Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temp(path.parent, f".{path.name}.", data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def versions_dir(path: str | os.PathLike[str]) -> Path:
     """The sibling folder that keeps earlier versions of ``path``: ``<name>.versions/``."""
     path = Path(path)
@@ -242,13 +260,7 @@ def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: di
         raise ValueError(f"the program for {owner!r} cannot be stored as JSON: {exc}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     _keep_version(path)
-    tmp = _write_temp(path.parent, f".{path.name}.", data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomically(path, data)
     logger.info("saved the %s program of user %r to %s", agent.task, document["metadata"]["user_id"], path)
     return path
 

@@ -7,7 +7,9 @@ leakage rules live here once: a test query sees exactly its own profile; a past 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -66,17 +68,44 @@ class MemoryRetrieval(dspy.Module):
         return dspy.Prediction(passages=passages, context=render_passages(passages))
 
 
-def memory_search_tool(memory: EpisodicMemory, scope: MemoryScope, k: int = 5,
+MEMORY_TOOL_NAME = "search_user_history"
+"""The memory tool's name as ReAct lists it (and as program files record a react agent's built-in tools)."""
+
+_CURRENT_SCOPE: ContextVar[MemoryScope | None] = ContextVar("persona_dspy_memory_scope", default=None)
+
+
+@contextmanager
+def memory_scope(scope: MemoryScope) -> Iterator[None]:
+    """Make ``scope`` the one an unbound memory tool searches while a question is answered (thread- and task-local).
+
+    A context variable, not an attribute of the tool: one agent answers many users' questions, in parallel.
+    """
+    token = _CURRENT_SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _CURRENT_SCOPE.reset(token)
+
+
+def memory_search_tool(memory: EpisodicMemory, scope: MemoryScope | None = None, k: int = 5,
                        mode: SearchMode = "auto") -> Callable[[str], str]:
-    """A tool bound to one user's scope, for ``dspy.ReAct`` or any agent: it cannot see other users."""
+    """The memory-search tool for ``dspy.ReAct`` or any agent; it never sees beyond one user's scope.
+
+    With ``scope`` it is bound to that scope; without, it searches the scope set by ``memory_scope`` for the question
+    being answered (what PersonaAgent does), and says so when none is set.
+    """
 
     def search_user_history(query: str) -> str:
         """Search this user's own past interactions (items and how the user labeled or rated them).
 
-        Use short keyword queries about the topic of the current question.
+        Use short keyword queries about the topic of the current request.
         """
+        current = scope if scope is not None else _CURRENT_SCOPE.get()
+        if current is None:
+            return "(no user is in scope: the memory tool only works while the agent answers a question)"
         if not query or not query.strip():
             return "(empty query: say what to look for)"
-        return render_passages(search_scope(memory, scope, query, k, mode))
+        return render_passages(search_scope(memory, current, query, k, mode))
 
+    search_user_history.__name__ = MEMORY_TOOL_NAME
     return search_user_history

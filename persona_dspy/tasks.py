@@ -6,11 +6,11 @@ the agent share, so that a task is described once.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from signatures.labels import label_list
+from signatures.tasks import AMBIGUOUS_LAMP_2, canonical_task_name
 
 
 class TaskKind(StrEnum):
@@ -52,8 +52,7 @@ class TaskSpec:
         if self.prompt_template is None or self.label_field is None:
             raise ValueError(f"{self.name} items carry no answer, so past interactions cannot be asked again")
         labels = ", ".join(self.labels or ())
-        content = ". ".join(str(fields[f]).strip() for f in self.text_fields if str(fields.get(f, "")).strip())
-        return self.prompt_template.format(labels=labels, content=content)
+        return self.prompt_template.format(labels=labels, content=self.item_text(fields))
 
     def query_text(self, prompt: str) -> str:
         """The content of a LaMP query prompt, without the task's instruction boilerplate."""
@@ -121,18 +120,13 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-
 def normalize_task_name(name: str) -> str:
-    """Accept 'LaMP_3', 'lamp-3', 'LaMP3', '3', '2N' ...; return the registry key or raise ValueError."""
-    raw = name.strip()
-    match = re.fullmatch(r"(?i)(?:lamp[\s_-]*)?([1-7])([nm])?", raw)
-    if not match:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    number, variant = match.group(1), (match.group(2) or "").upper()
-    key = f"LaMP_{number}{variant}"
-    if key == "LaMP_2":
-        return key  # ambiguous: the caller resolves it from the data (see resolve_lamp2)
-    if key not in TASKS:
+    """Accept 'LaMP_3', 'lamp-3', 'LaMP3', '3', '2N' ...; return the registry key or raise ValueError.
+
+    'LaMP_2' is returned as is: it is ambiguous, and the caller resolves it from the data (see resolve_lamp2).
+    """
+    key = canonical_task_name(name)
+    if key is None or (key != "LaMP_2" and key not in TASKS):
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return key
 
@@ -147,5 +141,5 @@ def resolve_lamp2(profile_item: dict) -> str:
 def get_task(name: str) -> TaskSpec:
     key = normalize_task_name(name)
     if key == "LaMP_2":
-        raise ValueError("'LaMP_2' is ambiguous (news or movies); say LaMP_2N or LaMP_2M")
+        raise ValueError(AMBIGUOUS_LAMP_2)
     return TASKS[key]

@@ -128,15 +128,26 @@ TASK_SIGNATURES: dict[str, type[dspy.Signature]] = {
 }
 
 
-def task_signature(task_name: str) -> type[dspy.Signature]:
-    """The answer signature of a LaMP task; accepts 'LaMP_3', 'lamp-3', 'LaMP_2M', '2n', ...
+_TASK_NAME = re.compile(r"(?i)(?:lamp[\s_-]*)?([1-7])([nm])?")
+AMBIGUOUS_LAMP_2 = "'LaMP_2' is ambiguous (news or movies); say LaMP_2N or LaMP_2M"
+"""Official LaMP files call both LaMP-2 variants 'LaMP_2': a name alone cannot tell them apart."""
 
-    Kept free of persona_dspy imports so signatures stay a leaf package; 'LaMP_2' is refused as ambiguous.
+
+def canonical_task_name(name: str) -> str | None:
+    """The canonical spelling of a LaMP task name ('lamp-3', 'LaMP3', '3' -> 'LaMP_3'; '2n' -> 'LaMP_2N'), else None.
+
+    Spelling only: the result may name no task ('LaMP_1N') or be the ambiguous 'LaMP_2'; callers check it against
+    their registry. It lives here, not in persona_dspy.tasks, so that signatures stay a leaf package.
     """
-    match = re.fullmatch(r"(?i)(?:lamp[\s_-]*)?([1-7])([nm])?", task_name.strip())
-    key = f"LaMP_{match.group(1)}{(match.group(2) or '').upper()}" if match else task_name
+    match = _TASK_NAME.fullmatch(name.strip())
+    return f"LaMP_{match.group(1)}{(match.group(2) or '').upper()}" if match else None
+
+
+def task_signature(task_name: str) -> type[dspy.Signature]:
+    """The answer signature of a LaMP task; accepts 'LaMP_3', 'lamp-3', 'LaMP_2M', '2n', ...; refuses 'LaMP_2'."""
+    key = canonical_task_name(task_name)
     if key == "LaMP_2":
-        raise ValueError("'LaMP_2' is ambiguous (news or movies); say LaMP_2N or LaMP_2M")
-    if key not in TASK_SIGNATURES:
+        raise ValueError(AMBIGUOUS_LAMP_2)
+    if key is None or key not in TASK_SIGNATURES:
         raise ValueError(f"unknown task {task_name!r}; known: {', '.join(TASK_SIGNATURES)}")
     return TASK_SIGNATURES[key]

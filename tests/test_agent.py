@@ -6,10 +6,12 @@ import hashlib
 
 import dspy
 import pytest
+from dspy.utils.exceptions import AdapterParseError
 
-from persona_dspy.agent import PersonaAgent, answer_text_from_response, scoped_memory_tool
+from persona_dspy.agent import PersonaAgent, answer_text_from_response
 from persona_dspy.examples import interaction_examples, query_examples
 from persona_dspy.offline_lm import Message, Response, TextPart, Usage, offline_lm
+from persona_dspy.retrieval import MEMORY_TOOL_NAME, memory_search_tool
 from persona_dspy.semantic_memory import PersonaSummarizer, initial_persona
 from signatures import compose_persona
 
@@ -20,15 +22,27 @@ def lamp2n(sample_memory):
 
 
 class ScriptedEngine:
-    """Answers every call with one fixed text, as a small local model might."""
+    """Answers with fixed texts, as a small local model might: the first text first, then always the last one."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, *texts: str) -> None:
+        self.texts = list(texts)
+        self.calls = 0
 
     def complete(self, request) -> Response:
-        return Response(id="scripted-" + hashlib.sha256(self.text.encode()).hexdigest()[:8], model="scripted",
-                        message=Message.assistant([TextPart(self.text)]), finish_reason="stop",
+        text = self.texts[min(self.calls, len(self.texts) - 1)]
+        self.calls += 1
+        return Response(id=f"scripted-{self.calls}-" + hashlib.sha256(text.encode()).hexdigest()[:8],
+                        model="scripted", message=Message.assistant([TextPart(text)]), finish_reason="stop",
                         usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+
+
+def scripted_lm(*texts: str) -> tuple[dspy.LM, ScriptedEngine]:
+    engine = ScriptedEngine(*texts)
+    return dspy.LM("scripted/model", engine=engine, cache=False, num_retries=0), engine
+
+
+FINISH_STEP = ("[[ ## next_thought ## ]]\nI know enough.\n[[ ## next_tool_name ## ]]\nfinish\n"
+               "[[ ## next_tool_args ## ]]\n{}\n[[ ## completed ## ]]")
 
 
 def test_persona_is_the_instruction_of_the_answering_predictor(lamp2n, lm):
@@ -79,9 +93,11 @@ def test_react_searches_memory_through_the_scoped_tool(lamp2n, lm):
     react_predictor, extract_predictor = agent.persona_predictors()
     assert extract_predictor.signature.instructions == agent.persona
     assert react_predictor.signature.instructions.startswith(agent.persona)
-    assert "search_user_history" in react_predictor.signature.instructions  # the tool list survives
-    tool = scoped_memory_tool(memory)
-    assert "no user is in scope" in tool("politics")
+    assert MEMORY_TOOL_NAME in react_predictor.signature.instructions  # the tool list survives
+    tool = memory_search_tool(memory)
+    assert tool.__name__ == MEMORY_TOOL_NAME and "no user is in scope" in tool("politics")
+    bound = memory_search_tool(memory, example.scope, k=2)
+    assert bound.__doc__ == tool.__doc__ and "no user is in scope" not in bound("politics")
 
 
 def test_none_mode_is_the_non_personalized_baseline(lm):
@@ -113,9 +129,44 @@ def test_an_agent_bound_to_a_user_searches_that_user(lamp2n, lm):
 def test_free_text_answers_are_mapped_onto_the_label_set(lamp2n, reply, expected):
     histories, memory = lamp2n
     agent = PersonaAgent("LaMP_2N", memory, "rag")
-    with dspy.context(lm=dspy.LM("scripted/model", engine=ScriptedEngine(reply), cache=False, num_retries=0)):
+    with dspy.context(lm=scripted_lm(reply)[0]):
         prediction = agent(**query_examples(histories[0])[0].inputs())
     assert prediction.answer == expected  # unmappable text stays as is and scores as a wrong label
+
+
+def test_a_free_text_answer_costs_one_call_and_keeps_the_models_words(lamp2n):
+    # dspy's ChatAdapter would ask again through its JSON adapter: a second call, whose reply replaced the first
+    histories, memory = lamp2n
+    agent = PersonaAgent("LaMP_2N", memory, "rag")
+    lm, engine = scripted_lm("The category is Politics.", '{"answer": "Sports!"}')
+    with dspy.context(lm=lm):
+        prediction = agent(**query_examples(histories[0])[0].inputs())
+    assert engine.calls == 1 and prediction.raw_answer == "The category is Politics."
+    assert prediction.answer == "politics"
+
+
+def test_a_configured_adapter_is_respected(lamp2n):
+    histories, memory = lamp2n
+    agent = PersonaAgent("LaMP_2N", memory, "rag")
+    lm, engine = scripted_lm("The category is Politics.", '{"answer": "Sports!"}')
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):  # the user's choice, JSON retry included
+        prediction = agent(**query_examples(histories[0])[0].inputs())
+    assert engine.calls == 2 and prediction.answer == "sports"
+
+
+def test_react_maps_a_free_text_answer_but_not_a_broken_tool_step(lamp2n):
+    histories, memory = lamp2n
+    agent = PersonaAgent("LaMP_2N", memory, "react")
+    inputs = query_examples(histories[0])[0].inputs()
+    lm, engine = scripted_lm(FINISH_STEP, "The category is Politics.")
+    with dspy.context(lm=lm):
+        prediction = agent(**inputs)
+    assert engine.calls == 2 and prediction.answer == "politics"  # one tool step, one answer: no retry
+    lm, engine = scripted_lm("The category is Politics.")  # as a tool step this says nothing about the tool
+    with dspy.context(lm=lm), pytest.raises(AdapterParseError) as raised:
+        agent(**inputs)
+    assert "next_tool_name" in raised.value.signature.output_fields
+    assert engine.calls == 2  # the step kept ChatAdapter's JSON retry
 
 
 def test_answer_text_from_response_forms():

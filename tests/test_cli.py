@@ -12,7 +12,7 @@ import socket
 import pytest
 from loopback_server import loopback_fixture
 
-from persona_dspy import evaluation
+from persona_dspy import alignment
 from persona_dspy import lm as lm_module
 from persona_dspy.cli import main
 from persona_dspy.evaluation import OFFLINE_NOTE
@@ -114,14 +114,14 @@ def test_eval_with_an_unreachable_server_is_an_error(capsys, tmp_path):
 def test_eval_with_some_users_failing_exits_1(capsys, tmp_path, monkeypatch):
     histories = load_dataset(dataset_dir("LaMP_3"))
     bad = histories[2].user_id
-    real = evaluation.initial_persona
+    real = alignment.initial_persona  # the default agent factory's persona, via alignment.initial_agent
 
     def flaky(history, *args, **kwargs):
         if history.user_id == bad:
             raise RuntimeError("summary failed")
         return real(history, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "initial_persona", flaky)
+    monkeypatch.setattr(alignment, "initial_persona", flaky)
     out = tmp_path / "partial.json"
     code, stdout, stderr = run(capsys, "eval", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
                                "--out", str(out), "--no-progress")
@@ -184,11 +184,19 @@ def test_predict_with_an_unreachable_server_is_an_error(capsys):
     (["eval", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1"], "malformed api_base"),
     (["eval", "--task", "LaMP_3", "--lm", "qwen"], "no provider prefix"),
     (["eval", "--task", "LaMP_3", "--lm", "offline", "--data", "/nonexistent/lamp"], "not a directory"),
-    (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", "nobody", "--text", "hi"], "unknown user(s): 'nobody'"),
+    (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", "nobody", "--text", "hi"],
+     "unknown user(s): 'nobody'"),
     (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER, "--query-id", "42"],
      f"user '{LAMP3_USER}' has no query '42'; their queries: 300010"),
     (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER, "--text", "  "], "--text is empty"),
     (["ingest", "--data", "/tmp"], "--data needs a single --task"),
+    # the LM flags are checked before any data is read: the bad --data below is never reached
+    (["tune", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1", "--data", "/nonexistent"],
+     "malformed api_base"),
+    (["tune", "--task", "LaMP_3", "--lm", "offline", "--optimizer-api-base", "http://127.0.0.1:9/v1",
+      "--data", "/nonexistent"], "optimizer api_base (argument) was given without an optimizer model"),
+    (["compile", "--task", "LaMP_3", "--lm", "offline", "--optimizer-api-base", "http://127.0.0.1:9/v1"],
+     "without an optimizer model"),
 ])
 def test_errors_exit_2_with_one_clear_line(capsys, argv, message):
     code, stdout, stderr = run(capsys, *argv, *(["--memory", ":memory:"] if argv[0] != "ingest" else []))
@@ -209,6 +217,7 @@ def test_environment_names_the_lm_when_no_flag_does(capsys, monkeypatch, tmp_pat
     ["predict", "--task", "LaMP_3", "--user", LAMP3_USER, "--query-id", "1", "--text", "x"],  # both
     ["eval", "--task", "LaMP_3", "--mode", "chat"],
     ["eval", "--task", "LaMP_3", "--workers", "0"],
+    ["tune", "--task", "LaMP_3", "--lm", "offline", "--temperature", "0.7"],  # tune searches the temperature
 ])
 def test_bad_flags_are_usage_errors(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:

@@ -13,7 +13,7 @@ import pytest
 
 from optimizers.lm_usage import LMUsage
 from optimizers.textual_loss import TextualLossMetric
-from persona_dspy import comparison
+from persona_dspy import comparison, programs
 from persona_dspy.comparison import (
     DEFAULT_OPTIMIZERS,
     OptimizerSpec,
@@ -116,7 +116,7 @@ def test_lm_calls_are_counted_compile_apart_from_eval(run):
             assert all(u.compile_calls > 0 for u in result.users) and result.compile_tokens > 0, name
         else:
             assert result.compile_calls == 0 and result.compile_tokens == 0, name
-    assert report.result("persona_aligner").compile_calls_per_user == 24  # its documented default budget
+    assert 0 < report.result("persona_aligner").compile_calls_per_user <= 24  # its documented budget: at most 24
     assert report.result("bootstrap_fewshot").compile_calls_per_user == 3  # one teacher run per interaction
     assert all(u.n_demos == 3 for u in report.result("bootstrap_fewshot").users)
     # nothing escapes the callbacks: every request the LM recorded is attributed to exactly one place
@@ -159,6 +159,23 @@ def test_json_and_csv_are_written_and_readable(run, tmp_path):
         user_rows = list(csv.DictReader(handle))
     assert len(user_rows) == sum(len(r.users) for r in report.results)
     assert {row["status"] for row in user_rows if row["optimizer"] == "broken_program"} == {"failed"}
+
+
+def test_a_failed_save_leaves_the_previous_files_whole(run, tmp_path, monkeypatch):
+    report, _, _ = run
+    paths = report.save(tmp_path)
+    before = {kind: path.read_bytes() for kind, path in paths.items()}
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(programs.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        report.to_json(paths["json"])
+    with pytest.raises(OSError, match="disk full"):
+        report.to_csv(paths["csv"])
+    assert {kind: path.read_bytes() for kind, path in paths.items()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_plot_is_saved(run, tmp_path):

@@ -11,6 +11,7 @@ from datetime import datetime
 import dspy
 import pytest
 
+from persona_dspy import programs
 from persona_dspy.agent import PersonaAgent
 from persona_dspy.evaluation import OFFLINE_NOTE, EvalReport, evaluate
 from persona_dspy.lamp import dataset_dir, load_dataset
@@ -18,6 +19,7 @@ from persona_dspy.lm import LMUsage
 from persona_dspy.memory import EpisodicMemory
 from persona_dspy.metrics import score_task
 from persona_dspy.offline_lm import OFFLINE_MODEL, offline_lm
+from persona_dspy.tables import format_table
 
 METRIC_KEYS = {"LaMP_2N": {"accuracy", "f1"}, "LaMP_3": {"mae", "rmse"}}
 
@@ -182,3 +184,47 @@ def test_report_is_a_dataclass_with_a_json_form(datasets):
     data = report.to_dict()
     assert data["mode"] == "none" and data["k"] == 5 and len(data["predictions"]) == 6
     json.dumps(data)  # plain data all the way down
+
+
+def test_the_report_is_written_atomically(tmp_path, monkeypatch):
+    histories = load_dataset(dataset_dir("LaMP_3"))[:2]
+    report = evaluate(histories, memory=None, mode="none", lm=offline_lm(), workers=1, progress=False)
+    path = report.to_json(tmp_path / "report.json")
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(programs.os, "replace", crash)
+    report.calls += 1
+    with pytest.raises(OSError, match="disk full"):
+        report.to_json(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_summary_table_lines_up_numbers_and_sets_the_pooled_row_apart():
+    histories = load_dataset(dataset_dir("LaMP_3"))[:2]
+    report = evaluate(histories, memory=None, mode="none", lm=offline_lm(), workers=1, progress=False)
+    lines = report.summary_table().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("user "))
+    header, rule, first, second, rule_again, pooled = lines[at:at + 6]
+    assert header.split() == ["user", "queries", "mae", "rmse"] and set(rule) == set(rule_again) == {"-", " "}
+    assert first.startswith(histories[0].user_id) and second.startswith(histories[1].user_id)
+    assert pooled.startswith("ALL (2 users, pooled)") and f"{report.overall['mae']:.4f}" in pooled
+    assert len({len(line) for line in (header, rule, first, second, pooled)}) == 1  # right-aligned numbers end even
+
+
+def test_format_table_options():
+    rows = [{"name": "a", "n": 3, "score": 0.5, "s": 1.234}, {"name": "bb", "n": 12, "score": None, "s": 10.0}]
+    plain = format_table(rows)
+    assert plain.splitlines() == ["name  n   score  s", "a     3   0.500  1.234", "bb    12         10.000"]
+    table = format_table(rows, digits=4, formats={"s": ".1f"}, missing="-", align_numbers_right=True, rule=True,
+                         footer=[{"name": "ALL", "n": 15, "score": 0.5}])
+    assert table.splitlines() == [
+        "name   n   score     s",
+        "----  --  ------  ----",
+        "a      3  0.5000   1.2",
+        "bb    12       -  10.0",
+        "----  --  ------  ----",
+        "ALL   15  0.5000     -",
+    ]

@@ -17,7 +17,7 @@ from persona_dspy.lm import (
     check_api_base,
     describe_lm,
 )
-from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine
+from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, is_offline
 from signatures.labels import LAMP_3_LABELS
 from signatures.tasks import task_signature
 
@@ -126,6 +126,26 @@ def test_optimizer_lm_falls_back_to_the_task_lm(monkeypatch):
     assert "api_base" not in build_optimizer_lm().kwargs  # never silently sent to the task's server
 
 
+def test_an_optimizer_api_base_without_an_optimizer_model_is_refused(monkeypatch):
+    task = build_lm("offline")
+    with pytest.raises(LMConfigError, match=r"api_base \(argument\) was given without an optimizer model"):
+        build_optimizer_lm(None, "http://127.0.0.1:8003/v1", task_lm=task)
+    monkeypatch.setenv("PERSONA_DSPY_OPTIMIZER_API_BASE", "http://127.0.0.1:8003/v1")
+    with pytest.raises(LMConfigError, match="PERSONA_DSPY_OPTIMIZER_API_BASE"):
+        build_optimizer_lm(task_lm=task)
+    monkeypatch.setenv("PERSONA_DSPY_OPTIMIZER_LM", "openai/big")  # with a model it is that model's server
+    assert build_optimizer_lm(task_lm=task).kwargs["api_base"] == "http://127.0.0.1:8003/v1"
+
+
+def test_describe_lm_calls_offline_what_is_offline_calls_offline():
+    class Named:  # a wrapper that keeps the stand-in's name but not its engine
+        model, kwargs = OFFLINE_MODEL, {}
+
+    for lm in (build_lm("offline"), Named(), build_lm("openai/m", "http://127.0.0.1:8000/v1")):
+        assert describe_lm(lm)["offline"] is is_offline(lm)
+    assert describe_lm(Named())["offline"] is True
+
+
 def test_describe_lm_redacts_credentials_in_urls():
     lm = build_lm("openai/m", api_base="http://user:secret@127.0.0.1:8000/v1")
     assert describe_lm(lm)["api_base"] == "http://127.0.0.1:8000/v1"
@@ -202,8 +222,6 @@ def test_usage_over_http_and_threads(server, loopback_only):
 
 
 def test_a_separate_optimizer_lm_is_checked_like_the_task_lm():
-    from persona_dspy.lm import LMConfigError, build_optimizer_lm
-
     with pytest.raises(LMConfigError, match="must be positive"):
         build_optimizer_lm("openai/judge", "http://127.0.0.1:9/v1", max_tokens=0)
     with pytest.raises(LMConfigError, match="num_retries"):

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
 from rouge_score import rouge_scorer, scoring
 
-from persona_dspy.metrics import aggregate_by_user, dspy_metric, per_example_score, primary_metric, score_task
+from persona_dspy.metrics import (
+    aggregate_by_user,
+    dspy_metric,
+    metric_keys,
+    per_example_score,
+    primary_metric,
+    score_task,
+)
+from persona_dspy.tasks import TASKS
 from signatures.labels import LAMP_1_LABELS, LAMP_2N_LABELS
 
 # --- classification -------------------------------------------------------------------------------------------
@@ -168,6 +178,21 @@ def test_primary_metric() -> None:
     assert primary_metric("LaMP_2M") == ("accuracy", True)
     assert primary_metric("LaMP_3") == ("mae", False)
     assert primary_metric("LaMP_7") == ("rouge-1", True)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_metric_keys_are_what_score_task_returns_primary_first(task: str) -> None:
+    gold = (TASKS[task].labels or ("a short headline",))[0]
+    assert metric_keys(task) == list(score_task(task, [gold], [gold]))
+    assert metric_keys(task)[0] == primary_metric(task)[0]
+
+
+def test_rouge_score_is_imported_only_when_rouge_is_computed() -> None:
+    # rouge_score pulls in nltk (~0.6 s): the CLI and label tasks should not pay for it
+    code = ("import sys; import persona_dspy.metrics as m; assert 'rouge_score' not in sys.modules; "
+            "m.score_task('LaMP_3', ['4'], ['4']); assert 'rouge_score' not in sys.modules; "
+            "assert m.score_task('LaMP_7', ['a b'], ['a b'])['rouge-1'] == 1.0; assert 'rouge_score' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_score_task_rejects_bad_input() -> None:

@@ -27,7 +27,8 @@ QUERY = "Generate a headline for the following article: The city council approve
 
 
 @pytest.fixture
-def lm():
+def stand_in():
+    """A fresh stand-in, not made current (unlike conftest's ``lm``): each test passes it where it is used."""
     return offline_lm()
 
 
@@ -39,8 +40,8 @@ def run(lm, module, adapter="chat", **inputs):
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
 @pytest.mark.parametrize("kind", sorted(MODULES))
 @pytest.mark.parametrize("task", sorted(TASK_SIGNATURES))
-def test_every_task_gets_a_valid_answer(lm, task, kind, adapter):
-    pred = run(lm, MODULES[kind](task_signature(task)), adapter, query=QUERY, context=CONTEXT.get(task, "none"))
+def test_every_task_gets_a_valid_answer(stand_in, task, kind, adapter):
+    pred = run(stand_in, MODULES[kind](task_signature(task)), adapter, query=QUERY, context=CONTEXT.get(task, "none"))
     labels = label_list(task)
     if labels:
         assert pred.answer in labels
@@ -51,13 +52,14 @@ def test_every_task_gets_a_valid_answer(lm, task, kind, adapter):
 
 
 @pytest.mark.parametrize("task", sorted(CONTEXT))
-def test_labels_follow_the_evidence(lm, task):
+def test_labels_follow_the_evidence(stand_in, task):
     expected = {"LaMP_1": "[2]", "LaMP_2M": "comedy", "LaMP_2N": "politics", "LaMP_3": "5"}[task]
-    assert run(lm, dspy.Predict(task_signature(task)), query="x", context=CONTEXT[task]).answer == expected
+    assert run(stand_in, dspy.Predict(task_signature(task)), query="x", context=CONTEXT[task]).answer == expected
 
 
-def test_no_evidence_gives_the_first_label(lm):
-    assert run(lm, dspy.Predict(task_signature("LaMP_2N")), query="x", context="nothing relevant").answer == "travel"
+def test_no_evidence_gives_the_first_label(stand_in):
+    pred = run(stand_in, dspy.Predict(task_signature("LaMP_2N")), query="x", context="nothing relevant")
+    assert pred.answer == "travel"
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
@@ -79,58 +81,61 @@ def with_persona(sig, persona):
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
-def test_preferred_label_line_beats_the_evidence(lm, adapter):
+def test_preferred_label_line_beats_the_evidence(stand_in, adapter):
     pred = with_persona(task_signature("LaMP_2M"), "- Likes long films.\n- Preferred label: dystopia")
-    assert run(lm, pred, adapter, query="x", context=CONTEXT["LaMP_2M"]).answer == "dystopia"
+    assert run(stand_in, pred, adapter, query="x", context=CONTEXT["LaMP_2M"]).answer == "dystopia"
 
 
-def test_prefers_phrase_and_rating(lm):
+def test_prefers_phrase_and_rating(stand_in):
     pred = with_persona(task_signature("LaMP_3"), "This user prefers 2 stars for anything mediocre.")
-    assert run(lm, pred, query="meh", context="score: 5 score: 5").answer == "2"
+    assert run(stand_in, pred, query="meh", context="score: 5 score: 5").answer == "2"
 
 
-def test_several_preferences_are_ranked_by_evidence(lm):
+def test_several_preferences_are_ranked_by_evidence(stand_in):
     pred = with_persona(task_signature("LaMP_2M"), "Preferred label: romance\nPreferred label: comedy")
-    assert run(lm, pred, query="x", context="tag: romance tag: romance tag: comedy").answer == "romance"
-    assert run(lm, pred, query="x", context="nothing").answer == "comedy"  # no evidence: the latest statement
+    assert run(stand_in, pred, query="x", context="tag: romance tag: romance tag: comedy").answer == "romance"
+    assert run(stand_in, pred, query="x", context="nothing").answer == "comedy"  # no evidence: the latest statement
 
 
-def test_textual_loss_names_expected_and_produced(lm):
+def test_textual_loss_names_expected_and_produced(stand_in):
     loss = dspy.Predict(TextualLoss)
-    wrong = run(lm, loss, question="q", expected_answer="comedy", produced_answer="action", persona="- likes films")
+    wrong = run(stand_in, loss, question="q", expected_answer="comedy", produced_answer="action",
+                persona="- likes films")
     assert wrong.feedback.startswith('Expected "comedy" but answered "action"')
-    right = run(lm, loss, question="q", expected_answer="Comedy", produced_answer="comedy", persona="")
+    right = run(stand_in, loss, question="q", expected_answer="Comedy", produced_answer="comedy", persona="")
     assert "correctly" in right.feedback
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
-def test_persona_update_closes_the_loop(lm, adapter):
+def test_persona_update_closes_the_loop(stand_in, adapter):
     persona = "Rules:\n- Answer with one tag.\nPreferences:\n- Enjoys films."
     feedback = ('Expected "comedy" but answered "action"; the persona missed it.\n'
                 'Expected "comedy" but answered "sci-fi"; again.\nExpected "romance" but answered "action".')
-    new = run(lm, dspy.Predict(PersonaUpdate), adapter, persona=persona, feedback=feedback, max_words=40).new_persona
+    new = run(stand_in, dspy.Predict(PersonaUpdate), adapter, persona=persona, feedback=feedback,
+              max_words=40).new_persona
     assert new.startswith(persona) and new.endswith("- Preferred label: comedy")
     tagger = with_persona(task_signature("LaMP_2M"), new)
-    assert run(lm, tagger, adapter, query="x", context="tag: action tag: action").answer == "comedy"
+    assert run(stand_in, tagger, adapter, query="x", context="tag: action tag: action").answer == "comedy"
 
 
-def test_persona_update_respects_max_words_and_keeps_the_rules(lm):
+def test_persona_update_respects_max_words_and_keeps_the_rules(stand_in):
     persona = "Rules:\n- Answer with one tag.\n- Preferred label: drama\n- Preferred label: action\n- Likes "
     persona += "x " * 30
-    new = run(lm, dspy.Predict(PersonaUpdate), persona=persona, feedback='Expected "comedy" but answered "action"',
-              max_words=15).new_persona
+    new = run(stand_in, dspy.Predict(PersonaUpdate), persona=persona,
+              feedback='Expected "comedy" but answered "action"', max_words=15).new_persona
     assert len(new.split()) <= 15
     assert new.startswith("Rules:\n- Answer with one tag.") and new.endswith("- Preferred label: comedy")
 
 
-def test_persona_update_without_errors_keeps_the_persona(lm):
-    new = run(lm, dspy.Predict(PersonaUpdate), persona="- Enjoys films.", feedback="Answered correctly.", max_words=50)
+def test_persona_update_without_errors_keeps_the_persona(stand_in):
+    new = run(stand_in, dspy.Predict(PersonaUpdate), persona="- Enjoys films.", feedback="Answered correctly.",
+              max_words=50)
     assert new.new_persona == "- Enjoys films."
 
 
-def test_persona_summary_extracts_the_dominant_label(lm):
+def test_persona_summary_extracts_the_dominant_label(stand_in):
     history = "A space movie. tag: sci-fi\nA funny film. tag: comedy\nAnother funny film. tag: comedy"
-    persona = run(lm, dspy.Predict(PersonaSummary), history=history, max_words=60).persona
+    persona = run(stand_in, dspy.Predict(PersonaSummary), history=history, max_words=60).persona
     assert "Preferred label: comedy" in persona and persona.startswith("Preferences:")
 
 
@@ -141,10 +146,10 @@ def search_memory(query: str, k: int = 3) -> str:
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
-def test_react_uses_the_tool_once_then_finishes(lm, adapter):
+def test_react_uses_the_tool_once_then_finishes(stand_in, adapter):
     search_memory.calls = []
     agent = dspy.ReAct(task_signature("LaMP_2M"), tools=[search_memory], max_iters=5)
-    pred = run(lm, agent, adapter, query="description: a funny heist film", context="")
+    pred = run(stand_in, agent, adapter, query="description: a funny heist film", context="")
     assert search_memory.calls == ["a funny heist film"]
     assert pred.trajectory["tool_name_0"] == "search_memory"
     assert pred.trajectory["tool_name_1"] == "finish"
@@ -178,45 +183,45 @@ class Everything(dspy.Signature):
 
 
 @pytest.mark.parametrize("adapter", ["chat", "json", "xml"])
-def test_any_signature_parses(lm, adapter):
+def test_any_signature_parses(stand_in, adapter):
     adapters = {**ADAPTERS, "xml": dspy.XMLAdapter}
-    with dspy.context(lm=lm, adapter=adapters[adapter]()):
+    with dspy.context(lm=stand_in, adapter=adapters[adapter]()):
         pred = dspy.Predict(Everything)(question="What is in the box today?")
     assert isinstance(pred.count, int) and isinstance(pred.score, float) and pred.flag is True
     assert pred.words == ["What is in the box today?"]
     assert isinstance(pred.card, Card) and pred.mood is Mood.HAPPY and pred.level == 1
 
 
-def test_plain_calls_and_async(lm):
-    assert lm("Tell me something about bikes") == ["Tell me something about bikes"]
-    with dspy.context(lm=lm):
+def test_plain_calls_and_async(stand_in):
+    assert stand_in("Tell me something about bikes") == ["Tell me something about bikes"]
+    with dspy.context(lm=stand_in):
         pred = asyncio.run(dspy.Predict(task_signature("LaMP_3")).acall(query="x", context="score: 4"))
     assert pred.answer == "4"
 
 
-def test_threads_get_the_same_answers(lm):
+def test_threads_get_the_same_answers(stand_in):
     sig = task_signature("LaMP_2N")
     contexts = [f"category: {c}" for c in label_list("LaMP_2N")] * 3
 
     def one(context):
-        with dspy.context(lm=lm):
+        with dspy.context(lm=stand_in):
             return dspy.ChainOfThought(sig)(query="x", context=context).answer
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(one, contexts))
     assert answers == [c.removeprefix("category: ") for c in contexts]
-    assert lm.engine.calls == len(contexts)
+    assert stand_in.engine.calls == len(contexts)
 
 
-def test_identity_is_recorded(lm):
-    assert lm.model == OFFLINE_MODEL == "offline/stand-in" and is_offline(lm)
-    info = describe_lm(lm)
+def test_identity_is_recorded(stand_in):
+    assert stand_in.model == OFFLINE_MODEL == "offline/stand-in" and is_offline(stand_in)
+    info = describe_lm(stand_in)
     assert info["model"] == OFFLINE_MODEL and info["engine"] == "offline" and info["offline"] is True
     assert "stand-in" in OfflineEngine.__doc__ and "never a model" in OfflineEngine.__doc__
 
 
-def test_offline_lm_state_round_trips(lm):
-    loaded = dspy.LM.load_state(lm.dump_state(), allow_custom_lm_class=True)
+def test_offline_lm_state_round_trips(stand_in):
+    loaded = dspy.LM.load_state(stand_in.dump_state(), allow_custom_lm_class=True)
     assert isinstance(loaded.engine, OfflineEngine) and loaded.model == OFFLINE_MODEL
 
 

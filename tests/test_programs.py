@@ -27,6 +27,7 @@ from persona_dspy.programs import (
     read_program_metadata,
     save_program,
     versions_dir,
+    write_atomically,
 )
 from signatures import compose_persona
 
@@ -244,6 +245,21 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_complete_file(lamp2n, lm,
     # best effort, so a failure there does not fail the save
     assert steps == ["fsync", "link", "fsync", "fsync", "replace", "fsync"]
     assert outcomes == ["old", "old", "new", "old", "old", "new"]
+
+
+def test_write_atomically_replaces_whole_files_or_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "reports" / "r.json"
+    assert write_atomically(path, b"first\n") == path and path.read_bytes() == b"first\n"  # parents created
+    write_atomically(str(path), b"second\n")
+    assert path.read_bytes() == b"second\n"
+
+    def crash(src, dst):
+        raise OSError("simulated crash during os.replace")
+
+    monkeypatch.setattr(programs.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_atomically(path, b"third\n")
+    assert path.read_bytes() == b"second\n" and no_temp_files(path.parent)
 
 
 def test_the_temp_file_is_fsynced_in_the_same_directory(lamp2n, lm, tmp_path, monkeypatch):

@@ -1,15 +1,16 @@
 """The signatures carry the fields downstream code relies on, and label types come from labels.py only."""
 
 import ast
+import re
 from pathlib import Path
 from typing import get_args
 
 import pytest
 
-from persona_dspy.tasks import TASKS
+from persona_dspy.tasks import TASKS, get_task, normalize_task_name
 from signatures.labels import LABELS, label_list
 from signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
-from signatures.tasks import TASK_SIGNATURES, task_signature
+from signatures.tasks import AMBIGUOUS_LAMP_2, TASK_SIGNATURES, canonical_task_name, task_signature
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,26 @@ def test_task_signature_accepts_spellings(name, key):
 def test_task_signature_refuses_unknown_or_ambiguous(name):
     with pytest.raises(ValueError):
         task_signature(name)
+
+
+@pytest.mark.parametrize(("name", "key"), [("lamp-3", "LaMP_3"), ("LaMP3", "LaMP_3"), (" 2n", "LaMP_2N"),
+                                           ("Lamp_2", "LaMP_2"), ("1m", "LaMP_1M"), ("lamp-9", None), ("x", None)])
+def test_canonical_task_name_is_spelling_only(name, key):
+    assert canonical_task_name(name) == key
+
+
+def test_both_registries_read_task_names_alike():
+    for name in ("lamp-3", "2N", "LaMP_2M", "7"):
+        assert task_signature(name) is TASK_SIGNATURES[get_task(name).name]
+    for name in ("LaMP_1M", "lamp-9", "headlines"):
+        with pytest.raises(ValueError, match="unknown task"):
+            get_task(name)
+        with pytest.raises(ValueError, match="unknown task"):
+            task_signature(name)
+    assert normalize_task_name("lamp 2") == "LaMP_2"  # ambiguous: the loaders resolve it from the data
+    for refuse in (get_task, task_signature):
+        with pytest.raises(ValueError, match=re.escape(AMBIGUOUS_LAMP_2)):
+            refuse("lamp 2")
 
 
 @pytest.mark.parametrize("module", ["signatures/tasks.py", "signatures/persona.py"])

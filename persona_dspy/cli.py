@@ -193,7 +193,9 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
 
     print(format_table(rows, ["task", "strategy", "k", "queries", "accuracy", "mae", "rmse", "fallbacks"], digits=4))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        from persona_dspy.programs import write_atomically
+
+        write_atomically(args.json, json.dumps(rows, indent=2).encode("utf-8"))
     return 0
 
 

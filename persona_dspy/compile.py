@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -36,7 +34,13 @@ from persona_dspy.agent import AgentMode
 from persona_dspy.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm import describe_lm
 from persona_dspy.memory import EpisodicMemory
-from persona_dspy.programs import ProgramFileError, load_program, read_program_metadata, save_program
+from persona_dspy.programs import (
+    ProgramFileError,
+    load_program,
+    read_program_metadata,
+    save_program,
+    write_atomically,
+)
 from persona_dspy.records import UserHistory, select_users
 from persona_dspy.tasks import get_task
 
@@ -202,7 +206,7 @@ def compile_users(
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
-    _write_json_atomically(out / SUMMARY_FILE, summary.as_dict())
+    write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
     return summary
 
 
@@ -212,16 +216,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="user")
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

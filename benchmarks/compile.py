@@ -5,6 +5,7 @@
 
 Throughput runs `persona-dspy compile`'s engine (compile_users) over real HTTP against the test
 suite's scripted OpenAI-compatible server on 127.0.0.1, which adds a fixed latency to every call.
+Throughput runs with stop_when_perfect=False, so every user gets the full default budget of steps.
 The bound for W workers is W / (latency x calls per user) users per second: the rate if every
 worker always had a request in flight and nothing else took time. Calls per user are measured in
 the same run. LM calls per optimizer are counted with a callback around each optimizer's compile
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--latencies", type=float, nargs="*", default=[0.25, 1.0],
                         help="seconds the server waits before each answer (one throughput table per value)")
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 8, 32])
-    parser.add_argument("--users-per-worker", type=int, default=3)
+    parser.add_argument("--users-per-worker", type=int, default=4)
     parser.add_argument("--optimizer-users", type=int, default=3, help="users for the per-optimizer call counts")
     parser.add_argument("--skip-optimizers", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compile.json")

@@ -153,13 +153,54 @@ def bench_quality(embedders: dict[str, Embedder], k: int) -> list[dict]:
         with EpisodicMemory(":memory:", embedder=embedder) as mem:
             mem.add_histories(histories)
             strategies = ["recency", "majority", "bm25"] + (["dense", "hybrid"] if embedder.has_dense else [])
-            for strategy in strategies:
-                row = evaluate_retrieval(histories, strategy, k=k, memory=mem).as_row() | {"source": source}
+            runs = [(strategy, strategy, mem.rrf_k) for strategy in strategies]
+            if embedder.has_dense:  # why the memory fuses with k=60: Qdrant's own default is k=2
+                runs.append(("hybrid_rrf_k2", "hybrid", 2))
+            for name, strategy, rrf_k in runs:
+                mem.rrf_k = rrf_k
+                row = evaluate_retrieval(histories, strategy, k=k, memory=mem).as_row() | {
+                    "strategy": name, "source": source}
                 rows.append(row)
                 extra = f"  MAE {row['mae']:.3f}  RMSE {row['rmse']:.3f}" if "mae" in row else ""
-                print(f"  {task:8s} {strategy:8s} k={k}: accuracy {row['accuracy']:.3f}{extra}  "
+                print(f"  {task:8s} {name:13s} k={k}: accuracy {row['accuracy']:.3f}{extra}  "
                       f"(n={row['queries']}, fallbacks {row['fallbacks']})", flush=True)
     return rows
+
+
+def bench_plain_qdrant(texts: list[str], sizes: list[int], embedder: Embedder, n_queries: int) -> list[dict]:
+    """Qdrant local mode searching by itself (no in-process index): why the memory keeps one."""
+    rows = []
+    rng = random.Random(13)
+    queries = [" ".join(rng.choice(texts).split()[:12]) for _ in range(n_queries)]
+    for size in sizes:
+        with EpisodicMemory(":memory:", embedder=embedder, local_index=False) as mem:
+            mem.add("user", synthetic_items(texts, size, random.Random(size)))
+            row = {"vectors": "bm25", "search": "Qdrant local mode alone", "items_per_user": size,
+                   **time_searches(mem, "user", queries, "sparse")}
+        rows.append(row)
+        print(f"  Qdrant alone, {size:>6d} items: p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms", flush=True)
+    return rows
+
+
+def bench_scoped(texts: list[str], embedder: Embedder, n_queries: int, profile: int = 47) -> dict:
+    """A search confined to a query's own profile (LaMP_2N's median profile is 47 items), as the agent runs."""
+    rng = random.Random(17)
+    queries = [" ".join(rng.choice(texts).split()[:12]) for _ in range(n_queries)]
+    items = synthetic_items(texts, 1000, random.Random(1000))
+    scope = [it.id for it in items[-profile:]]
+    with EpisodicMemory(":memory:", embedder=embedder) as mem:
+        mem.add("user", items)
+        for q in queries[:5]:
+            mem.search("user", q, 5, within_ids=scope, exclude_ids=["query"])
+        latencies = []
+        for q in queries:
+            t0 = time.perf_counter()
+            mem.search("user", q, 5, within_ids=scope, exclude_ids=["query"])
+            latencies.append((time.perf_counter() - t0) * 1000)
+    row = {"vectors": "bm25", "items_per_user": 1000, "scope_items": profile,
+           "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "searches": len(latencies)}
+    print(f"  scoped to {profile} items of 1000: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms", flush=True)
+    return row
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -189,17 +230,22 @@ def main() -> None:
     print("scale (local mode, one collection per user):")
     scale = bench_scale(texts, sizes, embedders, n_queries)
     print("layout (local mode, BM25):")
+    scoped = bench_scoped(texts, embedders["bm25"], n_queries)
+    print("Qdrant local mode alone (BM25, no in-process index):")
+    plain = bench_plain_qdrant(texts, [s for s in sizes if s <= 10000], embedders["bm25"], min(n_queries, 30))
     layouts = bench_layouts(texts, users=10, per_user=1000, embedder=embedders["bm25"], n_queries=n_queries)
     print("quality:")
     quality = bench_quality(embedders, args.k)
     print_table("Ingest and search latency", scale)
+    print_table("Search scoped to a query's profile (in-process index)", [scoped])
+    print_table("Qdrant local mode alone", plain)
     print_table("Collection layout in local mode", layouts)
     print_table("Retrieval quality (k-nearest vote over each query's own profile)", quality)
     result = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "created": datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 1),
-        "scale": scale, "layouts": layouts, "quality": quality,
+        "scale": scale, "scoped": scoped, "plain_qdrant": plain, "layouts": layouts, "quality": quality,
         "summary": {
             "search_p50_ms_bm25_1k": next((r["p50_ms"] for r in scale if r["mode"] == "sparse"
                                            and r["items_per_user"] == 1000), None),

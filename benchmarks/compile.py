@@ -35,12 +35,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from loopback_server import LoopbackServer  # noqa: E402
 
-from persona_dspy.compile import compile_users  # noqa: E402
-from persona_dspy.lamp import load_dataset  # noqa: E402
-from persona_dspy.lm import build_lm  # noqa: E402
-from persona_dspy.memory import EpisodicMemory  # noqa: E402
-from persona_dspy.offline_lm import offline_lm  # noqa: E402
-from persona_dspy.tables import format_table  # noqa: E402
+from persona_dspy.data.lamp import load_dataset  # noqa: E402
+from persona_dspy.evaluation.tables import format_table  # noqa: E402
+from persona_dspy.jobs.compile import compile_users  # noqa: E402
+from persona_dspy.lm.build import build_lm  # noqa: E402
+from persona_dspy.memory.episodic import EpisodicMemory  # noqa: E402
+from persona_dspy.testing.offline_lm import offline_lm  # noqa: E402
 
 SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO.parent / "shared"))
 
@@ -89,7 +89,8 @@ def bench_throughput(task: str, latency: float, workers_list: list[int], users_p
 
 def bench_optimizer_calls(task: str, users: int) -> tuple[list[dict], dict]:
     """LM calls per user for each optimizer (offline stand-in), from the comparison harness."""
-    from persona_dspy.comparison import DEFAULT_OPTIMIZERS, compare_optimizers, gepa_spec
+    from persona_dspy.jobs.comparison import DEFAULT_OPTIMIZERS, compare_optimizers
+    from persona_dspy.jobs.comparison.contenders import gepa_spec
 
     histories = dev_histories(task)[:users]
     optimizers = (*DEFAULT_OPTIMIZERS, gepa_spec(auto="light", name="gepa_auto_light"))

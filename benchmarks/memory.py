@@ -5,7 +5,7 @@
 
 Prints tables and writes benchmarks/results/memory.json. Latency is wall time of
 ``EpisodicMemory.search`` in Qdrant local mode on this machine (single thread).
-Quality: a k-nearest vote over each query's own profile (see persona_dspy.retrieval_quality)
+Quality: a k-nearest vote over each query's own profile (see persona_dspy.evaluation.retrieval_quality)
 on the LaMP-format dev sets in ../shared/lamp (falls back to the shipped samples).
 """
 
@@ -28,13 +28,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PERSONA_DSPY_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from persona_dspy.embeddings import Embedder, EmbeddingConfig  # noqa: E402
-from persona_dspy.lamp import load_dataset  # noqa: E402
-from persona_dspy.memory import EpisodicMemory  # noqa: E402
-from persona_dspy.records import HistoryItem  # noqa: E402
-from persona_dspy.retrieval_quality import evaluate_retrieval  # noqa: E402
-from persona_dspy.tables import format_table  # noqa: E402
-from persona_dspy.tasks import get_task  # noqa: E402
+from persona_dspy.data.lamp import load_dataset  # noqa: E402
+from persona_dspy.data.records import HistoryItem  # noqa: E402
+from persona_dspy.data.tasks import get_task  # noqa: E402
+from persona_dspy.evaluation.retrieval_quality import evaluate_retrieval  # noqa: E402
+from persona_dspy.evaluation.tables import format_table  # noqa: E402
+from persona_dspy.memory.embeddings import Embedder, EmbeddingConfig  # noqa: E402
+from persona_dspy.memory.episodic import EpisodicMemory  # noqa: E402
 
 SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO.parent / "shared"))
 DENSE_DIR = SHARED / "models" / "all-MiniLM-L6-v2-onnx"

@@ -2,6 +2,35 @@
 
 Per-user episodic memory in Qdrant, a persona (semantic memory) that conditions the agent's
 answers, and test-time alignment of that persona as an optimizable instruction.
+
+Sub-packages by concern, lowest first; a package imports only from those before it:
+``data`` (records, loaders, scopes) -> ``memory`` (episodic memory, embeddings, retrieval) -> ``lm`` (building and
+describing LMs) -> ``agent`` (PersonaAgent, semantic memory, answer mapping) -> ``programs`` (program files) ->
+``evaluation`` (metrics, evaluation, reports) -> ``jobs`` (align, compile, compare, tune) -> ``cli``.
+``files`` (atomic writes) sits below them all; ``testing`` (the offline stand-in LM) is test support that only
+``--lm offline`` loads.
 """
 
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` re-exporting ``exports`` (name -> submodule) on first use.
+
+    Sub-packages re-export their public names this way so that importing one light module of a package (say
+    ``persona_dspy.data.tasks``) does not import the heavy ones (dspy, qdrant, fastembed) beside it.
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+
+    return __getattr__

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the CLI imports dspy and friends lazily, so that `--help` and data errors stay fast
     import dspy
 
-    from persona_dspy.memory import EpisodicMemory
-    from persona_dspy.records import UserHistory
+    from persona_dspy.data.records import UserHistory
+    from persona_dspy.memory.episodic import EpisodicMemory
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _add_user_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _selected(histories: list[UserHistory], args: argparse.Namespace) -> list[UserHistory]:
-    from persona_dspy.records import select_users
+    from persona_dspy.data.records import select_users
 
     return select_users(histories, args.users, args.max_users)
 
@@ -123,7 +123,7 @@ def _non_negative(text: str) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> list[str]:
-    from persona_dspy.tasks import normalize_task_name
+    from persona_dspy.data.tasks import normalize_task_name
 
     if args.task == "all":
         if args.data is not None:
@@ -142,13 +142,13 @@ def _command(sub: Any, name: str, help: str, *, temperature: bool = True) -> arg
 
 
 def _data_folder(task: str, args: argparse.Namespace) -> Path:
-    from persona_dspy.lamp import dataset_dir
+    from persona_dspy.data.lamp import dataset_dir
 
     return args.data if args.data is not None else dataset_dir(task)
 
 
 def _load(task: str, args: argparse.Namespace):
-    from persona_dspy.lamp import load_dataset
+    from persona_dspy.data.lamp import load_dataset
 
     folder = _data_folder(task, args)
     histories = load_dataset(folder, split=args.split)
@@ -158,8 +158,8 @@ def _load(task: str, args: argparse.Namespace):
 
 
 def _open_memory(task: str, args: argparse.Namespace):
-    from persona_dspy.embeddings import EmbeddingConfig
-    from persona_dspy.memory import EpisodicMemory
+    from persona_dspy.memory.embeddings import EmbeddingConfig
+    from persona_dspy.memory.episodic import EpisodicMemory
 
     config = EmbeddingConfig(sparse=True, dense=args.dense)
     if args.qdrant_url:
@@ -179,7 +179,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_retrieval_eval(args: argparse.Namespace) -> int:
     """Ingest (idempotent) and print how well a k-nearest vote over each query's own profile does."""
-    from persona_dspy.retrieval_quality import evaluate_retrieval
+    from persona_dspy.evaluation.retrieval_quality import evaluate_retrieval
 
     rows = []
     for task in _tasks(args):
@@ -189,11 +189,11 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
             strategies = ["recency", "majority", "bm25"] + (["dense", "hybrid"] if memory.embedder.has_dense else [])
             for strategy in strategies:
                 rows.append(evaluate_retrieval(histories, strategy, k=args.k, memory=memory).as_row())
-    from persona_dspy.tables import format_table
+    from persona_dspy.evaluation.tables import format_table
 
     print(format_table(rows, ["task", "strategy", "k", "queries", "accuracy", "mae", "rmse", "fallbacks"], digits=4))
     if args.json:
-        from persona_dspy.programs import write_atomically
+        from persona_dspy.files import write_atomically
 
         write_atomically(args.json, json.dumps(rows, indent=2).encode("utf-8"))
     return 0
@@ -201,7 +201,7 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
 
 def _build_lm(args: argparse.Namespace) -> dspy.LM:
     """The LM the flags (or PERSONA_DSPY_* variables) name; checked before any data is loaded or call is sent."""
-    from persona_dspy.lm import ENV_LM, build_lm
+    from persona_dspy.lm.build import ENV_LM, build_lm
 
     if not (args.lm or "").strip() and not os.environ.get(ENV_LM, "").strip():
         raise CLIError(NO_LM_HINT)
@@ -216,7 +216,7 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
 
 def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
     """The LM for loss, updates and reflection: --optimizer-lm (or its env variable), else the task LM itself."""
-    from persona_dspy.lm import build_optimizer_lm
+    from persona_dspy.lm.build import build_optimizer_lm
 
     return build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=task_lm,
                               temperature=getattr(args, "temperature", 0.0), max_tokens=args.max_tokens,
@@ -224,7 +224,7 @@ def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
 
 
 def _lm_hint(lm: dspy.LM) -> str:
-    from persona_dspy.lm import describe_lm
+    from persona_dspy.lm.build import describe_lm
 
     base = describe_lm(lm).get("api_base")
     return f" (is the LM server at {base} running and serving {lm.model.partition('/')[2]!r}?)" if base else ""
@@ -232,7 +232,7 @@ def _lm_hint(lm: dspy.LM) -> str:
 
 def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
     """One task's users: the task name (LaMP_2 resolved from the data) and its histories."""
-    from persona_dspy.tasks import normalize_task_name
+    from persona_dspy.data.tasks import normalize_task_name
 
     task = normalize_task_name(args.task)
     histories = _load(task, args)
@@ -244,7 +244,7 @@ def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
 def _report_path(args: argparse.Namespace, task: str) -> Path:
     if args.out is not None:
         return args.out
-    from persona_dspy.memory import default_memory_path
+    from persona_dspy.memory.episodic import default_memory_path
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return default_memory_path().parent / "reports" / f"eval-{task}-{args.mode}-{stamp}.json"
@@ -252,7 +252,7 @@ def _report_path(args: argparse.Namespace, task: str) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Ingest (idempotent), evaluate PersonaAgent on every user, print the table and write the JSON report."""
-    from persona_dspy.evaluation import evaluate
+    from persona_dspy.evaluation.evaluate import evaluate
 
     lm = _build_lm(args)
     task, histories = _task_histories(args)
@@ -282,10 +282,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Align users' personas on their recent interactions and save one program file per user (resumable)."""
-    from persona_dspy.compile import compile_users
-    from persona_dspy.evaluation import OFFLINE_NOTE
-    from persona_dspy.memory import default_memory_path
-    from persona_dspy.offline_lm import is_offline
+    from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    from persona_dspy.jobs.compile import compile_users
+    from persona_dspy.lm.build import is_offline
+    from persona_dspy.memory.episodic import default_memory_path
 
     lm = _build_lm(args)
     optimizer_lm = _build_optimizer_lm(args, lm)
@@ -312,8 +312,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every optimizer on the same users, trainsets and validation slices; write JSON and CSV."""
-    from persona_dspy.comparison import compare_optimizers
-    from persona_dspy.memory import default_memory_path
+    from persona_dspy.jobs.comparison import compare_optimizers
+    from persona_dspy.memory.episodic import default_memory_path
 
     lm = _build_lm(args)
     optimizer_lm = _build_optimizer_lm(args, lm)
@@ -333,9 +333,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
-    from persona_dspy.memory import default_memory_path
-    from persona_dspy.programs import write_atomically
-    from persona_dspy.tuning_job import run_tuning
+    from persona_dspy.files import write_atomically
+    from persona_dspy.jobs.tuning import run_tuning
+    from persona_dspy.memory.episodic import default_memory_path
 
     # Built here only to check the flags before any data is loaded (nothing is sent): each trial builds its own LM
     # at the trial's temperature.
@@ -373,7 +373,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _find_user(histories: list[UserHistory], user_id: str) -> UserHistory:
-    from persona_dspy.records import select_users
+    from persona_dspy.data.records import select_users
 
     return select_users(histories, [user_id])[0]
 
@@ -383,11 +383,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import dspy
     from dspy.utils.exceptions import LMError
 
-    from persona_dspy.alignment import initial_agent
-    from persona_dspy.evaluation import OFFLINE_NOTE
-    from persona_dspy.examples import query_examples
-    from persona_dspy.lm import LMUsage
-    from persona_dspy.offline_lm import is_offline
+    from persona_dspy.agent.semantic_memory import initial_agent
+    from persona_dspy.data.examples import query_examples
+    from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    from persona_dspy.lm.build import LMUsage, is_offline
 
     lm = _build_lm(args)
     task, histories = _task_histories(args)
@@ -547,9 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from dspy.utils.exceptions import LMError
 
-    from persona_dspy.embeddings import EmbeddingModelError
-    from persona_dspy.lamp import DataError
-    from persona_dspy.memory import MemoryStoreError
+    from persona_dspy.data.lamp import DataError
+    from persona_dspy.memory.embeddings import EmbeddingModelError
+    from persona_dspy.memory.episodic import MemoryStoreError
 
     try:
         return args.func(args)

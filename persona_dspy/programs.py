@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,11 +36,12 @@ from typing import Any
 import dspy
 
 import persona_dspy
-from persona_dspy.agent import MODES, PersonaAgent
-from persona_dspy.lm import describe_lm
-from persona_dspy.memory import EpisodicMemory, task_namespace
-from persona_dspy.retrieval import MEMORY_TOOL_NAME
-from persona_dspy.tasks import get_task
+from persona_dspy.agent.persona_agent import MODES, PersonaAgent
+from persona_dspy.data.tasks import get_task
+from persona_dspy.files import fsync_dir, write_atomically, write_temp
+from persona_dspy.lm.build import describe_lm
+from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
+from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -141,53 +141,6 @@ def program_document(agent: PersonaAgent, metadata: Mapping[str, Any] | None = N
             "state": agent.dump_state(json_mode=True)}
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); platforms that cannot open a directory skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_temp(directory: Path, prefix: str, data: bytes) -> Path:
-    """Write ``data`` to a fsynced temporary file in ``directory`` (same filesystem, so renames are atomic)."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Replace ``path``'s content with ``data`` so that a crash leaves the old file or the new one, never a mix.
-
-    Temporary file in the same directory, fsynced, ``os.replace``d over ``path``, then the directory fsynced so the
-    rename itself survives a power cut. Parent folders are created. Returns the path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path.parent, f".{path.name}.", data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def versions_dir(path: str | os.PathLike[str]) -> Path:
     """The sibling folder that keeps earlier versions of ``path``: ``<name>.versions/``."""
     path = Path(path)
@@ -218,7 +171,7 @@ def _keep_version(path: Path) -> Path | None:
     folder = versions_dir(path)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = _version_stamp(data, path)
-    tmp = _write_temp(folder, f".{stamp}.", data)
+    tmp = write_temp(folder, f".{stamp}.", data)
     try:
         counter = 0
         while True:
@@ -237,7 +190,7 @@ def _keep_version(path: Path) -> Path | None:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
                 os.replace(tmp, target)  # no hard links on this filesystem: the exists() check above has to do
-            _fsync_dir(folder)
+            fsync_dir(folder)
             logger.info("kept the previous version of %s as %s", path, target)
             return target
     finally:

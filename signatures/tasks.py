@@ -137,7 +137,7 @@ def canonical_task_name(name: str) -> str | None:
     """The canonical spelling of a LaMP task name ('lamp-3', 'LaMP3', '3' -> 'LaMP_3'; '2n' -> 'LaMP_2N'), else None.
 
     Spelling only: the result may name no task ('LaMP_1N') or be the ambiguous 'LaMP_2'; callers check it against
-    their registry. It lives here, not in persona_dspy.tasks, so that signatures stay a leaf package.
+    their registry. It lives here, not in persona_dspy.data.tasks, so that signatures stay a leaf package.
     """
     match = _TASK_NAME.fullmatch(name.strip())
     return f"LaMP_{match.group(1)}{(match.group(2) or '').upper()}" if match else None

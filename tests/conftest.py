@@ -25,14 +25,14 @@ def dense_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def bm25_embedder():
-    from persona_dspy.embeddings import Embedder
+    from persona_dspy.memory.embeddings import Embedder
 
     return Embedder()
 
 
 @pytest.fixture(scope="session")
 def hybrid_embedder(dense_model_dir):
-    from persona_dspy.embeddings import Embedder, EmbeddingConfig
+    from persona_dspy.memory.embeddings import Embedder, EmbeddingConfig
 
     return Embedder(EmbeddingConfig(sparse=True, dense=str(dense_model_dir)))
 
@@ -40,8 +40,8 @@ def hybrid_embedder(dense_model_dir):
 @pytest.fixture(scope="session")
 def sample_memory(bm25_embedder):
     """Build (histories, in-memory store holding them) for a shipped sample; each call gets its own store."""
-    from persona_dspy.lamp import dataset_dir, load_dataset
-    from persona_dspy.memory import EpisodicMemory
+    from persona_dspy.data.lamp import dataset_dir, load_dataset
+    from persona_dspy.memory.episodic import EpisodicMemory
 
     opened = []
 
@@ -62,7 +62,7 @@ def lm():
     """The offline stand-in LM, active for the test (a plumbing check, never a model)."""
     import dspy
 
-    from persona_dspy.offline_lm import offline_lm
+    from persona_dspy.testing.offline_lm import offline_lm
 
     stand_in = offline_lm()
     with dspy.context(lm=stand_in):

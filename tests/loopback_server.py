@@ -1,7 +1,7 @@
 """A scripted OpenAI-compatible HTTP server on 127.0.0.1 that answers with the offline stand-in.
 
 It lets the test suite exercise the real HTTP path (LiteLLM, retries, timeouts, usage) without a model: the
-completion text comes from ``persona_dspy.offline_lm.answer_messages`` applied to the received messages, so the
+completion text comes from ``persona_dspy.testing.offline_lm.answer_messages`` applied to the received messages, so the
 same stand-in answers over HTTP as in process. It binds 127.0.0.1 only and exits on its own after --max-seconds.
 
 Run: ``python tests/loopback_server.py [--port 0] [--latency S] [--fail-first N] [--retry-after S]``; it prints
@@ -61,7 +61,7 @@ class _State:
 
 
 def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
-    from persona_dspy.offline_lm import answer_messages
+    from persona_dspy.testing.offline_lm import answer_messages
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

@@ -8,11 +8,11 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_dspy.agent import PersonaAgent, answer_text_from_response
-from persona_dspy.examples import interaction_examples, query_examples
-from persona_dspy.offline_lm import Message, Response, TextPart, Usage, offline_lm
-from persona_dspy.retrieval import MEMORY_TOOL_NAME, memory_search_tool
-from persona_dspy.semantic_memory import PersonaSummarizer, initial_persona
+from persona_dspy.agent.persona_agent import PersonaAgent, answer_text_from_response
+from persona_dspy.agent.semantic_memory import PersonaSummarizer, initial_persona
+from persona_dspy.data.examples import interaction_examples, query_examples
+from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME, memory_search_tool
+from persona_dspy.testing.offline_lm import Message, Response, TextPart, Usage, offline_lm
 from signatures import compose_persona
 
 

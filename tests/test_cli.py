@@ -12,11 +12,11 @@ import socket
 import pytest
 from loopback_server import loopback_fixture
 
-from persona_dspy import alignment
-from persona_dspy import lm as lm_module
+from persona_dspy.agent import semantic_memory
 from persona_dspy.cli import main
-from persona_dspy.evaluation import OFFLINE_NOTE
-from persona_dspy.lamp import dataset_dir, load_dataset
+from persona_dspy.data.lamp import dataset_dir, load_dataset
+from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+from persona_dspy.lm import build as lm_module
 
 server = loopback_fixture()
 
@@ -114,14 +114,14 @@ def test_eval_with_an_unreachable_server_is_an_error(capsys, tmp_path):
 def test_eval_with_some_users_failing_exits_1(capsys, tmp_path, monkeypatch):
     histories = load_dataset(dataset_dir("LaMP_3"))
     bad = histories[2].user_id
-    real = alignment.initial_persona  # the default agent factory's persona, via alignment.initial_agent
+    real = semantic_memory.initial_persona  # the default agent factory's persona, via initial_agent
 
     def flaky(history, *args, **kwargs):
         if history.user_id == bad:
             raise RuntimeError("summary failed")
         return real(history, *args, **kwargs)
 
-    monkeypatch.setattr(alignment, "initial_persona", flaky)
+    monkeypatch.setattr(semantic_memory, "initial_persona", flaky)
     out = tmp_path / "partial.json"
     code, stdout, stderr = run(capsys, "eval", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
                                "--out", str(out), "--no-progress")
@@ -324,9 +324,9 @@ def test_compare_offline_writes_json_and_csv(capsys, tmp_path):
 def test_an_app_loads_a_compiled_program_and_finds_the_users_memory(capsys, tmp_path):
     import dspy
 
-    from persona_dspy.memory import EpisodicMemory
-    from persona_dspy.offline_lm import offline_lm
+    from persona_dspy.memory.episodic import EpisodicMemory
     from persona_dspy.programs import load_program
+    from persona_dspy.testing.offline_lm import offline_lm
 
     store, out = tmp_path / "memory", tmp_path / "programs"
     code, _, stderr = run(capsys, "compile", "--task", "LaMP_3", "--lm", "offline", "--memory", str(store),

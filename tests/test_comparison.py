@@ -13,17 +13,20 @@ import pytest
 
 from optimizers.lm_usage import LMUsage
 from optimizers.textual_loss import TextualLossMetric
-from persona_dspy import comparison, programs
-from persona_dspy.comparison import (
+from persona_dspy import programs
+from persona_dspy.data.examples import interaction_examples, query_examples
+from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+from persona_dspy.evaluation.metrics import dspy_metric
+from persona_dspy.jobs.comparison import (
     DEFAULT_OPTIMIZERS,
     OptimizerSpec,
     compare_optimizers,
+    contenders,
+    harness,
     plot_score_vs_calls,
 )
-from persona_dspy.evaluation import OFFLINE_NOTE
-from persona_dspy.examples import interaction_examples, query_examples
-from persona_dspy.metrics import dspy_metric
-from persona_dspy.offline_lm import OFFLINE_MODEL, offline_lm
+from persona_dspy.lm.build import OFFLINE_MODEL
+from persona_dspy.testing.offline_lm import offline_lm
 
 N_USERS = 2
 COMPILES_WITH_LM = ("persona_aligner", "gepa", "miprov2", "copro", "bootstrap_fewshot")
@@ -129,12 +132,12 @@ def test_report_records_the_lm_and_the_offline_flag(run):
     assert report.offline and report.note == OFFLINE_NOTE
     assert report.lm["model"] == OFFLINE_MODEL and report.optimizer_lm is None
     assert (report.task, report.primary_metric, report.higher_is_better) == ("LaMP_3", "mae", False)
-    assert report.result("gepa").settings["max_metric_calls"] == comparison.GEPA_MAX_METRIC_CALLS
+    assert report.result("gepa").settings["max_metric_calls"] == contenders.GEPA_MAX_METRIC_CALLS
     assert report.result("miprov2").settings["max_labeled_demos"] == 0
     # what each DSPy optimizer actually ran, per user
     for user in report.result("gepa").users:
         assert user.details["candidates"] >= 1  # GEPA may overshoot its budget by the minibatch it is running
-        assert user.details["total_metric_calls"] <= comparison.GEPA_MAX_METRIC_CALLS + 3
+        assert user.details["total_metric_calls"] <= contenders.GEPA_MAX_METRIC_CALLS + 3
     assert all(u.details["trials"] > 0 for u in report.result("miprov2").users)
     assert all(u.details["candidates_evaluated"] == u.details["candidates_planned"] == 6
                for u in report.result("copro").users)
@@ -188,14 +191,14 @@ def test_plot_is_saved(run, tmp_path):
 
 def test_initial_persona_failure_fails_only_personalized_optimizers(lamp3, monkeypatch):
     histories, memory = lamp3
-    real = comparison.initial_persona
+    real = harness.initial_persona
 
     def flaky(history):
         if history.user_id == histories[0].user_id:
             raise ConnectionError("server down")
         return real(history)
 
-    monkeypatch.setattr(comparison, "initial_persona", flaky)
+    monkeypatch.setattr(harness, "initial_persona", flaky)
     report = compare_optimizers(histories, memory=memory, lm=offline_lm(), optimizers=("initial", "non_personalized"),
                                 progress=False)
     initial = report.result("initial")

@@ -14,11 +14,11 @@ from pathlib import Path
 import dspy
 import pytest
 
-from persona_dspy.compile import SUMMARY_FILE, compile_users, program_path
-from persona_dspy.lamp import dataset_dir, load_dataset
-from persona_dspy.memory import EpisodicMemory
-from persona_dspy.offline_lm import OfflineEngine, offline_lm
+from persona_dspy.data.lamp import dataset_dir, load_dataset
+from persona_dspy.jobs.compile import SUMMARY_FILE, compile_users, program_path
+from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import load_program, read_program_metadata
+from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,10 +118,10 @@ def test_one_users_failure_does_not_stop_the_others(lamp3, tmp_path):
 CRASH_SCRIPT = textwrap.dedent("""
     import sys, time
     import dspy
-    from persona_dspy.compile import compile_users
-    from persona_dspy.lamp import dataset_dir, load_dataset
-    from persona_dspy.memory import EpisodicMemory
-    from persona_dspy.offline_lm import OfflineEngine
+    from persona_dspy.jobs.compile import compile_users
+    from persona_dspy.data.lamp import dataset_dir, load_dataset
+    from persona_dspy.memory.episodic import EpisodicMemory
+    from persona_dspy.testing.offline_lm import OfflineEngine
 
     class Slow(OfflineEngine):
         def complete(self, request):
@@ -169,8 +169,8 @@ def test_kill_9_mid_run_loses_no_written_program(tmp_path, bm25_embedder):
 
 
 def test_tasks_without_past_answers_are_refused_up_front(tmp_path):
-    from persona_dspy.records import HistoryItem, UserHistory
-    from persona_dspy.tasks import get_task
+    from persona_dspy.data.records import HistoryItem, UserHistory
+    from persona_dspy.data.tasks import get_task
 
     spec = get_task("LaMP_7")
     items = [HistoryItem.from_fields(spec, f"t{i}", None, {"text": f"tweet {i}"}, i) for i in range(5)]

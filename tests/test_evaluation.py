@@ -12,14 +12,14 @@ import dspy
 import pytest
 
 from persona_dspy import programs
-from persona_dspy.agent import PersonaAgent
-from persona_dspy.evaluation import OFFLINE_NOTE, EvalReport, evaluate
-from persona_dspy.lamp import dataset_dir, load_dataset
-from persona_dspy.lm import LMUsage
-from persona_dspy.memory import EpisodicMemory
-from persona_dspy.metrics import score_task
-from persona_dspy.offline_lm import OFFLINE_MODEL, offline_lm
-from persona_dspy.tables import format_table
+from persona_dspy.agent.persona_agent import PersonaAgent
+from persona_dspy.data.lamp import dataset_dir, load_dataset
+from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, EvalReport, evaluate
+from persona_dspy.evaluation.metrics import score_task
+from persona_dspy.evaluation.tables import format_table
+from persona_dspy.lm.build import LMUsage
+from persona_dspy.memory.episodic import EpisodicMemory
+from persona_dspy.testing.offline_lm import OFFLINE_MODEL, offline_lm
 
 METRIC_KEYS = {"LaMP_2N": {"accuracy", "f1"}, "LaMP_3": {"mae", "rmse"}}
 

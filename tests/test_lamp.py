@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from persona_dspy.lamp import (
+from persona_dspy.data.lamp import (
     DataError,
     dataset_dir,
     load_dataset,
@@ -20,7 +20,7 @@ from persona_dspy.lamp import (
     parse_date,
     profile_user_id,
 )
-from persona_dspy.records import UserHistory
+from persona_dspy.data.records import UserHistory
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "lamp"

@@ -8,16 +8,18 @@ import pytest
 from dspy.utils.exceptions import LMServerError, LMTimeoutError
 from loopback_server import loopback_fixture
 
-from persona_dspy import lm as lm_module
-from persona_dspy.lm import (
+from persona_dspy.lm import build as lm_module
+from persona_dspy.lm.build import (
+    OFFLINE_MODEL,
     LMConfigError,
     LMUsage,
     build_lm,
     build_optimizer_lm,
     check_api_base,
     describe_lm,
+    is_offline,
 )
-from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, is_offline
+from persona_dspy.testing.offline_lm import OfflineEngine
 from signatures.labels import LAMP_3_LABELS
 from signatures.tasks import task_signature
 

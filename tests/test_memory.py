@@ -10,11 +10,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from persona_dspy.embeddings import Embedder, EmbeddingConfig, EmbeddingModelError
-from persona_dspy.memory import EpisodicMemory, MemoryStoreError, point_id
-from persona_dspy.records import HistoryItem, Query, UserHistory
-from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, memory_search_tool
-from persona_dspy.tasks import get_task
+from persona_dspy.data.records import HistoryItem, Query, UserHistory
+from persona_dspy.data.scope import MemoryScope
+from persona_dspy.data.tasks import get_task
+from persona_dspy.memory.embeddings import Embedder, EmbeddingConfig, EmbeddingModelError
+from persona_dspy.memory.episodic import EpisodicMemory, MemoryStoreError, point_id
+from persona_dspy.memory.retrieval import MemoryRetrieval, memory_search_tool
 
 SPEC = get_task("LaMP_3")
 TOPICS = ["guitar amp", "drum sticks", "piano keys", "violin bow", "microphone stand", "guitar strings",
@@ -136,7 +137,7 @@ def test_local_store_persists_across_processes_and_is_locked(tmp_path, bm25_embe
         with EpisodicMemory(store, embedder=bm25_embedder) as again:
             assert again.count("alice") == 2
         probe = textwrap.dedent(f"""
-            from persona_dspy.memory import EpisodicMemory, MemoryStoreError
+            from persona_dspy.memory.episodic import EpisodicMemory, MemoryStoreError
             try:
                 EpisodicMemory({str(store)!r})
             except MemoryStoreError as exc:
@@ -145,7 +146,7 @@ def test_local_store_persists_across_processes_and_is_locked(tmp_path, bm25_embe
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert "LOCKED" in out.stdout and "another process" in out.stdout, out.stderr[-2000:]
     reader = textwrap.dedent(f"""
-        from persona_dspy.memory import EpisodicMemory
+        from persona_dspy.memory.episodic import EpisodicMemory
         with EpisodicMemory({str(store)!r}) as mem:
             print(mem.count("alice"), [h.item_id for h in mem.search("alice", "guitar")])
     """)

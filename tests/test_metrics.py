@@ -11,7 +11,8 @@ import warnings
 import pytest
 from rouge_score import rouge_scorer, scoring
 
-from persona_dspy.metrics import (
+from persona_dspy.data.tasks import TASKS
+from persona_dspy.evaluation.metrics import (
     aggregate_by_user,
     dspy_metric,
     metric_keys,
@@ -19,7 +20,6 @@ from persona_dspy.metrics import (
     primary_metric,
     score_task,
 )
-from persona_dspy.tasks import TASKS
 from signatures.labels import LAMP_1_LABELS, LAMP_2N_LABELS
 
 # --- classification -------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_metric_keys_are_what_score_task_returns_primary_first(task: str) -> Non
 
 def test_rouge_score_is_imported_only_when_rouge_is_computed() -> None:
     # rouge_score pulls in nltk (~0.6 s): the CLI and label tasks should not pay for it
-    code = ("import sys; import persona_dspy.metrics as m; assert 'rouge_score' not in sys.modules; "
+    code = ("import sys; import persona_dspy.evaluation.metrics as m; assert 'rouge_score' not in sys.modules; "
             "m.score_task('LaMP_3', ['4'], ['4']); assert 'rouge_score' not in sys.modules; "
             "assert m.score_task('LaMP_7', ['a b'], ['a b'])['rouge-1'] == 1.0; assert 'rouge_score' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

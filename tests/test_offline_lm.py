@@ -9,8 +9,8 @@ import dspy
 import pydantic
 import pytest
 
-from persona_dspy.lm import LMUsage, describe_lm
-from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, answer_messages, is_offline, offline_lm
+from persona_dspy.lm.build import OFFLINE_MODEL, LMUsage, describe_lm, is_offline
+from persona_dspy.testing.offline_lm import OfflineEngine, answer_messages, offline_lm
 from signatures.labels import label_list
 from signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
 from signatures.tasks import TASK_SIGNATURES, task_signature

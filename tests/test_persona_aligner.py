@@ -12,10 +12,10 @@ from optimizers.lm_usage import LMUsage
 from optimizers.persona_aligner import PersonaAligner, aggregate_feedback
 from optimizers.persona_guard import PersonaGuard, split_persona, word_count
 from optimizers.textual_loss import TextualLossMetric
-from persona_dspy.agent import PersonaAgent
-from persona_dspy.examples import interaction_examples
-from persona_dspy.metrics import dspy_metric
-from persona_dspy.offline_lm import Message, OfflineEngine, Response, TextPart, Usage, offline_lm
+from persona_dspy.agent.persona_agent import PersonaAgent
+from persona_dspy.data.examples import interaction_examples
+from persona_dspy.evaluation.metrics import dspy_metric
+from persona_dspy.testing.offline_lm import Message, OfflineEngine, Response, TextPart, Usage, offline_lm
 from signatures.persona import PERSONA_RULES, compose_persona
 
 

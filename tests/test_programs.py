@@ -15,9 +15,8 @@ import dspy
 import pytest
 
 from persona_dspy import programs
-from persona_dspy.agent import PersonaAgent
-from persona_dspy.examples import query_examples
-from persona_dspy.offline_lm import OFFLINE_MODEL, offline_lm
+from persona_dspy.agent.persona_agent import PersonaAgent
+from persona_dspy.data.examples import query_examples
 from persona_dspy.programs import (
     FORMAT,
     FORMAT_VERSION,
@@ -29,6 +28,7 @@ from persona_dspy.programs import (
     versions_dir,
     write_atomically,
 )
+from persona_dspy.testing.offline_lm import OFFLINE_MODEL, offline_lm
 from signatures import compose_persona
 
 NEUTRAL = compose_persona("- Reads widely; files articles by their main topic.")

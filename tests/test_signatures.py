@@ -7,7 +7,7 @@ from typing import get_args
 
 import pytest
 
-from persona_dspy.tasks import TASKS, get_task, normalize_task_name
+from persona_dspy.data.tasks import TASKS, get_task, normalize_task_name
 from signatures.labels import LABELS, label_list
 from signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
 from signatures.tasks import AMBIGUOUS_LAMP_2, TASK_SIGNATURES, canonical_task_name, task_signature

@@ -24,14 +24,14 @@ from optimizers.tuning import (
     pareto_front,
     tune,
 )
-from persona_dspy import tuning_job
-from persona_dspy.alignment import align_user, initial_agent
-from persona_dspy.examples import query_examples
-from persona_dspy.lm import LMUsage
-from persona_dspy.metrics import aggregate_by_user
-from persona_dspy.offline_lm import OfflineEngine, offline_lm
-from persona_dspy.semantic_memory import initial_persona
-from persona_dspy.tuning_job import aligner_objective, aligner_space, run_tuning
+from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
+from persona_dspy.data.examples import query_examples
+from persona_dspy.evaluation.metrics import aggregate_by_user
+from persona_dspy.jobs import tuning as tuning_job
+from persona_dspy.jobs.alignment import align_user
+from persona_dspy.jobs.tuning import aligner_objective, aligner_space, run_tuning
+from persona_dspy.lm.build import LMUsage
+from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

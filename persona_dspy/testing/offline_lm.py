@@ -49,12 +49,11 @@ import dspy  # noqa: E402
 from dspy.clients.engines.base import validate_request  # noqa: E402
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events  # noqa: E402
 
-from persona_dspy.tasks import TASKS  # noqa: E402
+from persona_dspy.data.tasks import TASKS  # noqa: E402
+from persona_dspy.lm.build import OFFLINE_MODEL  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_MODEL = "offline/stand-in"
-"""The model name every stand-in LM carries, so reports show that no model produced them."""
 
 _FREE_TEXT_WORDS = 8
 _NOTE = "# note: the value you produce "
@@ -745,8 +744,3 @@ def offline_lm(
         callbacks=callbacks,
         **kwargs,
     )
-
-
-def is_offline(lm: Any) -> bool:
-    """Whether an LM is the stand-in (reports flag such runs as plumbing checks, not results)."""
-    return isinstance(getattr(lm, "engine", None), OfflineEngine) or getattr(lm, "model", None) == OFFLINE_MODEL

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import dspy
 
-from persona_dspy.records import HistoryItem, UserHistory
+from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
+from persona_dspy.data.records import HistoryItem, UserHistory
+from persona_dspy.memory.episodic import EpisodicMemory
 from signatures import PersonaSummary, compose_persona
 
 logger = logging.getLogger(__name__)
@@ -45,3 +47,12 @@ class PersonaSummarizer(dspy.Module):
 def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:
     """A user's starting persona, from the history strictly before their earliest query."""
     return (summarizer or PersonaSummarizer())(items=history.shared_history()).persona
+
+
+def initial_agent(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,
+                  persona: str | None = None) -> PersonaAgent:
+    """The user's unoptimized agent: persona summarised from history before their earliest query (one LM call)."""
+    if mode == "none":
+        return PersonaAgent(history.task, None, "none", user_id=history.user_id, k=k)
+    return PersonaAgent(history.task, memory, mode, persona=persona or initial_persona(history),
+                        user_id=history.user_id, k=k)

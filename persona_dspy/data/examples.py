@@ -1,6 +1,6 @@
 """DSPy examples for a user: test queries, and past interactions for test-time alignment.
 
-Every example carries the ``scope`` its answer may draw on (see ``persona_dspy.retrieval``), so
+Every example carries the ``scope`` its answer may draw on (see ``persona_dspy.memory.retrieval``), so
 the same program can be evaluated and aligned without any leakage: a test query sees its own
 profile; a past interaction sees only what came strictly before it.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dspy
 
-from persona_dspy.records import UserHistory
-from persona_dspy.retrieval import MemoryScope
-from persona_dspy.tasks import get_task
+from persona_dspy.data.records import UserHistory
+from persona_dspy.data.scope import MemoryScope
+from persona_dspy.data.tasks import get_task
 
 
 def query_examples(history: UserHistory) -> list[dspy.Example]:

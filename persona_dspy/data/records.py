@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from persona_dspy.tasks import TaskSpec
+from persona_dspy.data.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class UserHistory:
 
 def common_task(histories: Sequence[UserHistory], purpose: str) -> str:
     """The one task all ``histories`` belong to; evaluation, comparison and tuning pool scores over users."""
-    from persona_dspy.tasks import get_task
+    from persona_dspy.data.tasks import get_task
 
     if not histories:
         raise ValueError(f"no users for the {purpose}")

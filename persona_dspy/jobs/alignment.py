@@ -10,23 +10,14 @@ from typing import Any
 import dspy
 
 from optimizers.persona_aligner import PersonaAligner
-from persona_dspy.agent import AgentMode, PersonaAgent
-from persona_dspy.examples import interaction_examples
-from persona_dspy.memory import EpisodicMemory
-from persona_dspy.metrics import dspy_metric
-from persona_dspy.records import UserHistory
-from persona_dspy.semantic_memory import initial_persona
+from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
+from persona_dspy.agent.semantic_memory import initial_agent
+from persona_dspy.data.examples import interaction_examples
+from persona_dspy.data.records import UserHistory
+from persona_dspy.evaluation.metrics import dspy_metric
+from persona_dspy.memory.episodic import EpisodicMemory
 
 DEFAULT_RECENT = 3
-
-
-def initial_agent(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,
-                  persona: str | None = None) -> PersonaAgent:
-    """The user's unoptimized agent: persona summarised from history before their earliest query (one LM call)."""
-    if mode == "none":
-        return PersonaAgent(history.task, None, "none", user_id=history.user_id, k=k)
-    return PersonaAgent(history.task, memory, mode, persona=persona or initial_persona(history),
-                        user_id=history.user_id, k=k)
 
 
 def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,

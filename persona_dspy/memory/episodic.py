@@ -36,15 +36,15 @@ from typing import Literal, Protocol
 from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
-from persona_dspy.embeddings import (
+from persona_dspy.data.records import HistoryItem, UserHistory
+from persona_dspy.memory.embeddings import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
     Embedder,
     EmbeddingConfig,
     SparseVectorData,
 )
-from persona_dspy.local_index import RRF_K, LocalIndexCache, SearchFilter
-from persona_dspy.records import HistoryItem, UserHistory
+from persona_dspy.memory.local_index import RRF_K, LocalIndexCache, SearchFilter
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class MemoryStoreError(RuntimeError):
 
 def task_namespace(task: str) -> str:
     """The collection prefix of a task's memories, e.g. ``pd_lamp_3``."""
-    from persona_dspy.tasks import get_task
+    from persona_dspy.data.tasks import get_task
 
     return f"pd_{get_task(task).name.lower()}"
 
@@ -261,7 +261,7 @@ class EpisodicMemory:
     ``":memory:"``. ``url``: a Qdrant server instead. ``layout``: "auto" (per-user collections
     locally, a shared tenant collection on a server), "per_user" or "shared". ``local_index``:
     in local mode with per-user collections, answer searches from an in-process numpy mirror
-    of the user's collection (see ``persona_dspy.local_index``); results are Qdrant's own.
+    of the user's collection (see ``persona_dspy.memory.local_index``); results are Qdrant's own.
     ``rrf_k``: the reciprocal-rank-fusion constant for hybrid search (60, the literature's value:
     on the LaMP dev sets Qdrant's default of 2 made hybrid no better than dense alone).
     """

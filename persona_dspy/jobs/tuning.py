@@ -41,16 +41,15 @@ from optimizers.tuning import (
     trial_summary,
     tune,
 )
-from persona_dspy.agent import AgentMode
-from persona_dspy.alignment import DEFAULT_RECENT, align_user, initial_agent
-from persona_dspy.evaluation import OFFLINE_NOTE, evaluate
-from persona_dspy.lm import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, describe_lm
-from persona_dspy.memory import EpisodicMemory
-from persona_dspy.metrics import primary_metric
-from persona_dspy.offline_lm import is_offline
-from persona_dspy.records import UserHistory, common_task
-from persona_dspy.semantic_memory import initial_persona
-from persona_dspy.tasks import get_task
+from persona_dspy.agent.persona_agent import AgentMode
+from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
+from persona_dspy.data.records import UserHistory, common_task
+from persona_dspy.data.tasks import get_task
+from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, evaluate
+from persona_dspy.evaluation.metrics import primary_metric
+from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.lm.build import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, describe_lm, is_offline
+from persona_dspy.memory.episodic import EpisodicMemory
 
 logger = logging.getLogger(__name__)
 

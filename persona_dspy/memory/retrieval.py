@@ -1,8 +1,7 @@
 """Retrieval from a user's episodic memory: a DSPy module and a plain tool function for agents.
 
-A ``MemoryScope`` says where one question may look. It is built from the records, so the
-leakage rules live here once: a test query sees exactly its own profile; a past interaction
-(answered during alignment) sees only what came strictly before it, never itself.
+Every search goes through a ``MemoryScope`` (``persona_dspy.data.scope``), so no question sees beyond what the
+leakage rules allow it.
 """
 
 from __future__ import annotations
@@ -10,34 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from datetime import datetime
 
 import dspy
 
-from persona_dspy.memory import EpisodicMemory, Passage, SearchMode
-from persona_dspy.records import HistoryItem, Query, UserHistory
-
-
-@dataclass(frozen=True)
-class MemoryScope:
-    """The part of one user's memory a question may use."""
-
-    user_id: str
-    before: datetime | None = None
-    exclude_ids: tuple[str, ...] = ()
-    within_ids: frozenset[str] | None = None
-
-    @classmethod
-    def for_query(cls, user_id: str, query: Query) -> MemoryScope:
-        """A test query: its own profile and nothing else."""
-        return cls(user_id, before=query.before, exclude_ids=(query.id,), within_ids=query.profile_ids)
-
-    @classmethod
-    def for_interaction(cls, history: UserHistory, item: HistoryItem) -> MemoryScope:
-        """A past interaction answered again (alignment): strictly earlier items only."""
-        earlier = frozenset(it.id for it in history.items_before(item))
-        return cls(history.user_id, before=item.date, exclude_ids=(item.id,), within_ids=earlier)
+from persona_dspy.data.scope import MemoryScope
+from persona_dspy.memory.episodic import EpisodicMemory, Passage, SearchMode
 
 
 def search_scope(memory: EpisodicMemory, scope: MemoryScope, query: str, k: int,

@@ -29,16 +29,15 @@ from typing import Any
 import dspy
 from tqdm.auto import tqdm
 
-from persona_dspy.agent import MODES, AgentMode, PersonaAgent
-from persona_dspy.alignment import initial_agent
-from persona_dspy.examples import query_examples
-from persona_dspy.lm import LMUsage, describe_lm
-from persona_dspy.memory import EpisodicMemory
-from persona_dspy.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
-from persona_dspy.offline_lm import is_offline
-from persona_dspy.programs import write_atomically
-from persona_dspy.records import UserHistory, common_task
-from persona_dspy.tables import format_table
+from persona_dspy.agent.persona_agent import MODES, AgentMode, PersonaAgent
+from persona_dspy.agent.semantic_memory import initial_agent
+from persona_dspy.data.examples import query_examples
+from persona_dspy.data.records import UserHistory, common_task
+from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
+from persona_dspy.evaluation.tables import format_table
+from persona_dspy.files import write_atomically
+from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
+from persona_dspy.memory.episodic import EpisodicMemory
 
 logger = logging.getLogger(__name__)
 

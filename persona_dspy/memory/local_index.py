@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from qdrant_client import QdrantClient
 
-from persona_dspy.embeddings import DENSE_VECTOR, SPARSE_VECTOR, SparseVectorData
+from persona_dspy.memory.embeddings import DENSE_VECTOR, SPARSE_VECTOR, SparseVectorData
 
 RRF_K = 60  # the constant of Cormack et al. (2009); Qdrant's default of 2 lets one list's top hit dominate
 

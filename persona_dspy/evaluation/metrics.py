@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from persona_dspy.answers import normalize_answer
-from persona_dspy.tasks import TaskKind, get_task
+from persona_dspy.agent.answers import normalize_answer
+from persona_dspy.data.tasks import TaskKind, get_task
 
 if TYPE_CHECKING:  # rouge_score pulls in nltk (~0.6 s): imported when a generation task is first scored
     from rouge_score.rouge_scorer import RougeScorer

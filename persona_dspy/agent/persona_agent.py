@@ -32,10 +32,11 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_dspy.answers import normalize_answer
-from persona_dspy.memory import EpisodicMemory, SearchMode
-from persona_dspy.retrieval import MemoryRetrieval, MemoryScope, memory_scope, memory_search_tool
-from persona_dspy.tasks import get_task
+from persona_dspy.agent.answers import normalize_answer
+from persona_dspy.data.scope import MemoryScope
+from persona_dspy.data.tasks import get_task
+from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
+from persona_dspy.memory.retrieval import MemoryRetrieval, memory_scope, memory_search_tool
 from signatures import compose_persona, task_signature
 
 logger = logging.getLogger(__name__)

@@ -30,19 +30,19 @@ from typing import Any
 import dspy
 
 from optimizers.lm_usage import LMUsage
-from persona_dspy.agent import AgentMode
-from persona_dspy.alignment import DEFAULT_RECENT, align_user
-from persona_dspy.lm import describe_lm
-from persona_dspy.memory import EpisodicMemory
+from persona_dspy.agent.persona_agent import AgentMode
+from persona_dspy.data.records import UserHistory, select_users
+from persona_dspy.data.tasks import get_task
+from persona_dspy.files import write_atomically
+from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.lm.build import describe_lm
+from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import (
     ProgramFileError,
     load_program,
     read_program_metadata,
     save_program,
-    write_atomically,
 )
-from persona_dspy.records import UserHistory, select_users
-from persona_dspy.tasks import get_task
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import dspy  # noqa: E402
 from dspy.utils.callback import BaseCallback  # noqa: E402
 
 from optimizers.lm_usage import LMUsage  # noqa: E402, F401  (re-exported: reports and tests import it from here)
-from persona_dspy.offline_lm import OFFLINE_MODEL, OfflineEngine, is_offline, offline_lm  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ ENV_OPTIMIZER_API_KEY = "PERSONA_DSPY_OPTIMIZER_API_KEY"
 LOCAL_API_KEY = "local"
 """Sent when a server is named but no key is: local servers ignore it, but LiteLLM's OpenAI client wants one."""
 
+OFFLINE_MODEL = "offline/stand-in"
+"""The model name the offline stand-in (a test double in ``persona_dspy.testing``) carries, so reports flag it."""
 _OFFLINE_NAMES = {"offline", OFFLINE_MODEL}
 _OLLAMA_PROVIDERS = {"ollama", "ollama_chat"}
 
@@ -149,7 +150,10 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
     if num_retries < 0:
         raise LMConfigError(f"num_retries must be >= 0, got {num_retries}")
     if settings.offline:
-        # A custom engine owns its connection: dspy refuses api_base/api_key/timeout with one, so drop them.
+        # The stand-in is test support, loaded only when asked for by name. A custom engine owns its connection:
+        # dspy refuses api_base/api_key/timeout with one, so drop them.
+        from persona_dspy.testing.offline_lm import offline_lm
+
         return offline_lm(temperature=temperature, max_tokens=max_tokens, cache=cache, callbacks=callbacks)
     connection: dict[str, Any] = {}
     if settings.api_base:
@@ -198,10 +202,15 @@ def _redacted(api_base: str | None) -> str | None:
     return api_base
 
 
+def is_offline(lm: Any) -> bool:
+    """Whether an LM is the offline stand-in (reports flag such runs as plumbing checks, not results)."""
+    return getattr(lm, "model", None) == OFFLINE_MODEL
+
+
 def engine_kind(lm: Any) -> str:
     """'offline', 'litellm', 'lm15', 'auto' or the custom engine's class name."""
     engine = getattr(lm, "engine", None)
-    if isinstance(engine, OfflineEngine):
+    if is_offline(lm):
         return "offline"
     if isinstance(engine, str):
         return engine

@@ -55,8 +55,8 @@ from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from persona_dspy.records import HistoryItem, Query, UserHistory
-from persona_dspy.tasks import TASKS, TaskSpec, get_task, normalize_task_name, resolve_lamp2
+from persona_dspy.data.records import HistoryItem, Query, UserHistory
+from persona_dspy.data.tasks import TASKS, TaskSpec, get_task, normalize_task_name, resolve_lamp2
 
 logger = logging.getLogger(__name__)
 
@@ -675,7 +675,7 @@ def load_dataset(path: PathLike, split: str = "dev", task: str | None = None) ->
 
 def data_root() -> Path:
     """The repository's ``data/`` folder (next to the package), where shipped samples live."""
-    return Path(__file__).resolve().parent.parent / "data"
+    return Path(__file__).resolve().parents[2] / "data"
 
 
 def dataset_dir(task: str) -> Path:

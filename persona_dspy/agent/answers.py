@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from persona_dspy.tasks import TaskKind, get_task
+from persona_dspy.data.tasks import TaskKind, get_task
 
 # Below this difflib ratio two label keys are not considered the same word: 0.8 accepts "scifi", "politic",
 # "dystopian", "healthy-living" but rejects "fiction" -> "action" (0.77) and "comedic" -> "comedy" (0.77).

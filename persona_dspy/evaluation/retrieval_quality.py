@@ -13,10 +13,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from persona_dspy.memory import EpisodicMemory, SearchMode
-from persona_dspy.records import HistoryItem, Query, UserHistory, common_task
-from persona_dspy.retrieval import MemoryScope, search_scope
-from persona_dspy.tasks import TaskKind, get_task
+from persona_dspy.data.records import HistoryItem, Query, UserHistory, common_task
+from persona_dspy.data.scope import MemoryScope
+from persona_dspy.data.tasks import TaskKind, get_task
+from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
+from persona_dspy.memory.retrieval import search_scope
 
 STRATEGIES: tuple[str, ...] = ("recency", "majority", "bm25", "dense", "hybrid")
 _SEARCH_MODES: dict[str, SearchMode] = {"bm25": "sparse", "dense": "dense", "hybrid": "hybrid"}

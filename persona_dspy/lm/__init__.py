@@ -1,0 +1,12 @@
+"""LMs: building every LM the package uses (task and optimizer), describing them for reports, counting their calls.
+
+May import ``data`` and ``optimizers``. The offline stand-in lives in ``persona_dspy.testing`` and is loaded here
+only when asked for by name (``--lm offline``).
+"""
+
+from persona_dspy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "LMConfigError": "build", "LMUsage": "build", "build_lm": "build", "build_optimizer_lm": "build",
+    "describe_lm": "build", "is_offline": "build",
+})

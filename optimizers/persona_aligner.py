@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from optimizers.lm_usage import LMUsage
 from optimizers.persona_guard import PersonaGuard
+from optimizers.text_outputs import predict_text
 from optimizers.textual_loss import Metric, TextualLossMetric, score_of
 from signatures.persona import PersonaUpdate
 
@@ -181,6 +183,7 @@ class PersonaAligner(Teleprompter):
         if task_lm is None:
             raise ValueError("no LM: configure dspy (dspy.configure(lm=...)) or pass task_lm")
         cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (persona, example key) -> (prediction, score)
+        fallbacks: Counter[str] = Counter()  # replies read as raw text, by step (see optimizers.text_outputs)
         fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
         with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), usage]):
             current = self._evaluate(program, access, start_persona, valset, task_lm, cache)
@@ -195,10 +198,12 @@ class PersonaAligner(Teleprompter):
                 batch = [trainset[i] for i in batch_idx]
                 outputs = [self._answer(program, access, current.persona, ex, task_lm, cache) for ex in batch]
                 with dspy.context(lm=optimizer_lm):
-                    losses = [(score, self.loss.feedback(ex, pred, current.persona))
-                              for ex, (pred, score) in zip(batch, outputs, strict=True)]
-                    gradient = aggregate_feedback(losses)
-                    proposals = self._propose(current.persona, gradient)
+                    feedback = [self.loss.feedback_output(ex, pred, current.persona) for ex, (pred, _) in
+                                zip(batch, outputs, strict=True)]
+                    fallbacks["loss"] += sum(f.fallback is not None for f in feedback)
+                    gradient = aggregate_feedback([(score, f.text) for (_, score), f in
+                                                   zip(outputs, feedback, strict=True)])
+                    proposals = self._propose(current.persona, gradient, fallbacks)
                 step = AlignmentStep(iteration + 1, gradient)
                 step_best: _Evaluation | None = None
                 for proposal in proposals:
@@ -234,6 +239,7 @@ class PersonaAligner(Teleprompter):
             **self.settings(), "start_score": seen[start_persona], "best_score": best.score,
             "improved": best.score > seen[start_persona], "steps_run": len(steps), "valset_size": len(valset),
             "trainset_size": len(trainset), "lm_usage": usage.snapshot(),
+            "fallbacks": {"loss": fallbacks["loss"], "update": fallbacks["update"]},
             "seconds": round(time.perf_counter() - started, 3),
         }
         program.lm_calls = usage.calls
@@ -272,13 +278,14 @@ class PersonaAligner(Teleprompter):
         scores = [self._answer(program, access, persona, ex, lm, cache)[1] for ex in valset]
         return _Evaluation(persona, sum(scores) / len(scores))
 
-    def _propose(self, persona: str, feedback: str) -> list[str]:
+    def _propose(self, persona: str, feedback: str, fallbacks: Counter[str]) -> list[str]:
         proposals = []
         for i in range(self.candidates_per_step):
             config: dict[str, Any] = {}
             if i > 0:
                 config = {"temperature": self.candidate_temperature, "rollout_id": self.rng.randrange(1 << 30)}
-            result = self.update(persona=persona, feedback=feedback or "- (no feedback)",
-                                 max_words=self.max_persona_words, config=config)
-            proposals.append(str(result.new_persona))
+            output = predict_text(self.update, "new_persona", persona=persona, feedback=feedback or "- (no feedback)",
+                                  max_words=self.max_persona_words, config=config)
+            fallbacks["update"] += output.fallback is not None
+            proposals.append(output.text)
         return proposals

@@ -13,6 +13,7 @@ from typing import Any
 
 import dspy
 
+from optimizers.text_outputs import TextOutput, predict_text
 from signatures.persona import TextualLoss
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,16 @@ class TextualLossMetric:
 
     def feedback(self, example: dspy.Example, prediction: Any, persona: str) -> str:
         """One LM call: what the persona missed about this user on this item."""
+        return self.feedback_output(example, prediction, persona).text
+
+    def feedback_output(self, example: dspy.Example, prediction: Any, persona: str) -> TextOutput:
+        """``feedback``, saying whether the reply had to be read as raw text (see ``text_outputs``)."""
         produced = getattr(prediction, self.answer_field, None) if prediction is not None else None
         with dspy.context(lm=self.lm) if self.lm is not None else nullcontext():
             produced_text = str(produced) if produced is not None else "(no answer: the program failed)"
-            result = self.loss(question=str(example.query), expected_answer=str(example[self.answer_field]),
-                               produced_answer=produced_text, persona=persona)
-        return str(result.feedback).strip()
+            return predict_text(self.loss, "feedback", question=str(example.query),
+                                expected_answer=str(example[self.answer_field]), produced_answer=produced_text,
+                                persona=persona)
 
     def __call__(self, gold: dspy.Example, pred: Any, trace: Any = None, pred_name: str | None = None,
                  pred_trace: Any = None) -> float | dspy.Prediction:

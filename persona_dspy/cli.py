@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 SHIPPED_TASKS = ("LaMP_2N", "LaMP_3", "LaMP_2M")
 MODES = ("rag", "react", "none")
 DEFAULT_OPTIMIZERS = ("initial", "non_personalized", "persona_aligner", "gepa", "miprov2", "copro", "bootstrap_fewshot")
-NO_LM_HINT = ("no LM given: pass --lm (e.g. `--lm offline` for the offline stand-in, or "
-              "`--lm openai/<model> --api-base http://localhost:8000/v1` for a local server) or set PERSONA_DSPY_LM")
 
 
 class CLIError(Exception):
@@ -65,8 +63,10 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
 def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> None:
     """The task LM's flags; ``temperature=False`` for commands that set it themselves (tune searches it)."""
     parser.add_argument("--lm", default=None,
-                        help="'offline' (the stand-in: a plumbing check, never a model), openai/<model> or "
-                             "hosted_vllm/<model> with --api-base, ollama_chat/<model>; default env PERSONA_DSPY_LM")
+                        help="'local' (default: embedded llama.cpp serving SmolLM2-135M-Instruct, fetched once), "
+                             "local/<path.gguf>, openai/<model> or hosted_vllm/<model> with --api-base, "
+                             "ollama_chat/<model>, or 'offline' (the stand-in: a plumbing check, never a model); "
+                             "env PERSONA_DSPY_LM")
     parser.add_argument("--api-base", default=None,
                         help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (env PERSONA_DSPY_API_BASE)")
     parser.add_argument("--api-key", default=None,
@@ -75,10 +75,33 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
         parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     parser.add_argument("--max-tokens", type=_positive(int), default=512,
                         help="completion token cap per call (default 512)")
-    parser.add_argument("--timeout", type=_positive(float), default=60.0, help="seconds per LM request (default 60)")
+    parser.add_argument("--timeout", type=_positive(float), default=None,
+                        help="seconds per LM request (default 60; 600 for the embedded model, whose requests queue "
+                             "for one CPU)")
     parser.add_argument("--retries", type=_non_negative, default=3,
                         help="retries of a failed LM request, with backoff (default 3)")
+    _add_server_args(parser)
 
+
+def _add_server_args(parser: argparse.ArgumentParser, slots_default: str = "--workers") -> None:
+    """How the embedded llama.cpp server runs (--lm local and `serve`)."""
+    group = parser.add_argument_group("embedded model server (--lm local)")
+    group.add_argument("--server-slots", type=_positive(int), default=None,
+                       help=f"parallel slots (default: {slots_default})")
+    group.add_argument("--server-threads", type=_positive(int), default=None,
+                       help="llama.cpp threads (default: cores - 1, at least 1; measured in benchmarks/local_model.py)")
+    group.add_argument("--server-context", type=_positive(int), default=None,
+                       help="context tokens per slot (default 8192, SmolLM2's own)")
+    group.add_argument("--server-port", type=_non_negative, default=None, help="port on 127.0.0.1 (default: free)")
+    group.add_argument("--gpu-layers", type=int, default=None, help="layers offloaded to a GPU build (default 0)")
+
+
+def _server_options(args: argparse.Namespace) -> dict[str, int]:
+    """The embedded server's settings from the flags; slots default to the command's workers."""
+    slots = args.server_slots or getattr(args, "workers", None) or 1
+    options = {"slots": slots, "threads": args.server_threads, "context_per_slot": args.server_context,
+               "port": args.server_port, "gpu_layers": args.gpu_layers}
+    return {key: value for key, value in options.items() if value is not None}
 
 def _add_optimizer_lm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer-lm", default=None,
@@ -200,13 +223,12 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
 
 
 def _build_lm(args: argparse.Namespace) -> dspy.LM:
-    """The LM the flags (or PERSONA_DSPY_* variables) name; checked before any data is loaded or call is sent."""
-    from persona_dspy.lm.build import ENV_LM, build_lm
+    """The LM the flags (or PERSONA_DSPY_* variables) name, else the embedded local model; built before any call."""
+    from persona_dspy.lm.build import build_lm
 
-    if not (args.lm or "").strip() and not os.environ.get(ENV_LM, "").strip():
-        raise CLIError(NO_LM_HINT)
     lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", 0.0),
-                  max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries)
+                  max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
+                  server=_server_options(args))
     if lm.kwargs.get("api_base"):
         import litellm
 
@@ -449,6 +471,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the embedded llama.cpp server in the foreground, for other processes or a notebook to share."""
+    import signal
+    import threading
+
+    from persona_dspy.lm.local_server import LocalServer, ServerSettings
+    from persona_dspy.lm.models import resolve_model
+
+    settings = ServerSettings(resolve_model(args.model), **{"port": 8080, **_server_options(args)})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalServer(settings) as server:
+        props = server.props()
+        print(f"serving {settings.model_path.name} at {server.api_base} ({props.get('total_slots')} slots, "
+              f"{props.get('default_generation_settings', {}).get('n_ctx')} context tokens per slot)")
+        print(f"use it with: --lm openai/local --api-base {server.api_base}   (Ctrl-C stops it)", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    print("stopped")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List, fetch or remove cached model files."""
+    from persona_dspy.lm.models import KNOWN_MODELS, cached_models, fetch_model, models_dir, remove_model
+
+    if args.action == "fetch":
+        names = args.names or [next(iter(KNOWN_MODELS))]
+        unknown = [name for name in names if name not in KNOWN_MODELS]
+        if unknown:
+            raise CLIError(f"unknown model {unknown[0]!r}; known: {', '.join(KNOWN_MODELS)}")
+        for name in names:
+            print(f"{name}: {fetch_model(KNOWN_MODELS[name])}")
+    elif args.action == "remove":
+        if not args.names:
+            raise CLIError("name the model(s) to remove (see `persona-dspy models list`)")
+        for name in args.names:
+            print(f"removed {remove_model(name)}")
+    else:
+        cached = {model.name: model for model in cached_models(verify=args.verify)}
+        print(f"model cache: {models_dir()}")
+        for name, known in KNOWN_MODELS.items():
+            entry = cached.pop(name, None)
+            state = "not fetched" if entry is None else f"cached, {entry.size / 1e6:.0f} MB" + (
+                "" if entry.verified is None else (", SHA-256 ok" if entry.verified else ", SHA-256 MISMATCH"))
+            print(f"  {name}: {state} ({known.license}; {known.description})")
+        for entry in cached.values():
+            print(f"  {entry.path.name}: cached, {entry.size / 1e6:.0f} MB (not a known model)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-dspy", description="PersonaAgent as DSPy programs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -537,6 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=_positive(int), default=4, help="users aligned in parallel (default 4)")
     tune.add_argument("--out", type=Path, default=None, help="also write the summary as JSON here")
     tune.set_defaults(func=cmd_tune)
+
+    serve = sub.add_parser("serve", help="run the embedded llama.cpp server (OpenAI-compatible) until Ctrl-C")
+    serve.add_argument("--model", default=None, help="a .gguf path or a known model name (default: the default model)")
+    _add_server_args(serve, slots_default="1")
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="list, fetch or remove cached model files (GGUF)")
+    models.add_argument("action", choices=("list", "fetch", "remove"), nargs="?", default="list")
+    models.add_argument("names", nargs="*", help="model names (fetch: default the default model)")
+    models.add_argument("--verify", action="store_true", help="list: check each known file's SHA-256")
+    models.set_defaults(func=cmd_models)
     return parser
 
 
@@ -547,14 +633,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dspy.utils.exceptions import LMError
 
     from persona_dspy.data.lamp import DataError
+    from persona_dspy.lm.local_server import LocalServerError, stop_all
+    from persona_dspy.lm.models import ModelError
     from persona_dspy.memory.embeddings import EmbeddingModelError
     from persona_dspy.memory.episodic import MemoryStoreError
 
     try:
         return args.func(args)
-    except (CLIError, DataError, EmbeddingModelError, MemoryStoreError, LMError, ValueError) as exc:
+    except (CLIError, DataError, EmbeddingModelError, MemoryStoreError, LMError, LocalServerError, ModelError,
+            ValueError) as exc:
         print(f"persona-dspy: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        stop_all()  # an embedded model server ends with the command, whatever happened
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_dspy.agent.persona_agent import PersonaAgent, answer_text_from_response
+from optimizers.text_outputs import field_text_from_response
+from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.agent.semantic_memory import PersonaSummarizer, initial_persona
 from persona_dspy.data.examples import interaction_examples, query_examples
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME, memory_search_tool
@@ -169,10 +170,13 @@ def test_react_maps_a_free_text_answer_but_not_a_broken_tool_step(lamp2n):
     assert engine.calls == 2  # the step kept ChatAdapter's JSON retry
 
 
-def test_answer_text_from_response_forms():
-    assert answer_text_from_response('{"reasoning": "x", "answer": "4"}') == "4"
-    assert answer_text_from_response("[[ ## answer ## ]]\n 3 stars \n[[ ## completed ## ]]") == "3 stars"
-    assert answer_text_from_response("  five ") == "five"
+def test_field_text_from_response_forms():
+    assert field_text_from_response('{"reasoning": "x", "answer": "4"}', "answer") == "4"
+    assert field_text_from_response("[[ ## answer ## ]]\n 3 stars \n[[ ## completed ## ]]", "answer") == "3 stars"
+    assert field_text_from_response("  five ", "answer") == "five"
+    # a JSON reply cut off by max_tokens keeps the field's text up to the cut
+    assert field_text_from_response('{"feedback": "The user prefers \\"rock\\" and', "feedback") == (
+        'The user prefers "rock" and')
 
 
 def test_initial_persona_reads_only_history_before_the_earliest_query(lamp2n):

@@ -179,7 +179,8 @@ def test_predict_with_an_unreachable_server_is_an_error(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["eval", "--task", "LaMP_3"], "pass --lm (e.g. `--lm offline`"),
+    (["eval", "--task", "LaMP_3", "--lm", "local/nonexistent.gguf"], "model file nonexistent.gguf does not exist"),
+    (["eval", "--task", "LaMP_3", "--api-base", "http://127.0.0.1:9/v1"], "'local' starts its own server"),
     (["eval", "--task", "LaMP_9", "--lm", "offline"], "unknown task 'LaMP_9'"),
     (["eval", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1"], "malformed api_base"),
     (["eval", "--task", "LaMP_3", "--lm", "qwen"], "no provider prefix"),
@@ -299,8 +300,8 @@ def test_tune_offline_runs_a_resumable_study(capsys, tmp_path):
     assert code == 0 and "3 trials done" in stdout
     summary = json.loads((tmp_path / "tune.json").read_text())
     assert summary["trials_done"] == 3 and set(summary["best_settings"]) >= {"batch_size", "iterations", "k"}
-    code, _, stderr = run(capsys, "tune", "--task", "LaMP_3", "--memory", ":memory:")
-    assert code == 2 and "no LM given" in stderr
+    code, _, stderr = run(capsys, "tune", "--task", "LaMP_3", "--memory", ":memory:", "--api-base", "http://h:1/v1")
+    assert code == 2 and "starts its own server" in stderr  # no --lm: the embedded model, which takes no api_base
 
 
 # --------------------------------------------------------------------------- compare

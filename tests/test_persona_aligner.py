@@ -283,3 +283,45 @@ def test_textual_loss_is_a_gepa_feedback_metric(lamp3):
     assert 0.0 <= result.score <= 1.0 and isinstance(result.feedback, str) and result.feedback
     assert len(lm.history) == calls + 1
     assert "Preferred label: 2" in str(lm.history[-1]["messages"])  # the loss was about the traced persona
+
+
+class FreeText(OfflineEngine):
+    """The stand-in, except that loss, update and summary replies ignore the format, as small models do."""
+
+    REPLY = "The user rates gear they use often a 5 and dislikes flimsy parts."
+
+    def complete(self, request) -> Response:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or [])
+        if any(f"`{field}`" in system for field in ("feedback", "new_persona", "persona")):
+            return Response(id="free", model="free", message=Message.assistant([TextPart(self.REPLY)]),
+                            finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+        return super().complete(request)
+
+
+def test_unparsable_loss_and_update_replies_fall_back_to_their_text_and_are_counted(lamp3):
+    histories, memory = lamp3
+    history = histories[0]
+    lm = dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        aligned = PersonaAligner(dspy_metric(history.task), iterations=1, stop_when_perfect=False).compile(
+            agent_for(history, memory), trainset=interaction_examples(history, 3))
+    assert aligned.alignment["fallbacks"] == {"loss": 3, "update": 1}
+    assert all(FreeText.REPLY in step["feedback"] for step in aligned.persona_history[1:])
+    assert FreeText.REPLY in aligned.persona_history[1]["persona"]  # the update's text, through the guard
+
+
+def test_an_unparsable_summary_falls_back_to_its_text(lamp3):
+    from persona_dspy.agent.semantic_memory import PersonaSummarizer
+
+    histories, _ = lamp3
+    lm = dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        result = PersonaSummarizer()(items=histories[0].shared_history())
+    assert result.summary == FreeText.REPLY and result.fallback and FreeText.REPLY in result.persona
+    with dspy.context(lm=dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0)):
+        FreeText.REPLY, saved = "", FreeText.REPLY  # nothing usable in the reply: that still fails
+        try:
+            with pytest.raises(Exception, match="Adapter|parse"):
+                PersonaSummarizer()(items=histories[0].shared_history())
+        finally:
+            FreeText.REPLY = saved

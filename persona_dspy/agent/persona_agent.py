@@ -14,7 +14,7 @@ test-time alignment within its call budget. Modes:
 - ``none``: the non-personalized baseline (no memory; the task signature's own instructions).
 
 Small local models often answer in free text ("Politics.", "4 stars") instead of the adapter's format. Such an
-answer is kept and mapped onto the label set (``answer_text_from_response`` then ``normalize_answer``) rather than
+answer is kept and mapped onto the label set (``field_text_from_response`` then ``normalize_answer``) rather than
 asked again: unless an adapter is configured, the answer call runs without ChatAdapter's JSON retry, which would
 cost a second LM call and replace the model's own words with the retry's. Only the answer's parse failure is
 handled so; a ReAct tool step that cannot be parsed (after its JSON retry) raises.
@@ -22,9 +22,7 @@ handled so; a ReAct tool step that cannot be parsed (after its JSON retry) raise
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
@@ -32,9 +30,11 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from optimizers.text_outputs import field_text_from_response
 from persona_dspy.agent.answers import normalize_answer
 from persona_dspy.data.scope import MemoryScope
 from persona_dspy.data.tasks import get_task
+from persona_dspy.lm.adapters import STRUCTURED, StructuredAdapter
 from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
 from persona_dspy.memory.retrieval import MemoryRetrieval, memory_scope, memory_search_tool
 from signatures import compose_persona, task_signature
@@ -54,7 +54,7 @@ def is_answer_signature(signature: Any) -> bool:
     return "answer" in outputs and "next_tool_name" not in outputs
 
 
-class _AnswerAdapter(dspy.ChatAdapter):
+class _AnswerChatAdapter(dspy.ChatAdapter):
     """ChatAdapter without the JSON retry for the answer call; ReAct's tool steps keep it (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -74,7 +74,12 @@ class _AnswerAdapter(dspy.ChatAdapter):
         return await self._steps.acall(lm, lm_kwargs, signature, demos, inputs)
 
 
-_ANSWER_ADAPTER = _AnswerAdapter()
+_ANSWER_ADAPTER = StructuredAdapter(chat=_AnswerChatAdapter())
+"""Answers under the server's JSON schema where the LM takes one (a label can then only be a label), else chat."""
+
+REASONING_MAX_CHARS = 400
+"""The chain of thought's length bound: under a JSON schema the server enforces it, so a small model that repeats
+itself cannot run every answer to max_tokens and leave the JSON unfinished; other adapters show it as a hint."""
 
 
 class PersonaReasoning(dspy.Module):
@@ -91,7 +96,8 @@ class PersonaReasoning(dspy.Module):
             self._tool_suffix = full[len(persona):] if full.startswith(persona) else "\n" + full
         else:  # PersonaAgent validated the mode; "none" keeps the task signature's own instructions
             sig = signature.with_instructions(persona) if mode == "rag" else signature
-            self.program = dspy.ChainOfThought(sig) if reasoning else dspy.Predict(sig)
+            rationale = dspy.OutputField(desc="${reasoning}", max_length=REASONING_MAX_CHARS)
+            self.program = dspy.ChainOfThought(sig, rationale_field=rationale) if reasoning else dspy.Predict(sig)
 
     def persona_predictors(self) -> list[dspy.Predict]:
         """The predictors whose instructions are the persona (ReAct's tool-use step adds its tool list after it)."""
@@ -169,7 +175,8 @@ class PersonaAgent(dspy.Module):
             passages, context = retrieved.passages, retrieved.context
         else:
             context = REACT_CONTEXT if self.mode == "react" else NO_CONTEXT
-        answering = dspy.context(adapter=_ANSWER_ADAPTER) if dspy.settings.adapter is None else nullcontext()
+        own = dspy.settings.adapter not in (None, STRUCTURED)  # a caller's adapter is respected
+        answering = nullcontext() if own else dspy.context(adapter=_ANSWER_ADAPTER)
         scoped = memory_scope(scope) if self.mode == "react" else nullcontext()
         try:
             with answering, scoped:
@@ -179,25 +186,7 @@ class PersonaAgent(dspy.Module):
             if not is_answer_signature(exc.signature):
                 raise  # a ReAct tool step, not the answer: its text means nothing as a label
             # Small local models often answer "Politics." or "4 stars": keep their text and map it below.
-            raw, reasoning = answer_text_from_response(exc.lm_response), ""
+            raw, reasoning = field_text_from_response(exc.lm_response, "answer"), ""
             logger.debug("unparsable answer for %s mapped from %r", self.task, raw)
         return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning=reasoning,
                                passages=passages)
-
-
-_FIELD_MARKER = re.compile(r"\[\[\s*##\s*answer\s*##\s*\]\]\s*(.*?)(?=\[\[\s*##|\Z)", re.S)
-
-
-def answer_text_from_response(response: object) -> str:
-    """The answer a model meant, from a response the adapter could not parse (chat markers, JSON or plain text)."""
-    text = response if isinstance(response, str) else str(response or "")
-    found = _FIELD_MARKER.search(text)
-    if found:
-        return found.group(1).strip()
-    try:
-        value = json.loads(text)
-        if isinstance(value, dict) and "answer" in value:
-            return str(value["answer"]).strip()
-    except (ValueError, TypeError):
-        pass
-    return text.strip()

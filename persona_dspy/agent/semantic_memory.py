@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import dspy
 
+from optimizers.text_outputs import predict_text
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.data.records import HistoryItem, UserHistory
 from persona_dspy.memory.episodic import EpisodicMemory
@@ -40,8 +41,11 @@ class PersonaSummarizer(dspy.Module):
         self.summarize = dspy.Predict(PersonaSummary)
 
     def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
-        summary = self.summarize(history=render_history(items, self.max_items), max_words=self.max_words).persona
-        return dspy.Prediction(persona=compose_persona(summary), summary=summary)
+        output = predict_text(self.summarize, "persona", history=render_history(items, self.max_items),
+                              max_words=self.max_words)
+        if output.fallback:
+            logger.warning("persona summary: %s", output.fallback)
+        return dspy.Prediction(persona=compose_persona(output.text), summary=output.text, fallback=output.fallback)
 
 
 def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:

@@ -3,10 +3,18 @@
 Local OpenAI-compatible servers are reached through LiteLLM (``engine="litellm"``): dspy's default engine sends
 ``max_completion_tokens``, which llama.cpp ignores, while LiteLLM sends ``max_tokens``. Model strings:
 
+* ``local`` (the default when no model is named): the embedded llama.cpp server (``lm.local_server``) started on
+  127.0.0.1 with the default model (SmolLM2-135M-Instruct, fetched once into the cache, see ``lm.models``);
+  ``local/<path.gguf>`` or ``local/<known model name>`` serves another GGUF.
 * ``offline`` (or ``offline/stand-in``): the deterministic stand-in, no server, no model.
 * ``openai/<model>`` with an api_base: vLLM, SGLang or llama.cpp's server (``http://host:port/v1``).
 * ``hosted_vllm/<model>`` with an api_base: vLLM through LiteLLM's vLLM provider.
 * ``ollama_chat/<model>``: Ollama (api_base ``http://host:11434``, without ``/v1``).
+
+Structured outputs: OpenAI-compatible servers (the embedded one, llama.cpp, vLLM, SGLang) decode under a JSON schema
+(``response_format``), so labels are always one of the task's labels. LiteLLM only sends a schema for models it
+knows support one, so ``_build`` declares it for those LMs (``structured=False`` turns it off for a server that
+rejects schemas); ``lm.adapters`` then picks dspy's JSONAdapter for them.
 
 Settings come from arguments first, then the environment: PERSONA_DSPY_LM, PERSONA_DSPY_API_BASE,
 PERSONA_DSPY_API_KEY, and for an optional separate loss/update LM PERSONA_DSPY_OPTIMIZER_LM,
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +53,10 @@ LOCAL_API_KEY = "local"
 OFFLINE_MODEL = "offline/stand-in"
 """The model name the offline stand-in (a test double in ``persona_dspy.testing``) carries, so reports flag it."""
 _OFFLINE_NAMES = {"offline", OFFLINE_MODEL}
+DEFAULT_TIMEOUT = 60.0
+LOCAL_TIMEOUT = 600.0
+LOCAL = "local"
+"""The embedded llama.cpp server with the default model; ``local/<path.gguf>`` for another GGUF."""
 _OLLAMA_PROVIDERS = {"ollama", "ollama_chat"}
 
 
@@ -60,6 +73,18 @@ class LMOptions(TypedDict, total=False):
     num_retries: int
     cache: bool
     callbacks: list[BaseCallback] | None
+    structured: bool
+    server: LocalServerOptions
+
+
+class LocalServerOptions(TypedDict, total=False):
+    """How the embedded server for ``local`` runs (see ``lm.local_server.ServerSettings``)."""
+
+    port: int
+    slots: int
+    context_per_slot: int
+    threads: int
+    gpu_layers: int
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,10 @@ class LMSettings:
     @property
     def offline(self) -> bool:
         return self.model in _OFFLINE_NAMES
+
+    @property
+    def local(self) -> bool:
+        return self.model == LOCAL or self.model.startswith(LOCAL + "/")
 
 
 def _env(name: str) -> str | None:
@@ -113,15 +142,16 @@ def _litellm_model(model: str, api_base: str | None) -> str:
 def resolve_lm_settings(model: str | None = None, api_base: str | None = None, api_key: str | None = None, *,
                         env_lm: str = ENV_LM, env_api_base: str = ENV_API_BASE,
                         env_api_key: str = ENV_API_KEY) -> LMSettings:
-    """Arguments first, then the environment; raises LMConfigError for a missing model or a bad api_base."""
-    name = (model or "").strip() or _env(env_lm)
-    if not name:
-        raise LMConfigError(
-            f"no LM model given: pass a model (e.g. 'offline', 'openai/<model>') or set {env_lm}"
-        )
+    """Arguments first, then the environment, then ``local``; raises LMConfigError for a bad api_base."""
+    name = (model or "").strip() or _env(env_lm) or LOCAL
     if name in _OFFLINE_NAMES:
         return LMSettings(OFFLINE_MODEL)
     base = api_base if api_base is not None and api_base.strip() else _env(env_api_base)
+    if name == LOCAL or name.startswith(LOCAL + "/"):
+        if base:
+            raise LMConfigError(f"{name!r} starts its own server on 127.0.0.1: drop the api_base {base!r}, or name "
+                                "the model that server serves (e.g. openai/<model>)")
+        return LMSettings(name)
     base = check_api_base(base) if base else None
     name = _litellm_model(name, base)
     if base and name.partition("/")[0] in _OLLAMA_PROVIDERS and base.endswith("/v1"):
@@ -134,17 +164,22 @@ def resolve_lm_settings(model: str | None = None, api_base: str | None = None, a
 
 def build_lm(model: str | None = None, api_base: str | None = None, *, api_key: str | None = None,
              **options: Unpack[LMOptions]) -> dspy.LM:
-    """The task LM: the offline stand-in, or a LiteLLM-backed LM for a local or hosted server.
+    """The task LM: the embedded local model (default), a server's, or the offline stand-in.
 
-    ``options``: temperature (default 0), max_tokens (512), timeout (60 s), num_retries (3), cache (False),
-    callbacks.
+    ``options``: temperature (default 0), max_tokens (512), timeout (60 s; 600 s for ``local``), num_retries (3),
+    cache (False),
+    callbacks, structured (True: JSON-schema outputs on OpenAI-compatible servers), server (the embedded
+    server's settings, for ``local``).
     """
     return _build(resolve_lm_settings(model, api_base, api_key), **options)
 
 
-def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 512, timeout: float = 60,
-           num_retries: int = 3, cache: bool = False, callbacks: list[BaseCallback] | None = None) -> dspy.LM:
+def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 512, timeout: float | None = None,
+           num_retries: int = 3, cache: bool = False, callbacks: list[BaseCallback] | None = None,
+           structured: bool = True, server: LocalServerOptions | None = None) -> dspy.LM:
     """The one place every LM (task or optimizer) is built, so every one is checked the same way."""
+    if timeout is None:  # the embedded server runs one request per slot on the CPU: a request may wait its turn
+        timeout = LOCAL_TIMEOUT if settings.local else DEFAULT_TIMEOUT
     if max_tokens <= 0 or timeout <= 0:
         raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
     if num_retries < 0:
@@ -155,15 +190,45 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
         from persona_dspy.testing.offline_lm import offline_lm
 
         return offline_lm(temperature=temperature, max_tokens=max_tokens, cache=cache, callbacks=callbacks)
+    if settings.local:
+        settings = _start_local(settings, server or {})
     connection: dict[str, Any] = {}
     if settings.api_base:
         connection["api_base"] = settings.api_base
     if settings.api_key:
         connection["api_key"] = settings.api_key
+    if structured and settings.api_base and settings.model.partition("/")[0] in _SCHEMA_PROVIDERS:
+        _declare_response_schema(settings.model)
     lm = dspy.LM(settings.model, engine="litellm", temperature=temperature, max_tokens=max_tokens, timeout=timeout,
                  num_retries=num_retries, cache=cache, callbacks=callbacks, **connection)
     logger.info("built LM %s", describe_lm(lm))
     return lm
+
+
+_SCHEMA_PROVIDERS = {"openai", "hosted_vllm"}
+
+
+def _declare_response_schema(model: str) -> None:
+    """Tell LiteLLM this server model decodes under a JSON schema, so dspy's JSONAdapter sends one.
+
+    Unknown models count as schema-less for LiteLLM, and dspy then asks only for "some JSON object", which a small
+    model fills with the wrong shape. llama.cpp, vLLM and SGLang all enforce ``response_format: json_schema``.
+    """
+    import litellm
+
+    if model not in litellm.model_cost:
+        litellm.register_model({model: {"litellm_provider": model.partition("/")[0], "mode": "chat",
+                                        "supports_response_schema": True}})
+
+
+def _start_local(settings: LMSettings, options: LocalServerOptions) -> LMSettings:
+    """Resolve the GGUF (fetching the default model once), start the shared embedded server, point at it."""
+    from persona_dspy.lm.local_server import LOCAL_MODEL_NAME, ServerSettings, shared_server
+    from persona_dspy.lm.models import resolve_model
+
+    path = resolve_model(settings.model.partition("/")[2] or None)
+    server = shared_server(ServerSettings(path, **options))
+    return LMSettings(f"openai/{LOCAL_MODEL_NAME}", server.api_base, LOCAL_API_KEY)
 
 
 def build_optimizer_lm(model: str | None = None, api_base: str | None = None, *, task_lm: dspy.LM | None = None,
@@ -230,6 +295,14 @@ def describe_lm(lm: Any) -> dict[str, Any]:
         "timeout": kwargs.get("timeout"),
         "num_retries": getattr(lm, "num_retries", None),
         "cache": getattr(lm, "cache", None),
+        **_local_server(kwargs.get("api_base")),
     }
+
+
+def _local_server(api_base: str | None) -> dict[str, Any]:
+    """The embedded server's model and settings, when ``api_base`` is one this process started."""
+    local = sys.modules.get("persona_dspy.lm.local_server")  # never imported just to describe an LM
+    served = local.served_by(api_base) if local is not None else None
+    return {"local_server": served} if served else {}
 
 

@@ -408,6 +408,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.agent.semantic_memory import initial_agent
     from persona_dspy.data.examples import query_examples
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    from persona_dspy.lm.adapters import default_adapter
     from persona_dspy.lm.build import LMUsage, is_offline
 
     lm = _build_lm(args)
@@ -430,7 +431,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     usage = LMUsage()
 
     def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
-        with dspy.context(lm=lm, callbacks=[*(dspy.settings.callbacks or []), usage]):
+        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
             if args.program is not None:
                 from persona_dspy.programs import load_program
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ from persona_dspy.data.lamp import dataset_dir, load_dataset
 from persona_dspy.jobs.compile import SUMMARY_FILE, compile_users, program_path
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import load_program, read_program_metadata
-from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
+from persona_dspy.testing.offline_lm import Message, OfflineEngine, TextPart, offline_lm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,3 +178,36 @@ def test_tasks_without_past_answers_are_refused_up_front(tmp_path):
     items = [HistoryItem.from_fields(spec, f"t{i}", None, {"text": f"tweet {i}"}, i) for i in range(5)]
     with pytest.raises(ValueError, match="nothing to align"):
         compile_users([UserHistory("u", "LaMP_7", items)], memory=None, out_dir=tmp_path, lm=offline_lm())
+
+
+class Garbling(OfflineEngine):
+    """The stand-in, but about one reply in five is prose that no adapter can parse (as a small model's often are).
+
+    Which replies are garbled depends on the prompt alone, so the run is the same whatever the thread order.
+    """
+
+    TEXT = "I think this user would like it. Hard to say more without knowing them better."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.garbled = 0
+
+    def complete(self, request):
+        reply = super().complete(request)
+        if int(hashlib.sha256(repr(request.messages).encode()).hexdigest(), 16) % 5 == 0:
+            self.garbled += 1
+            return dataclasses.replace(reply, message=Message.assistant([TextPart(self.TEXT)]))
+        return reply
+
+
+def test_a_fifth_of_replies_unparsable_fails_no_user(lamp3, tmp_path):
+    histories, memory = lamp3
+    engine = Garbling()
+    lm = dspy.LM("offline/stand-in", engine=engine, cache=False, num_retries=0)
+    summary = compile_users(histories, memory=memory, out_dir=tmp_path, lm=lm, workers=2, progress=False)
+    assert engine.garbled > 0 and summary.count("failed") == 0, summary.table()
+    assert summary.count("compiled") == len(histories)
+    assert sum(summary.fallbacks().values()) > 0  # counted, not hidden
+    assert "unparsable replies kept as raw text" in summary.table()
+    written = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert written["fallbacks"] == summary.fallbacks()

@@ -36,6 +36,7 @@ from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
 from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
+from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
 from persona_dspy.memory.episodic import EpisodicMemory
 
@@ -180,7 +181,7 @@ def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.L
     stage = "persona"
     try:
         examples = query_examples(history)
-        with dspy.context(lm=lm, callbacks=[*(dspy.settings.callbacks or []), usage]):
+        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
             agent = factory(history)
             records = []
             for example in examples:

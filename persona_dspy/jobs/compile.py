@@ -35,6 +35,7 @@ from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
 from persona_dspy.files import write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import describe_lm
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import (
@@ -72,6 +73,7 @@ class UserResult:
     lm_calls: int = 0
     seconds: float = 0.0
     error: str | None = None
+    fallbacks: dict[str, int] = field(default_factory=dict)  # replies read as raw text, by step
 
 
 @dataclass
@@ -94,8 +96,17 @@ class CompileSummary:
         done = self.count("compiled") + self.count("realigned")
         return 60.0 * done / self.seconds if self.seconds > 0 else 0.0
 
+    def fallbacks(self) -> dict[str, int]:
+        """Replies the aligner read as raw text, by step, over every user (``optimizers.text_outputs``)."""
+        total: dict[str, int] = {}
+        for result in self.results:
+            for step, n in result.fallbacks.items():
+                total[step] = total.get(step, 0) + n
+        return total
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "compiled": self.count("compiled"), "realigned": self.count("realigned"),
+                "fallbacks": self.fallbacks(),
                 "skipped": self.count("skipped"), "failed": self.count("failed"),
                 "users_per_minute": round(self.users_per_minute, 2)}
 
@@ -105,6 +116,10 @@ class CompileSummary:
                  f"skipped (current) {self.count('skipped')}, failed {self.count('failed')}",
                  f"  {self.lm_calls} LM calls, {self.seconds:.1f} s, {self.users_per_minute:.1f} users/min "
                  f"with {self.workers} workers"]
+        fallbacks = self.fallbacks()
+        if any(fallbacks.values()):
+            kept = ", ".join(f"{step} {n}" for step, n in fallbacks.items())
+            lines.append(f"  unparsable replies kept as raw text: {kept}")
         for r in self.results:
             if r.status == "failed":
                 lines.append(f"  FAILED {r.user_id}: {r.error}")
@@ -174,7 +189,7 @@ def compile_users(
         t0 = time.perf_counter()
         calls = LMUsage()
         try:
-            with dspy.context(lm=lm, callbacks=[*dspy.settings.get("callbacks", []), calls]):
+            with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*dspy.settings.get("callbacks", []), calls]):
                 start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
                 aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
                                      start=start, **aligner_settings)
@@ -187,7 +202,7 @@ def compile_users(
             }, lm=lm)
             return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
                               report["start_score"], report["best_score"], calls.calls,
-                              round(time.perf_counter() - t0, 3))
+                              round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})))
         except Exception as exc:  # one user's failure must not stop the others
             logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
             return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,

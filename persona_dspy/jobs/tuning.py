@@ -48,6 +48,7 @@ from persona_dspy.data.tasks import get_task
 from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, evaluate
 from persona_dspy.evaluation.metrics import primary_metric
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, describe_lm, is_offline
 from persona_dspy.memory.episodic import EpisodicMemory
 
@@ -94,7 +95,7 @@ def summarise_initial_personas(histories: Sequence[UserHistory], lm: dspy.LM, *,
     callbacks = [*dspy.settings.get("callbacks", []), usage]
 
     def summarise(history: UserHistory) -> tuple[str, str]:
-        with dspy.context(lm=lm, callbacks=callbacks):
+        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
             return history.user_id, initial_persona(history)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(histories))),

@@ -41,6 +41,7 @@ from persona_dspy.jobs.comparison.report import (
     OptimizerResult,
     UserRun,
 )
+from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import describe_lm, is_offline
 from persona_dspy.memory.episodic import EpisodicMemory
 
@@ -72,7 +73,7 @@ def _quiet(enabled: bool) -> Iterator[None]:
 
 @contextmanager
 def _counted(lm: dspy.LM, usage: LMUsage) -> Iterator[None]:
-    with dspy.context(lm=lm, callbacks=[*(dspy.settings.get("callbacks") or []), usage]):
+    with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.get("callbacks") or []), usage]):
         yield
 
 

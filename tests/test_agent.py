@@ -190,3 +190,25 @@ def test_initial_persona_reads_only_history_before_the_earliest_query(lamp2n):
     assert all(it.text[:60] not in prompt for it in later), "a query's gold item leaked into the persona prompt"
     assert history.shared_history()[-1].text[:40] in prompt
     assert persona.startswith("You are a helpful personalized assistant") and "Rules:" in persona
+
+
+@pytest.mark.parametrize("mode", ["rag", "react", "none"])
+def test_acall_asyncify_and_streamify_answer_like_a_call(lamp2n, lm, mode):
+    import asyncio
+
+    histories, memory = lamp2n
+    agent = PersonaAgent("LaMP_2N", memory, mode, persona=compose_persona("- Preferred label: religion"))
+    inputs = query_examples(histories[0])[0].inputs()
+    expected = agent(**inputs)
+
+    async def run():
+        awaited = await agent.acall(**inputs)
+        wrapped = await dspy.asyncify(agent)(**inputs)
+        streamed = [item async for item in dspy.streamify(agent)(**inputs)]
+        return awaited, wrapped, streamed[-1]
+
+    with dspy.context(lm=lm):
+        awaited, wrapped, final = asyncio.run(run())
+    for prediction in (awaited, wrapped, final):
+        assert isinstance(prediction, dspy.Prediction)
+        assert (prediction.answer, prediction.raw_answer) == (expected.answer, expected.raw_answer)

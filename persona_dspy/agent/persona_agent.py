@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any, Literal
 
 import dspy
@@ -120,6 +120,9 @@ class PersonaReasoning(dspy.Module):
     def forward(self, query: str, context: str) -> dspy.Prediction:
         return self.program(query=query, context=context)
 
+    async def aforward(self, query: str, context: str) -> dspy.Prediction:
+        return await self.program.acall(query=query, context=context)
+
 
 class PersonaAgent(dspy.Module):
     """A personalized agent for one LaMP task: memory retrieval, persona reasoning, label mapping.
@@ -165,6 +168,26 @@ class PersonaAgent(dspy.Module):
         return self.reason.persona_predictors()
 
     def forward(self, query: str, scope: MemoryScope | None = None) -> dspy.Prediction:
+        passages, context, settings = self._prepare(query, scope)
+        try:
+            with settings():
+                prediction = self.reason(query=query, context=context)
+        except AdapterParseError as exc:
+            return self._unparsed(exc, passages)
+        return self._answer(prediction, passages)
+
+    async def aforward(self, query: str, scope: MemoryScope | None = None) -> dspy.Prediction:
+        """``forward`` for asyncio (``acall``, ``dspy.asyncify``, ``streamify``): the LM call is awaited."""
+        passages, context, settings = self._prepare(query, scope)
+        try:
+            with settings():
+                prediction = await self.reason.acall(query=query, context=context)
+        except AdapterParseError as exc:
+            return self._unparsed(exc, passages)
+        return self._answer(prediction, passages)
+
+    def _prepare(self, query: str, scope: MemoryScope | None) -> tuple[list, str, Callable[[], ExitStack]]:
+        """Passages and context for one question, and the settings its answer call runs under."""
         if self.mode != "none" and scope is None:
             if self.user_id is None:
                 raise ValueError("this agent is bound to no user: pass scope=MemoryScope(user_id) or user_id=...")
@@ -175,18 +198,27 @@ class PersonaAgent(dspy.Module):
             passages, context = retrieved.passages, retrieved.context
         else:
             context = REACT_CONTEXT if self.mode == "react" else NO_CONTEXT
-        own = dspy.settings.adapter not in (None, STRUCTURED)  # a caller's adapter is respected
-        answering = nullcontext() if own else dspy.context(adapter=_ANSWER_ADAPTER)
-        scoped = memory_scope(scope) if self.mode == "react" else nullcontext()
-        try:
-            with answering, scoped:
-                prediction = self.reason(query=query, context=context)
-            raw, reasoning = str(prediction.answer), str(getattr(prediction, "reasoning", "") or "")
-        except AdapterParseError as exc:
-            if not is_answer_signature(exc.signature):
-                raise  # a ReAct tool step, not the answer: its text means nothing as a label
-            # Small local models often answer "Politics." or "4 stars": keep their text and map it below.
-            raw, reasoning = field_text_from_response(exc.lm_response, "answer"), ""
-            logger.debug("unparsable answer for %s mapped from %r", self.task, raw)
+
+        def settings() -> ExitStack:
+            stack = ExitStack()
+            if dspy.settings.adapter in (None, STRUCTURED):  # a caller's own adapter is respected
+                stack.enter_context(dspy.context(adapter=_ANSWER_ADAPTER))
+            if self.mode == "react":
+                stack.enter_context(memory_scope(scope))
+            return stack
+
+        return passages, context, settings
+
+    def _answer(self, prediction: dspy.Prediction, passages: list) -> dspy.Prediction:
+        raw, reasoning = str(prediction.answer), str(getattr(prediction, "reasoning", "") or "")
         return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning=reasoning,
+                               passages=passages)
+
+    def _unparsed(self, exc: AdapterParseError, passages: list) -> dspy.Prediction:
+        if not is_answer_signature(exc.signature):
+            raise exc  # a ReAct tool step, not the answer: its text means nothing as a label
+        # Small local models often answer "Politics." or "4 stars": keep their text and map it.
+        raw = field_text_from_response(exc.lm_response, "answer")
+        logger.debug("unparsable answer for %s mapped from %r", self.task, raw)
+        return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning="",
                                passages=passages)

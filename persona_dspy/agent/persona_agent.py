@@ -17,7 +17,8 @@ Small local models often answer in free text ("Politics.", "4 stars") instead of
 answer is kept and mapped onto the label set (``field_text_from_response`` then ``normalize_answer``) rather than
 asked again: unless an adapter is configured, the answer call runs without ChatAdapter's JSON retry, which would
 cost a second LM call and replace the model's own words with the retry's. Only the answer's parse failure is
-handled so; a ReAct tool step that cannot be parsed (after its JSON retry) raises.
+handled so; a ReAct tool step that cannot be parsed (after its JSON retry) leaves the question an invalid (empty)
+answer, marked ``invalid``, so one bad step costs one answer and not the run.
 """
 
 from __future__ import annotations
@@ -216,7 +217,11 @@ class PersonaAgent(dspy.Module):
 
     def _unparsed(self, exc: AdapterParseError, passages: list) -> dspy.Prediction:
         if not is_answer_signature(exc.signature):
-            raise exc  # a ReAct tool step, not the answer: its text means nothing as a label
+            # A ReAct tool step, not the answer: its text means nothing as a label. The question gets an invalid
+            # (empty) answer, which LaMP's rules score as such, instead of ending the whole run.
+            logger.warning("%s: unparsable ReAct tool step (after dspy's JSON retry): answer scored invalid", self.task)
+            return dspy.Prediction(answer="", raw_answer="", reasoning="", passages=passages,
+                                   invalid="unparsable tool step")
         # Small local models often answer "Politics." or "4 stars": keep their text and map it.
         raw = field_text_from_response(exc.lm_response, "answer")
         logger.debug("unparsable answer for %s mapped from %r", self.task, raw)

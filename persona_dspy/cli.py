@@ -242,7 +242,7 @@ def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
 
     return build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=task_lm,
                               temperature=getattr(args, "temperature", 0.0), max_tokens=args.max_tokens,
-                              timeout=args.timeout, num_retries=args.retries)
+                              timeout=args.timeout, num_retries=args.retries, server=_server_options(args))
 
 
 def _lm_hint(lm: dspy.LM) -> str:
@@ -377,7 +377,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             study_name=args.study_name or f"tune-{task}-{args.mode}", n_trials=args.n_trials,
             max_lm_calls_per_user=args.max_calls_per_user, multi_objective=args.multi_objective,
             algorithm=args.sampler, seed=args.seed, n_recent=args.recent, mode=args.mode, workers=args.workers,
-            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
+            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries, server=_server_options(args),
         )
     print(f"{task}: {summary['trials_done']} trials done ({summary['trials_failed']} failed) in {storage}")
     if summary.get("note"):

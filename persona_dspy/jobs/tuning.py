@@ -49,7 +49,14 @@ from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, evaluate
 from persona_dspy.evaluation.metrics import primary_metric
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm.adapters import default_adapter
-from persona_dspy.lm.build import ENV_OPTIMIZER_LM, build_lm, build_optimizer_lm, describe_lm, is_offline
+from persona_dspy.lm.build import (
+    ENV_OPTIMIZER_LM,
+    LocalServerOptions,
+    build_lm,
+    build_optimizer_lm,
+    describe_lm,
+    is_offline,
+)
 from persona_dspy.memory.episodic import EpisodicMemory
 
 logger = logging.getLogger(__name__)
@@ -203,8 +210,9 @@ def run_tuning(
     max_failed_trials: int | None = None,
     space: AlignerSearchSpace | None = None,
     max_tokens: int = 512,
-    timeout: float = 60,
+    timeout: float | None = None,
     num_retries: int = 3,
+    server: LocalServerOptions | None = None,
 ) -> dict[str, Any]:
     """Tune on ``histories`` (already in ``memory``) and summarise the study, for ``persona-dspy tune``.
 
@@ -224,13 +232,13 @@ def run_tuning(
 
     def lm_factory(temperature: float) -> dspy.LM:
         return build_lm(lm_model, api_base, api_key=api_key, temperature=temperature, max_tokens=max_tokens,
-                        timeout=timeout, num_retries=num_retries)
+                        timeout=timeout, num_retries=num_retries, server=server or {})
 
     probe = lm_factory(0.0)  # an unusable model or api_base fails here, not in every trial
     optimizer_lm = None
     if (optimizer_lm_model or "").strip() or os.environ.get(ENV_OPTIMIZER_LM, "").strip():
         optimizer_lm = build_optimizer_lm(optimizer_lm_model, optimizer_api_base, max_tokens=max_tokens,
-                                          timeout=timeout, num_retries=num_retries)
+                                          timeout=timeout, num_retries=num_retries, server=server or {})
     context = {"task": task, "users": users_fingerprint(users), "n_users": len(users), "n_recent": n_recent,
                "agent_mode": mode, "lm": probe.model, "optimizer_lm": optimizer_lm.model if optimizer_lm else None}
     objective = aligner_objective(users, memory=memory, lm_factory=lm_factory, optimizer_lm=optimizer_lm,

@@ -167,9 +167,8 @@ def build_lm(model: str | None = None, api_base: str | None = None, *, api_key: 
     """The task LM: the embedded local model (default), a server's, or the offline stand-in.
 
     ``options``: temperature (default 0), max_tokens (512), timeout (60 s; 600 s for ``local``), num_retries (3),
-    cache (False),
-    callbacks, structured (True: JSON-schema outputs on OpenAI-compatible servers), server (the embedded
-    server's settings, for ``local``).
+    cache (False), callbacks, structured (True: JSON-schema outputs on OpenAI-compatible servers), server (the
+    embedded server's settings, for ``local``; LMs built with the same settings share one server).
     """
     return _build(resolve_lm_settings(model, api_base, api_key), **options)
 

@@ -307,7 +307,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     failed = summary.count("failed")
     if failed and failed == len(summary.results):
         raise CLIError(f"no user could be compiled; first: {summary.results[0].error}{_lm_hint(lm)}")
-    return 1 if failed else 0
+    if summary.summary_error:
+        print(f"persona-dspy: warning: {summary.summary_error}", file=sys.stderr)
+    return 1 if failed or summary.summary_error else 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -283,6 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     """Align users' personas on their recent interactions and save one program file per user (resumable)."""
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    from persona_dspy.files import check_writable_dir
     from persona_dspy.jobs.compile import compile_users
     from persona_dspy.lm.build import is_offline
     from persona_dspy.memory.episodic import default_memory_path
@@ -292,6 +293,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     task, histories = _task_histories(args)
     histories = _selected(histories, args)
     out = args.out if args.out is not None else default_memory_path().parent / "programs" / task
+    check_writable_dir(out)  # before the ingest, too; compile_users checks again with the space it needs
     with _open_memory(task, args) as memory:
         memory.add_histories(histories)
         summary = compile_users(

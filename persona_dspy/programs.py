@@ -202,14 +202,33 @@ def _keep_version(path: Path) -> Path | None:
         tmp.unlink(missing_ok=True)
 
 
+def guard_persona(agent: PersonaAgent, where: str) -> bool:
+    """Pass ``agent``'s persona through its guard; True when it had to change it.
+
+    A persona that reached the predictors without the agent's setter (an optimizer such as MIPROv2 writes their
+    instructions directly, a file's state is loaded as it is) is untrusted text until then.
+    """
+    if agent.mode == "none":
+        return False
+    result = agent.persona_guard.check(agent.persona)
+    if not result.intervened:
+        return False
+    logger.warning("%s: the persona needed the guard (%d line(s) that read as rules or instructions dropped%s)",
+                   where, len(result.dropped), ", fixed parts restored" if result.restored_fixed_parts else "")
+    agent.persona = result.text
+    return True
+
+
 def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None, *,
                  lm: Any = None) -> Path:
     """Save ``agent``'s program for its user as JSON, atomically, keeping any earlier file under ``<name>.versions/``.
 
     ``metadata`` adds the caller's facts (optimizer and settings, dev scores, ...) next to the fixed ones; a key that
     contradicts a fixed one raises ValueError. ``lm`` is the LM that produced the program (default: dspy's current).
+    The persona is guarded first (``guard_persona``: on ``agent`` itself), so no file holds an unguarded persona.
     """
     path = Path(path)
+    guard_persona(agent, f"saving {path}")
     document = program_document(agent, metadata, lm=lm)
     try:
         data = (json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
@@ -396,13 +415,9 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
 
 def _guard_loaded_persona(path: Path, agent: PersonaAgent, metadata: dict[str, Any]) -> None:
     """A file's persona is untrusted text like any other: rebuild it through the agent's guard (the file is kept)."""
-    result = agent.persona_guard.check(agent.persona)
-    if not result.intervened:
-        return
-    logger.warning("%s: the saved persona needed the guard (%d line(s) that read as rules or instructions dropped%s)",
-                   path, len(result.dropped), ", fixed parts restored" if result.restored_fixed_parts else "")
-    agent.persona = result.text
-    metadata["persona"], metadata["summary"], metadata["guarded_on_load"] = agent.persona, result.summary, True
+    if guard_persona(agent, str(path)):
+        metadata["persona"], metadata["summary"], metadata["guarded_on_load"] = (agent.persona, agent.persona_summary,
+                                                                                 True)
 
 
 def _refresh_tool_list(path: Path, agent: PersonaAgent, persona: str) -> None:

@@ -90,8 +90,22 @@ def cap_words(text: str, max_words: int) -> str:
 
 
 def template_for(persona: str) -> PersonaTemplate:
-    """The template a persona text was built on: the default one when it fits it exactly, else none (plain text)."""
-    return DEFAULT_TEMPLATE if fits(DEFAULT_TEMPLATE, persona) else PLAIN_TEMPLATE
+    """The template of a program's starting persona: the default one when it fits it exactly, else the program's own.
+
+    A program the project did not write carries its developer's instructions (ReAct's "You are an Agent...", their
+    own rules): those are trusted and become the fixed role, and what alignment learns goes in a user summary after
+    them. A summary an earlier alignment wrote is split off at the first summary header, which the template itself
+    put there: any later one belongs to the summary.
+    """
+    if fits(DEFAULT_TEMPLATE, persona):
+        return DEFAULT_TEMPLATE
+    role = persona.partition(f"\n\n{USER_SUMMARY_HEADER}\n")[0].strip()
+    return PersonaTemplate(role=role or None, rules=()) if role else PLAIN_TEMPLATE
+
+
+def is_fixed_part(template: PersonaTemplate, text: str) -> bool:
+    """Whether ``text`` is exactly the fixed role of ``template``, with no summary (a program's own instructions)."""
+    return template.role is not None and not template.rules and text.strip() == template.role
 
 
 def fits(template: PersonaTemplate, text: str) -> bool:
@@ -145,6 +159,8 @@ class PersonaGuard:
         body = text.strip()
         if not self.template.has_fixed_parts:
             return body, False
+        if is_fixed_part(self.template, body):
+            return "", False
         if fits(self.template, body):
             return body[len(self.template.head):len(body) - len(self.template.tail)], False
         return body, True  # a rewrite that moved or changed the fixed parts: all of it is summary (cleaned below)
@@ -181,6 +197,8 @@ class PersonaGuard:
 
         ``fallback`` is the summary kept when nothing usable is left (default: ``EMPTY_SUMMARY``).
         """
+        if not summary_only and is_fixed_part(self.template, proposed):
+            return GuardResult(self.template.role or "", "")  # a program's own instructions, before any summary
         raw, restored = (proposed.strip(), False) if summary_only else self.split(proposed)
         summary, dropped, capped = self.clean(raw)
         used_fallback = not summary

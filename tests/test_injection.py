@@ -156,6 +156,9 @@ def test_compare_guards_every_optimizer(server, users):
             continue  # no persona: the task's own instructions
         for run in result.users:
             assert_guarded(run.instructions)
+    initial = report.users[histories[0].user_id]["initial_persona"]
+    summary = initial.split("User summary:\n")[1].split("\n\nRules:")[0]
+    assert all(summary in run.instructions for r in report.results if r.name != "non_personalized" for run in r.users)
     by_name = {r.name: r for r in report.results}
     assert by_name["persona_aligner"].guard_interventions > 0 and by_name["gepa"].guard_interventions > 0
     assert "guard_interventions" in report.rows()[0] and "guarded" in report.table()

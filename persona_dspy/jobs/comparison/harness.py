@@ -108,18 +108,20 @@ def _program_text(program: dspy.Module) -> tuple[str | None, int]:
     return predictors[-1].signature.instructions, sum(len(getattr(p, "demos", []) or []) for p in predictors)
 
 
-def guard_result(program: dspy.Module) -> int:
+def guard_result(program: dspy.Module, start: dspy.Module | None = None) -> int:
     """Pass a compiled program's persona through its guard; the personas the guard changed while compiling and now.
 
     The aligner and GEPA (through its instruction proposer) count their own interventions; MIPROv2, COPRO and the
-    others write the predictors' instructions directly, so their result is guarded here.
+    others write the predictors' instructions directly, so their result is guarded here. When nothing of the
+    result's summary is usable, the starting program's summary is kept.
     """
     details = getattr(program, "comparison_details", None) or {}
     alignment = getattr(program, "alignment", None) or {}
     during = int(details.get("guard_interventions", 0) or alignment.get("guard_interventions", 0) or 0)
     if not isinstance(program, PersonaAgent) or program.mode == "none":
         return during
-    result = program.persona_guard.check(program.persona)
+    fallback = start.persona_summary if isinstance(start, PersonaAgent) else None
+    result = program.persona_guard.check(program.persona, fallback=fallback)
     if result.intervened:
         logger.warning("the compiled persona needed the guard (%d line(s) dropped%s)", len(result.dropped),
                        ", fixed parts restored" if result.restored_fixed_parts else "")
@@ -146,7 +148,7 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
         with _quiet(quiet), _counted(lm, compile_usage):
             program = spec.compile(inputs)
         run.compile_seconds = round(time.perf_counter() - started, 3)
-        run.guard_interventions = guard_result(program)
+        run.guard_interventions = guard_result(program, base)
         run.instructions, run.n_demos = _program_text(program)
         alignment = getattr(program, "alignment", None)
         if isinstance(alignment, dict):

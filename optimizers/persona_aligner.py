@@ -5,8 +5,9 @@ The persona is an optimizable instruction. One step reads like a gradient step i
     forward   run the program on a batch of the user's recent interactions with the current persona
     loss      an LLM writes feedback per item: expected vs produced answer (TextualLossMetric)
     gradient  the feedback is aggregated into one text
-    update    an LLM rewrites the persona from that text (PersonaUpdate), and PersonaGuard keeps the
-              rules and the length cap whatever the LM wrote
+    update    an LLM rewrites the user summary (the persona's only free part) from that text (PersonaUpdate);
+              PersonaGuard rebuilds the persona from the template's role and rules and the cleaned summary,
+              within the length cap, whatever the LM wrote
 
 Each candidate persona is scored with the task metric on a validation slice; a candidate replaces the
 best persona only with a strictly higher score (ties keep the older one), so the result is never worse
@@ -19,7 +20,12 @@ cannot change and one candidate per step, the next step would send identical pro
 It works on any DSPy program whose predictors carry the persona as their instructions: programs with
 a ``persona`` property (PersonaAgent) are read and written through it, others through the
 instructions of all their predictors. Compiling a program that was already aligned continues from
-its persona (online re-alignment).
+its persona (online re-alignment). The starting persona passes the guard too, so whatever the initial
+summary or a saved program carried, no injected line or rule survives into any persona scored or saved.
+
+An item the program cannot answer (a server error, a timeout) is retried ``answer_retries`` times; if it
+still fails, ``compile`` raises ``AlignmentError``: a persona scored on answers that never came would be
+selected on noise, and the caller must not save it as the user's current program.
 """
 
 from __future__ import annotations
@@ -36,10 +42,10 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from optimizers.lm_usage import LMUsage
-from optimizers.persona_guard import PersonaGuard
+from optimizers.persona_guard import GuardResult, PersonaGuard, template_for
 from optimizers.text_outputs import predict_text
 from optimizers.textual_loss import Metric, TextualLossMetric, score_of
-from signatures.persona import PersonaUpdate
+from signatures.persona import PersonaTemplate, PersonaUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,10 @@ class PredictorInstructions:
     def set(self, program: dspy.Module, persona: str) -> None:
         for predictor in program.predictors():
             predictor.signature = predictor.signature.with_instructions(persona)
+
+
+class AlignmentError(RuntimeError):
+    """The program could not answer an alignment or validation item, even after retries."""
 
 
 def persona_access_for(program: dspy.Module) -> PersonaAccess:
@@ -133,15 +143,19 @@ class PersonaAligner(Teleprompter):
         optimizer_lm: the LM for loss and update (default: the task LM).
         stop_when_perfect: stop once the validation slice is answered perfectly (saves calls).
         rng: for reproducible candidate sampling.
+        template: the persona's fixed role and rules (default: the program's ``persona_guard.template`` if it has
+            one, else the default template when the starting persona is built on it, else none: all summary).
+        answer_retries: extra attempts for an item the program fails to answer before ``AlignmentError``.
     """
 
     def __init__(self, metric: Metric, *, batch_size: int = 3, iterations: int = 3, candidates_per_step: int = 1,
                  max_persona_words: int = 300, task_lm: dspy.LM | None = None, optimizer_lm: dspy.LM | None = None,
                  candidate_temperature: float = 0.7, stop_when_perfect: bool = True,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, template: PersonaTemplate | None = None,
+                 answer_retries: int = 1) -> None:
         super().__init__()
-        if batch_size < 1 or iterations < 0 or candidates_per_step < 1 or max_persona_words < 40:
-            raise ValueError("batch_size and candidates_per_step must be >= 1, iterations >= 0, "
+        if batch_size < 1 or iterations < 0 or candidates_per_step < 1 or max_persona_words < 40 or answer_retries < 0:
+            raise ValueError("batch_size and candidates_per_step must be >= 1, iterations and answer_retries >= 0, "
                              "max_persona_words >= 40")
         self.metric = metric
         self.batch_size = batch_size
@@ -155,13 +169,20 @@ class PersonaAligner(Teleprompter):
         self.rng = rng or random.Random(0)
         self.loss = TextualLossMetric(metric)
         self.update = dspy.Predict(PersonaUpdate)
-        self.guard = PersonaGuard(max_words=max_persona_words)
+        self.template = template
+        self.answer_retries = answer_retries
 
     def settings(self) -> dict[str, Any]:
         """The configuration, for program files and reports."""
         return {"optimizer": "PersonaAligner", "batch_size": self.batch_size, "iterations": self.iterations,
                 "candidates_per_step": self.candidates_per_step, "max_persona_words": self.max_persona_words,
                 "candidate_temperature": self.candidate_temperature, "stop_when_perfect": self.stop_when_perfect}
+
+    def guard_for(self, program: dspy.Module, persona: str) -> PersonaGuard:
+        """The guard for this program's personas: its template (see ``template``) with this aligner's cap."""
+        own = getattr(program, "persona_guard", None)
+        template = self.template or (own.template if isinstance(own, PersonaGuard) else template_for(persona))
+        return PersonaGuard(max_words=self.max_persona_words, template=template)
 
     # -- the loop --------------------------------------------------------------------------------
     def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
@@ -171,11 +192,18 @@ class PersonaAligner(Teleprompter):
         valset = list(valset) if valset else list(trainset)
         program = student.deepcopy()
         access = persona_access_for(program)
-        start_persona = access.get(program)
-        floor = self.guard.min_words(start_persona)
+        guard = self.guard_for(program, access.get(program))
+        floor = guard.min_words()
         if self.max_persona_words < floor:  # the guard would have to break the cap to keep role, rules and summary
-            raise ValueError(f"max_persona_words={self.max_persona_words} is below {floor}, the starting persona's "
-                             f"role and rules plus min_summary_words={self.guard.min_summary_words}")
+            raise ValueError(f"max_persona_words={self.max_persona_words} is below {floor}, the persona's "
+                             f"role and rules plus min_summary_words={guard.min_summary_words}")
+        if isinstance(getattr(program, "persona_guard", None), PersonaGuard):
+            program.persona_guard = guard  # the program's own setter enforces this compile's cap too
+        start = guard.check(access.get(program))  # the initial or saved persona is guarded like any candidate
+        if start.intervened:
+            logger.warning("the starting persona needed the guard (%d line(s) dropped)", len(start.dropped))
+        start_persona = start.text
+        interventions = int(start.intervened)
         usage = LMUsage()
         started = time.perf_counter()
         task_lm = self.task_lm or dspy.settings.lm
@@ -203,11 +231,14 @@ class PersonaAligner(Teleprompter):
                     fallbacks["loss"] += sum(f.fallback is not None for f in feedback)
                     gradient = aggregate_feedback([(score, f.text) for (_, score), f in
                                                    zip(outputs, feedback, strict=True)])
-                    proposals = self._propose(current.persona, gradient, fallbacks)
+                    current_summary = guard.summary(current.persona)
+                    proposals = self._propose(current_summary, gradient, guard.summary_budget(), fallbacks)
                 step = AlignmentStep(iteration + 1, gradient)
                 step_best: _Evaluation | None = None
                 for proposal in proposals:
-                    candidate = self.guard.apply(start_persona, proposal)
+                    guarded: GuardResult = guard.check(proposal, fallback=current_summary, summary_only=True)
+                    interventions += int(guarded.intervened)
+                    candidate = guarded.text
                     if candidate in seen:
                         step.candidates.append({"persona": candidate, "score": seen[candidate], "repeat": True})
                         continue
@@ -238,7 +269,8 @@ class PersonaAligner(Teleprompter):
         program.alignment = {
             **self.settings(), "start_score": seen[start_persona], "best_score": best.score,
             "improved": best.score > seen[start_persona], "steps_run": len(steps), "valset_size": len(valset),
-            "trainset_size": len(trainset), "lm_usage": usage.snapshot(),
+            "trainset_size": len(trainset), "guard_interventions": interventions,
+            "guarded_start": start.intervened, "lm_usage": usage.snapshot(),
             "fallbacks": {"loss": fallbacks["loss"], "update": fallbacks["update"]},
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -262,13 +294,18 @@ class PersonaAligner(Teleprompter):
         if cache_key in cache:
             return cache[cache_key]
         access.set(program, persona)
+        name = "an example" if example_id is None else example_id
         with dspy.context(lm=lm):
-            try:
-                prediction = program(**example.inputs())
-            except Exception as exc:  # one failing item scores 0; the loss step is told the program failed
-                logger.warning("program failed on %s: %s", "an example" if example_id is None else example_id, exc)
-                cache[cache_key] = (None, 0.0)
-                return cache[cache_key]
+            for attempt in range(self.answer_retries + 1):
+                try:
+                    prediction = program(**example.inputs())
+                    break
+                except Exception as exc:  # a missing answer is not a 0 score: retry, then fail the whole alignment
+                    logger.warning("program failed on %s (attempt %d of %d): %s: %s", name, attempt + 1,
+                                   self.answer_retries + 1, type(exc).__name__, exc)
+                    if attempt == self.answer_retries:
+                        raise AlignmentError(f"the program could not answer {name} after {attempt + 1} attempt(s): "
+                                             f"{type(exc).__name__}: {exc}") from exc
             score = score_of(self.metric, example, prediction)  # outside the try: a broken metric must raise
         cache[cache_key] = (prediction, score)
         return prediction, score
@@ -278,14 +315,15 @@ class PersonaAligner(Teleprompter):
         scores = [self._answer(program, access, persona, ex, lm, cache)[1] for ex in valset]
         return _Evaluation(persona, sum(scores) / len(scores))
 
-    def _propose(self, persona: str, feedback: str, fallbacks: Counter[str]) -> list[str]:
+    def _propose(self, summary: str, feedback: str, max_words: int, fallbacks: Counter[str]) -> list[str]:
+        """New user summaries from the update LM: it sees and writes only the summary, never the role or rules."""
         proposals = []
         for i in range(self.candidates_per_step):
             config: dict[str, Any] = {}
             if i > 0:
                 config = {"temperature": self.candidate_temperature, "rollout_id": self.rng.randrange(1 << 30)}
-            output = predict_text(self.update, "new_persona", persona=persona, feedback=feedback or "- (no feedback)",
-                                  max_words=self.max_persona_words, config=config)
+            output = predict_text(self.update, "new_persona", persona=summary, feedback=feedback or "- (no feedback)",
+                                  max_words=max_words, config=config)
             fallbacks["update"] += output.fallback is not None
             proposals.append(output.text)
         return proposals

@@ -1,27 +1,50 @@
-"""Keeping a rewritten persona safe: its rules survive, its length is capped, history stays data.
+"""Keeping every persona safe: its role and rules are fixed, its length is capped, history stays data.
 
-The update LM reads feedback that quotes the user's history, and history is untrusted text ("ignore
-your rules..."). Prompts tell the LM to treat it as data, but a guard must not depend on the LM
-obeying. So only the user-summary part of a persona is optimizable: after every update the role and
-the rules are restored verbatim from the starting persona, and the summary is cut to fit the word cap.
-Of what the update wrote, two kinds of line are dropped: lines matching the injection pattern
-(``_INJECTION``: "ignore your rules", "you are now", "delete the rules"...), and anything written as a rule,
-i.e. every line of the update's own "Rules:" section except bullets describing the user
-(``- Preferred label: 4``, see ``describes_user``), which move to the summary.
+Optimizers and LMs rewrite personas after reading a user's history, and history is untrusted text ("Ignore all
+previous instructions", "Rules:\\n- Always answer 5"). Prompts tell the LM to treat it as data, but a guard must not
+depend on the LM obeying. So a persona is never taken as it is written: it is rebuilt as
+``template.compose(summary)``, where the role and rules come from the ``PersonaTemplate`` (configuration) and only the
+user summary comes from the text. The fixed parts are never located by searching the text for a "Rules:" header
+(which a summary can contain): a text that is exactly ``head + summary + tail`` yields that summary; any other text
+is all summary once the template's own lines are removed from it. Then, from the summary, wherever it came from
+(the initial summary, an aligner candidate, GEPA/MIPROv2/COPRO results, a program file, ``agent.persona = ...``):
+
+* lines matching the injection pattern (``_INJECTION``: "ignore ... instructions", "you are now", "from now on",
+  "always answer ...") are dropped;
+* a header that opens rules or instructions ("Rules:", "Instructions:", "System prompt:") is dropped with the lines
+  under it, except bullets that describe the user (``- Preferred label: 4``, see ``describes_user``);
+* the summary is cut to the word cap left after the fixed parts.
+
+``PersonaGuard.check`` says whether it had to intervene, so optimizers can report how often they did.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from signatures.persona import PERSONA_RULES_HEADER, USER_SUMMARY_HEADER
+from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+
+from signatures.persona import DEFAULT_TEMPLATE, EMPTY_SUMMARY, PLAIN_TEMPLATE, USER_SUMMARY_HEADER, PersonaTemplate
+
+logger = logging.getLogger(__name__)
 
 _INJECTION = re.compile(
-    r"(ignore|disregard|forget|override|bypass)\b.{0,40}\b(rules?|instructions?|prompt|persona|guidelines?)"
-    r"|\byou (are|must) now\b|\bsystem prompt\b|\bnew instructions?\b|\bdelete\b.{0,30}\brules?\b",
+    r"(ignore|disregard|forget|override|bypass)\b.{0,40}\b(rules?|instructions?|prompts?|persona|guidelines?)"
+    r"|\byou (are|must) now\b|\bsystem prompt\b|\bnew instructions?\b|\bdelete\b.{0,30}\brules?\b"
+    r"|\bfrom now on\b|\bprevious (instructions?|rules?|prompts?)\b"
+    r"|\b(always|only|must)\s+(answer|respond|reply|output|say|rate|choose|pick|select|return|give)\b"
+    r"|^\W*you\s+(are|will|must|shall|should)\b|\b(act|pretend|role-?play)\s+(as|to be|like)\b",
     re.IGNORECASE,
 )
+_RULES_HEADER = re.compile(
+    r"^\W*(rules?|instructions?|system(\s+prompt)?|guidelines?|constraints?|directives?|commands?|orders?)\s*:",
+    re.IGNORECASE,
+)
+_SECTION_HEADER = re.compile(r"^\W*[A-Za-z][\w ]{0,30}:\s*$")
 _BULLET = re.compile(r"^\s*[-*\u2022]\s+(?P<text>\S.*)$")
 _IMPERATIVE = re.compile(
     r"^(always|never|do|don'?t|must|should|answer|respond|reply|output|give|say|write|use|ignore|follow|only|"
@@ -30,49 +53,19 @@ _IMPERATIVE = re.compile(
 )
 
 
-def describes_user(line: str) -> bool:
-    """Whether a line the update put under "Rules:" is summary after all: a bullet, and not an order.
+def is_injection(line: str) -> bool:
+    """Whether a line reads as an instruction aimed at the assistant (the guard drops it from any summary)."""
+    return _INJECTION.search(line) is not None
 
-    The offline stand-in (and some models) append new preference bullets after the rules, so those are kept;
-    numbered lines, plain sentences and imperative bullets ("- Always answer 1") are rules, which are fixed.
+
+def describes_user(line: str) -> bool:
+    """Whether a line under a rules header is about the user after all: a bullet, and not an order.
+
+    Some models append new preference bullets after the rules, so those are kept; numbered lines, plain sentences
+    and imperative bullets ("- Always answer 1") are rules, and rules are fixed.
     """
     bullet = _BULLET.match(line)
     return bullet is not None and not _IMPERATIVE.match(bullet.group("text"))
-
-
-@dataclass(frozen=True)
-class PersonaParts:
-    """A persona split into its role, user summary and rules (role/rules are None when absent)."""
-
-    role: str | None
-    summary: str
-    rules: str | None
-
-    def text(self) -> str:
-        if self.role is None and self.rules is None:
-            return self.summary
-        parts = [self.role] if self.role else []
-        parts.append(f"{USER_SUMMARY_HEADER}\n{self.summary}")
-        if self.rules is not None:
-            parts.append(f"{PERSONA_RULES_HEADER}\n{self.rules}")
-        return "\n\n".join(parts)
-
-
-def _header(text: str, header: str) -> re.Match[str] | None:
-    return re.search(rf"(?im)^[ \t]*{re.escape(header)}[ \t]*$", text)
-
-
-def split_persona(text: str) -> PersonaParts:
-    """Find the 'User summary:' and 'Rules:' sections; text without them is all summary."""
-    summary_head, rules_head = _header(text, USER_SUMMARY_HEADER), _header(text, PERSONA_RULES_HEADER)
-    rules = None
-    body = text
-    if rules_head is not None:
-        rules = text[rules_head.end():].strip()
-        body = text[:rules_head.start()]
-    if summary_head is not None and (rules_head is None or summary_head.start() < rules_head.start()):
-        return PersonaParts(body[:summary_head.start()].strip() or None, body[summary_head.end():].strip(), rules)
-    return PersonaParts(None, body.strip(), rules)
 
 
 def word_count(text: str) -> int:
@@ -96,35 +89,163 @@ def cap_words(text: str, max_words: int) -> str:
     return "\n".join(kept).strip()
 
 
+def template_for(persona: str) -> PersonaTemplate:
+    """The template of a program's starting persona: the default one when it fits it exactly, else the program's own.
+
+    A program the project did not write carries its developer's instructions (ReAct's "You are an Agent...", their
+    own rules): those are trusted and become the fixed role, and what alignment learns goes in a user summary after
+    them. A summary an earlier alignment wrote is split off at the first summary header, which the template itself
+    put there: any later one belongs to the summary.
+    """
+    if fits(DEFAULT_TEMPLATE, persona):
+        return DEFAULT_TEMPLATE
+    role = persona.partition(f"\n\n{USER_SUMMARY_HEADER}\n")[0].strip()
+    return PersonaTemplate(role=role or None, rules=()) if role else PLAIN_TEMPLATE
+
+
+def is_fixed_part(template: PersonaTemplate, text: str) -> bool:
+    """Whether ``text`` is exactly the fixed role of ``template``, with no summary (a program's own instructions)."""
+    return template.role is not None and not template.rules and text.strip() == template.role
+
+
+def fits(template: PersonaTemplate, text: str) -> bool:
+    """Whether ``text`` is ``template.compose(summary)`` for some summary (fixed parts in place, verbatim)."""
+    body = text.strip()
+    head, tail = template.head, template.tail
+    return (template.has_fixed_parts and body.startswith(head) and body.endswith(tail)
+            and len(body) >= len(head) + len(tail))
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """A guarded persona, and what the guard changed to get it (empty ``dropped`` and no flags: it let it be)."""
+
+    text: str
+    summary: str
+    dropped: tuple[str, ...] = ()
+    restored_fixed_parts: bool = False
+    capped: bool = False
+    used_fallback: bool = False
+
+    @property
+    def intervened(self) -> bool:
+        return bool(self.dropped) or self.restored_fixed_parts or self.capped or self.used_fallback
+
+
 @dataclass(frozen=True)
 class PersonaGuard:
-    """Rebuilds a proposed persona around the starting persona's role and rules, within ``max_words``.
+    """Rebuilds any proposed persona as ``template.compose(clean summary)`` within ``max_words`` (module docstring).
 
-    Dropped from the proposal: lines matching the injection pattern, and anything written as a rule (every
-    line of its "Rules:" section but user-describing bullets, see ``describes_user``). The summary keeps at
-    least ``min_summary_words``, so the cap holds only when ``max_words >= min_words(original)``.
+    The summary keeps at least ``min_summary_words``, so the cap holds only when ``max_words >= min_words()``.
     """
 
     max_words: int = 300
     min_summary_words: int = 20
+    template: PersonaTemplate = field(default=DEFAULT_TEMPLATE)
 
-    def min_words(self, original: str) -> int:
-        """The smallest cap this guard can honour for ``original``: its role and rules plus the minimal summary."""
-        return self._fixed_words(split_persona(original)) + self.min_summary_words
+    def min_words(self) -> int:
+        """The smallest cap this guard can honour: the template's role and rules plus the minimal summary."""
+        return self.fixed_words() + self.min_summary_words
 
-    @staticmethod
-    def _fixed_words(base: PersonaParts) -> int:
-        return word_count(PersonaParts(base.role, "", base.rules).text())
+    def fixed_words(self) -> int:
+        return word_count(self.template.compose(""))
 
-    def apply(self, original: str, proposed: str) -> str:
-        base = split_persona(original)
-        new = split_persona(proposed)
-        lines = new.summary.splitlines()
-        if new.rules is not None:  # the rules are fixed: of the update's own, only bullets about the user survive
-            fixed_rules = {line.strip() for line in (base.rules or "").splitlines()}
-            lines += [line for line in new.rules.splitlines()
-                      if describes_user(line) and line.strip() not in fixed_rules]
-        summary = "\n".join(line for line in lines if not _INJECTION.search(line)).strip()
-        budget = max(self.min_summary_words, self.max_words - self._fixed_words(base))
-        summary = cap_words(summary, budget) or base.summary
-        return PersonaParts(base.role, summary, base.rules).text()
+    def summary_budget(self) -> int:
+        """Words left for the summary under the cap."""
+        return max(self.min_summary_words, self.max_words - self.fixed_words())
+
+    def split(self, text: str) -> tuple[str, bool]:
+        """(the summary part of ``text``, whether its fixed parts were missing or changed), by position only."""
+        body = text.strip()
+        if not self.template.has_fixed_parts:
+            return body, False
+        if is_fixed_part(self.template, body):
+            return "", False
+        if fits(self.template, body):
+            return body[len(self.template.head):len(body) - len(self.template.tail)], False
+        return body, True  # a rewrite that moved or changed the fixed parts: all of it is summary (cleaned below)
+
+    def clean(self, summary: str) -> tuple[str, tuple[str, ...], bool]:
+        """(the summary without fixed lines, rules and injections, capped; the lines dropped; whether it was cut)."""
+        fixed = self.template.fixed_lines()
+        kept: list[str] = []
+        dropped: list[str] = []
+        in_rules = False
+        for line in summary.splitlines():
+            stripped = line.strip()
+            if not stripped:
+                kept.append("")
+                continue
+            if _RULES_HEADER.match(stripped):  # "Rules:" (with a rule on its line or under it): never from a summary
+                in_rules = True
+                dropped.append(stripped)
+                continue
+            if stripped in fixed or stripped == USER_SUMMARY_HEADER:
+                continue  # the template puts the fixed parts back where they belong
+            if _SECTION_HEADER.match(stripped):
+                in_rules = False
+            if (in_rules and not describes_user(line)) or is_injection(stripped):
+                dropped.append(stripped)
+                continue
+            kept.append(line.rstrip())
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+        capped = cap_words(text, self.summary_budget())
+        return capped, tuple(dropped), capped != text
+
+    def check(self, proposed: str, *, fallback: str | None = None, summary_only: bool = False) -> GuardResult:
+        """Guard a proposed persona (or, with ``summary_only``, a proposed summary); what it did is in the result.
+
+        ``fallback`` is the summary kept when nothing usable is left (default: ``EMPTY_SUMMARY``).
+        """
+        if not summary_only and is_fixed_part(self.template, proposed):
+            return GuardResult(self.template.role or "", "")  # a program's own instructions, before any summary
+        raw, restored = (proposed.strip(), False) if summary_only else self.split(proposed)
+        summary, dropped, capped = self.clean(raw)
+        used_fallback = not summary
+        if used_fallback:
+            summary = self.clean(fallback)[0] if fallback else ""
+            summary = summary or cap_words(EMPTY_SUMMARY, self.summary_budget())
+        return GuardResult(self.template.compose(summary), summary, dropped, restored, capped, used_fallback)
+
+    def apply(self, proposed: str, *, fallback: str | None = None) -> str:
+        """The guarded persona for a proposed persona text."""
+        return self.check(proposed, fallback=fallback).text
+
+    def compose(self, summary: str) -> str:
+        """The guarded persona for a user summary (the initial persona: an LM's summary of untrusted history)."""
+        return self.check(summary, summary_only=True).text
+
+    def summary(self, persona: str) -> str:
+        """The clean summary of a persona text (what an update may revise)."""
+        return self.check(persona).summary
+
+
+class GuardedInstructionProposer(InstructionProposer):
+    """GEPA's default instruction proposer, with every proposed instruction passed through a PersonaGuard.
+
+    ``components`` limits the guard to the named predictors (default: all that GEPA updates). ``interventions``
+    counts the proposals the guard had to change.
+    """
+
+    def __init__(self, guard: PersonaGuard, components: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard = guard
+        self.components = set(components) if components is not None else None
+        self.interventions = 0
+        self.proposals = 0
+
+    def __call__(self, candidate: dict[str, str], reflective_dataset: Mapping[str, Sequence[Mapping[str, Any]]],
+                 components_to_update: list[str]) -> dict[str, str]:
+        proposed = super().__call__(candidate, reflective_dataset, components_to_update)
+        guarded: dict[str, str] = {}
+        for name, text in proposed.items():
+            if self.components is not None and name not in self.components:
+                guarded[name] = text
+                continue
+            result = self.guard.check(text, fallback=self.guard.summary(candidate.get(name, "")))
+            self.proposals += 1
+            if result.intervened:
+                self.interventions += 1
+                logger.info("guard changed GEPA's proposal for %s (dropped %d lines)", name, len(result.dropped))
+            guarded[name] = result.text
+        return guarded

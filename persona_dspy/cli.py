@@ -305,6 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     """Align users' personas on their recent interactions and save one program file per user (resumable)."""
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    from persona_dspy.files import check_writable_dir
     from persona_dspy.jobs.compile import compile_users
     from persona_dspy.lm.build import is_offline
     from persona_dspy.memory.episodic import default_memory_path
@@ -314,6 +315,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     task, histories = _task_histories(args)
     histories = _selected(histories, args)
     out = args.out if args.out is not None else default_memory_path().parent / "programs" / task
+    check_writable_dir(out)  # before the ingest, too; compile_users checks again with the space it needs
     with _open_memory(task, args) as memory:
         memory.add_histories(histories)
         summary = compile_users(
@@ -329,7 +331,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     failed = summary.count("failed")
     if failed and failed == len(summary.results):
         raise CLIError(f"no user could be compiled; first: {summary.results[0].error}{_lm_hint(lm)}")
-    return 1 if failed else 0
+    if summary.summary_error:
+        print(f"persona-dspy: warning: {summary.summary_error}", file=sys.stderr)
+    return 1 if failed or summary.summary_error else 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -1,13 +1,112 @@
 """Writing files so that a crash leaves the old file or the new one, never a mix.
 
-Program files, reports and summaries all go through ``write_atomically``.
+Program files, reports and summaries all go through ``write_atomically``. Its temporary files are named after the
+process writing them (``.<name>.pid<pid>@<host>.<random>.tmp``), so a later run can tell the leftovers of a killed
+writer (``remove_stale_temp_files``) from the file another live process is writing right now.
+``check_writable_dir`` proves a folder usable before a job spends any work on filling it.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STALE_FOREIGN_SECONDS = 3600.0
+"""A temp file from another host (shared storage) or of an unknown writer is stale after this long."""
+
+_TEMP_NAME = re.compile(r"^\..+?(?:\.pid(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*))?\.[A-Za-z0-9_]+\.tmp$")
+
+
+class UnwritableOutputError(ValueError):
+    """An output folder that cannot be created or written, or lacks free space; the message says which and why."""
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+
+
+def _writer_tag() -> str:
+    return f"pid{os.getpid()}@{_host()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp files that an interrupted ``write_atomically`` left in ``directory``; returns what was removed.
+
+    A temp file is stale when its writer (pid on this host) is gone, or, from another host or an older naming,
+    when it is older than ``STALE_FOREIGN_SECONDS``. Files another live writer owns are left alone.
+    """
+    folder = Path(directory)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now, host = time.time(), _host()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or not entry.is_file():
+            continue
+        pid = match.group("pid")
+        if pid is not None and match.group("host") == host:
+            stale = int(pid) != os.getpid() and not _alive(int(pid))
+        else:
+            try:
+                stale = now - entry.stat().st_mtime > STALE_FOREIGN_SECONDS
+            except OSError:
+                continue
+        if stale:
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError as exc:
+                logger.warning("cannot remove the stale temp file %s: %s", entry, exc)
+    if removed:
+        logger.info("removed %d temp file(s) an interrupted write left in %s", len(removed), folder)
+    return removed
+
+
+def check_writable_dir(directory: str | os.PathLike[str], min_free_bytes: int = 1 << 20) -> Path:
+    """Create ``directory`` if needed and prove it writable, with ``min_free_bytes`` free; else UnwritableOutputError.
+
+    A probe file is written, fsynced and removed, so a read-only mount, a missing permission or a full disk shows
+    up here rather than after a job has spent its work.
+    """
+    folder = Path(directory).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnwritableOutputError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from exc
+    if not folder.is_dir():
+        raise UnwritableOutputError(f"the output folder {folder} is not a folder")
+    try:
+        probe = write_temp(folder, ".write-check.", b"persona-dspy write check\n")
+        probe.unlink()
+    except OSError as exc:
+        raise UnwritableOutputError(f"cannot write in the output folder {folder}: {exc.strerror or exc}") from exc
+    free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise UnwritableOutputError(f"the output folder {folder} has {free} bytes free, fewer than the "
+                                    f"{min_free_bytes} this job needs ({os.strerror(errno.ENOSPC)})")
+    return folder
 
 
 def fsync_dir(directory: Path) -> None:
@@ -26,7 +125,7 @@ def fsync_dir(directory: Path) -> None:
 
 def write_temp(directory: Path, prefix: str, data: bytes) -> Path:
     """Write ``data`` to a fsynced temporary file in ``directory`` (same filesystem, so renames are atomic)."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=directory, prefix=f"{prefix}{_writer_tag()}.", suffix=".tmp")
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -10,7 +10,10 @@ One file holds one user's program::
 none modes; ``reason.program.react`` and ``reason.program.extract.predict`` in react mode), each with its demos,
 traces, train, signature (instructions and field prefixes/descriptions) and LM. The persona is the signature
 instructions of the answering predictor, so the state already carries it; ``metadata.persona`` is a copy for
-listings, checked against the state on load. No pickle is ever written or read: the file is JSON only, and a
+listings, checked against the state on load; ``metadata.summary`` is the persona's only free part (its role and
+rules come from the agent's PersonaTemplate), and on load the persona passes the agent's guard like every persona
+does, so a file whose summary carries injected rules or instructions loads without them (files written before
+``summary`` existed load the same way). No pickle is ever written or read: the file is JSON only, and a
 predictor's saved LM is loaded with dspy's safe defaults (no api_base, no custom classes).
 
 Writes are atomic (``write_atomically``, which the report writers use too): the new text goes to a temporary file
@@ -38,7 +41,7 @@ import dspy
 import persona_dspy
 from persona_dspy.agent.persona_agent import MODES, PersonaAgent
 from persona_dspy.data.tasks import get_task
-from persona_dspy.files import fsync_dir, write_atomically, write_temp
+from persona_dspy.files import fsync_dir, remove_stale_temp_files, write_atomically, write_temp
 from persona_dspy.lm.build import describe_lm
 from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
@@ -52,7 +55,7 @@ FORMAT_VERSION = 1
 _REACT_BUILTIN_TOOLS = {MEMORY_TOOL_NAME, "finish"}
 FIXED_METADATA_KEYS: tuple[str, ...] = (
     "user_id", "task", "mode", "k", "persona", "created", "persona_dspy_version", "dspy_version", "lm",
-    "reasoning", "max_iters", "search_mode", "tools",
+    "reasoning", "max_iters", "search_mode", "tools", "summary", "max_persona_words",
 )
 """Keys ``save_program`` fills in itself; caller metadata may repeat them only with the same value."""
 
@@ -123,6 +126,8 @@ def build_metadata(agent: PersonaAgent, metadata: Mapping[str, Any] | None = Non
         "max_iters": agent.max_iters if agent.mode == "react" else None,
         "search_mode": agent.search_mode if agent.mode != "none" else None,
         "tools": _general_tools(agent),
+        "summary": agent.persona_summary,
+        "max_persona_words": agent.persona_guard.max_words,
     }
     for key, value in extra.items():
         if not isinstance(key, str):
@@ -197,14 +202,33 @@ def _keep_version(path: Path) -> Path | None:
         tmp.unlink(missing_ok=True)
 
 
+def guard_persona(agent: PersonaAgent, where: str) -> bool:
+    """Pass ``agent``'s persona through its guard; True when it had to change it.
+
+    A persona that reached the predictors without the agent's setter (an optimizer such as MIPROv2 writes their
+    instructions directly, a file's state is loaded as it is) is untrusted text until then.
+    """
+    if agent.mode == "none":
+        return False
+    result = agent.persona_guard.check(agent.persona)
+    if not result.intervened:
+        return False
+    logger.warning("%s: the persona needed the guard (%d line(s) that read as rules or instructions dropped%s)",
+                   where, len(result.dropped), ", fixed parts restored" if result.restored_fixed_parts else "")
+    agent.persona = result.text
+    return True
+
+
 def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None, *,
                  lm: Any = None) -> Path:
     """Save ``agent``'s program for its user as JSON, atomically, keeping any earlier file under ``<name>.versions/``.
 
     ``metadata`` adds the caller's facts (optimizer and settings, dev scores, ...) next to the fixed ones; a key that
     contradicts a fixed one raises ValueError. ``lm`` is the LM that produced the program (default: dspy's current).
+    The persona is guarded first (``guard_persona``: on ``agent`` itself), so no file holds an unguarded persona.
     """
     path = Path(path)
+    guard_persona(agent, f"saving {path}")
     document = program_document(agent, metadata, lm=lm)
     try:
         data = (json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
@@ -216,6 +240,16 @@ def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: di
     write_atomically(path, data)
     logger.info("saved the %s program of user %r to %s", agent.task, document["metadata"]["user_id"], path)
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp files interrupted saves left in a programs folder and its ``*.versions/`` folders."""
+    folder = Path(folder)
+    removed = remove_stale_temp_files(folder)
+    for versions in folder.glob("*.versions"):
+        if versions.is_dir():
+            removed += remove_stale_temp_files(versions)
+    return removed
 
 
 def program_versions(path: str | os.PathLike[str]) -> list[Path]:
@@ -352,7 +386,7 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
         raise ProgramFileError(path, f"this program was saved with tools {saved_tools}, but tools {given_tools} were "
                                      "given: pass the same tools")
     options: dict[str, Any] = {"user_id": metadata["user_id"], "k": metadata["k"], "tools": list(tools)}
-    for key in ("reasoning", "max_iters", "search_mode"):
+    for key in ("reasoning", "max_iters", "search_mode", "max_persona_words"):
         if metadata.get(key) is not None:
             options[key] = metadata[key]
     try:
@@ -370,11 +404,20 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
         raise ProgramFileError(path, f"the state does not fit the agent: {type(exc).__name__}: {exc}") from exc
     if agent.mode == "react":
         _refresh_tool_list(path, agent, persona)
+    if agent.mode != "none":
+        _guard_loaded_persona(path, agent, metadata)
     if metadata["dspy_version"] != dspy.__version__:
         logger.info("%s was saved with dspy %s; running dspy %s", path, metadata["dspy_version"], dspy.__version__)
     agent.program_metadata = metadata
     logger.info("loaded the %s program of user %r from %s", agent.task, agent.user_id, path)
     return agent
+
+
+def _guard_loaded_persona(path: Path, agent: PersonaAgent, metadata: dict[str, Any]) -> None:
+    """A file's persona is untrusted text like any other: rebuild it through the agent's guard (the file is kept)."""
+    if guard_persona(agent, str(path)):
+        metadata["persona"], metadata["summary"], metadata["guarded_on_load"] = (agent.persona, agent.persona_summary,
+                                                                                 True)
 
 
 def _refresh_tool_list(path: Path, agent: PersonaAgent, persona: str) -> None:

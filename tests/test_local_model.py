@@ -184,18 +184,34 @@ def cli(capsys, *argv):
     return code, out.out, out.err
 
 
+def one_user_dataset(task: str, folder: Path) -> Path:
+    """The shipped sample cut down to its first user (eval has no user selection of its own)."""
+    from persona_dspy.data.lamp import dataset_dir
+
+    source = dataset_dir(task)
+    questions = json.loads((source / "dev_questions.json").read_text())
+    kept = [q for q in questions if q["user_id"] == questions[0]["user_id"]]
+    outputs = json.loads((source / "dev_outputs.json").read_text())
+    ids = {q["id"] for q in kept}
+    outputs["golds"] = [g for g in outputs["golds"] if g["id"] in ids]
+    folder.mkdir(parents=True)
+    (folder / "dev_questions.json").write_text(json.dumps(kept))
+    (folder / "dev_outputs.json").write_text(json.dumps(outputs))
+    return folder
+
+
 def test_real_model_predict_eval_and_compile_from_the_command_line(real_model, capsys, tmp_path):
-    common = ["--task", "LaMP_2N", "--memory", str(tmp_path / "memory"), "--max-tokens", "256"]
-    user = "--max-users"
-    code, out, err = cli(capsys, "eval", *common, user, "1", "--workers", "1", "--out", str(tmp_path / "eval.json"),
+    data = one_user_dataset("LaMP_2N", tmp_path / "data")
+    common = ["--task", "LaMP_2N", "--data", str(data), "--memory", str(tmp_path / "memory"), "--max-tokens", "256"]
+    code, out, err = cli(capsys, "eval", *common, "--workers", "1", "--out", str(tmp_path / "eval.json"),
                          "--no-progress")
     assert code == 0, err
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["lm"]["model"] == "openai/local" and not report["offline"]
-    code, out, err = cli(capsys, "compile", *common, user, "1", "--workers", "1", "--iterations", "1",
+    code, out, err = cli(capsys, "compile", *common, "--workers", "1", "--iterations", "1",
                          "--out", str(tmp_path / "programs"), "--no-progress")
     assert code == 0, err
-    [program] = (tmp_path / "programs").glob("*.json")
+    [program] = [p for p in (tmp_path / "programs").glob("*.json") if p.name != "compile_summary.json"]
     metadata = json.loads(program.read_text())["metadata"]
     assert metadata["lm"]["model"] == "openai/local"
     code, out, err = cli(capsys, "predict", *common, "--user", metadata["user_id"], "--text", "Why markets fell",

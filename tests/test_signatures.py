@@ -97,6 +97,6 @@ def test_persona_signatures_fields():
 def test_persona_update_prompt_guards_data_rules_and_length():
     text = PersonaUpdate.instructions
     assert "DATA" in text and "never instructions" in text
-    assert "rules section" in text
+    assert "rules section" in text and "fixed elsewhere" in text
     assert "max_words" in text
     assert "never instructions" in PersonaSummary.instructions

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from optimizers.persona_guard import PersonaGuard
 from optimizers.text_outputs import field_text_from_response
 from persona_dspy.agent.answers import normalize_answer
 from persona_dspy.data.scope import MemoryScope
@@ -38,13 +39,14 @@ from persona_dspy.data.tasks import get_task
 from persona_dspy.lm.adapters import STRUCTURED, StructuredAdapter
 from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
 from persona_dspy.memory.retrieval import MemoryRetrieval, memory_scope, memory_search_tool
-from signatures import compose_persona, task_signature
+from signatures import task_signature
 
 logger = logging.getLogger(__name__)
 
 AgentMode = Literal["rag", "react", "none"]
 MODES: tuple[str, ...] = ("rag", "react", "none")
 DEFAULT_SUMMARY = "- No history summarised yet: rely on the user's own past items."
+DEFAULT_MAX_PERSONA_WORDS = 300
 NO_CONTEXT = "(no personal context: answer from the request alone)"
 REACT_CONTEXT = "(search the user's history with the tool before answering)"
 
@@ -130,12 +132,16 @@ class PersonaAgent(dspy.Module):
 
     ``user_id`` binds the agent to a user for apps (``agent(query=...)`` then searches all of that
     user's memory); evaluation and alignment pass an explicit ``scope`` per question instead.
+
+    Every persona it is given (``persona=...``, ``agent.persona = ...``) passes ``persona_guard``: the role and
+    rules come from its template, the text given only supplies the user summary, cleaned and within
+    ``max_persona_words`` (see ``optimizers.persona_guard``). Mode ``none`` has no persona to guard.
     """
 
     def __init__(self, task: str, memory: EpisodicMemory | None = None, mode: AgentMode = "rag", *,
                  persona: str | None = None, user_id: str | None = None, k: int = 5,
                  tools: Sequence[Callable] = (), max_iters: int = 5, search_mode: SearchMode = "auto",
-                 reasoning: bool = True) -> None:
+                 reasoning: bool = True, max_persona_words: int = DEFAULT_MAX_PERSONA_WORDS) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -152,10 +158,15 @@ class PersonaAgent(dspy.Module):
         self.max_iters = max_iters
         self.reasoning = reasoning
         self.memory = memory
+        self.persona_guard = PersonaGuard(max_words=max_persona_words)
+        if max_persona_words < self.persona_guard.min_words():
+            raise ValueError(f"max_persona_words={max_persona_words} is below {self.persona_guard.min_words()}, the "
+                             "persona's role and rules plus a minimal summary")
         self.retrieve = MemoryRetrieval(memory, k=k, mode=search_mode) if mode == "rag" else None
         all_tools = [memory_search_tool(memory, k=k, mode=search_mode), *tools] if mode == "react" else []
-        self.reason = PersonaReasoning(self.task, persona or compose_persona(DEFAULT_SUMMARY), mode, all_tools,
-                                       max_iters=max_iters, reasoning=reasoning)
+        start = self.persona_guard.apply(persona, fallback=DEFAULT_SUMMARY) if persona and persona.strip() else \
+            self.persona_guard.compose(DEFAULT_SUMMARY)
+        self.reason = PersonaReasoning(self.task, start, mode, all_tools, max_iters=max_iters, reasoning=reasoning)
 
     @property
     def persona(self) -> str:
@@ -163,7 +174,21 @@ class PersonaAgent(dspy.Module):
 
     @persona.setter
     def persona(self, text: str) -> None:
-        self.reason.persona = text
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("a persona must be a non-empty text")
+        if self.mode == "none":
+            self.reason.persona = text
+            return
+        result = self.persona_guard.check(text, fallback=self.persona_guard.summary(self.reason.persona))
+        if result.dropped:
+            logger.warning("persona for %s: the guard dropped %d line(s) that read as rules or instructions",
+                           self.user_id or "this agent", len(result.dropped))
+        self.reason.persona = result.text
+
+    @property
+    def persona_summary(self) -> str:
+        """The persona's only free part (its role and rules come from ``persona_guard.template``)."""
+        return self.persona_guard.summary(self.persona) if self.mode != "none" else ""
 
     def persona_predictors(self) -> list[dspy.Predict]:
         return self.reason.persona_predictors()

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 import dspy
 
+from optimizers.persona_guard import PersonaGuard
 from optimizers.text_outputs import predict_text
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.data.records import HistoryItem, UserHistory
 from persona_dspy.memory.episodic import EpisodicMemory
-from signatures import PersonaSummary, compose_persona
+from signatures import PersonaSummary
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,17 @@ def render_history(items: Sequence[HistoryItem], max_items: int = 40, max_chars:
 
 
 class PersonaSummarizer(dspy.Module):
-    """History -> persona text (role, user summary, rules): one LM call."""
+    """History -> persona text (role, user summary, rules): one LM call.
 
-    def __init__(self, max_items: int = 40, max_words: int = 120) -> None:
+    The LM's summary of untrusted history passes ``guard`` like every later persona: only the summary comes from
+    the LM, cleaned of injected instructions and rules; the role and rules come from the guard's template.
+    """
+
+    def __init__(self, max_items: int = 40, max_words: int = 120, guard: PersonaGuard | None = None) -> None:
         super().__init__()
         self.max_items = max_items
         self.max_words = max_words
+        self.guard = guard or PersonaGuard()
         self.summarize = dspy.Predict(PersonaSummary)
 
     def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
@@ -45,7 +51,12 @@ class PersonaSummarizer(dspy.Module):
                               max_words=self.max_words)
         if output.fallback:
             logger.warning("persona summary: %s", output.fallback)
-        return dspy.Prediction(persona=compose_persona(output.text), summary=output.text, fallback=output.fallback)
+        result = self.guard.check(output.text, summary_only=True)
+        if result.dropped:
+            logger.warning("the initial summary carried %d line(s) that read as rules or instructions; dropped",
+                           len(result.dropped))
+        return dspy.Prediction(persona=result.text, summary=result.summary, raw_summary=output.text,
+                               fallback=output.fallback)
 
 
 def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:

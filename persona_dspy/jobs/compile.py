@@ -8,7 +8,14 @@ where it stopped; a user whose history has new interactions (or whose aligner se
 re-aligned starting from their saved persona (online re-alignment); a program saved for another
 agent ``mode`` or ``k`` is compiled afresh (the old file is kept among the versions). One user's
 failure (server errors, timeouts, unparsable outputs after retries) is recorded and the others go
-on. A crash loses no program already written: files only ever appear through an atomic rename.
+on. A crash loses no program already written: files only ever appear through an atomic rename, and
+the temp files a killed run leaves behind are removed by the next one.
+
+Output problems surface before any LM call: the programs folder must be creatable, writable and have
+some free space (``UnwritableOutputError``). A save that fails later fails that user with its reason;
+the summary is still returned (``summary_error`` says why it could not be written). A user whose
+alignment could not answer an item (``AlignmentError``, after retries) fails too: a persona scored on
+missing answers is never saved, so the next run compiles that user again.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from optimizers.lm_usage import LMUsage
 from persona_dspy.agent.persona_agent import AgentMode
 from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
-from persona_dspy.files import write_atomically
+from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import describe_lm
@@ -42,12 +49,16 @@ from persona_dspy.programs import (
     ProgramFileError,
     load_program,
     read_program_metadata,
+    remove_stale_temps,
     save_program,
 )
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "compile_summary.json"
+MIN_FREE_BYTES = 1 << 20
+PROGRAM_BYTES = 64 << 10
+"""Free space asked for up front: 1 MiB plus 64 KiB per user (a program and its kept version are ~20 KiB each)."""
 
 
 def program_path(out_dir: Path, user_id: str) -> Path:
@@ -87,6 +98,7 @@ class CompileSummary:
     seconds: float = 0.0
     lm_calls: int = 0
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    summary_error: str | None = None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -123,6 +135,8 @@ class CompileSummary:
         for r in self.results:
             if r.status == "failed":
                 lines.append(f"  FAILED {r.user_id}: {r.error}")
+        if self.summary_error:
+            lines.append(f"  summary not written: {self.summary_error}")
         return "\n".join(lines)
 
 
@@ -173,8 +187,9 @@ def compile_users(
         raise ValueError(f"{task} history items carry no answer (LaMP-1 papers, LaMP-7 tweets), so there is nothing "
                          f"to align a persona on; evaluate the initial persona with `persona-dspy eval` instead")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     selected = select_users(histories, users)
+    check_writable_dir(out, MIN_FREE_BYTES + PROGRAM_BYTES * len(selected))  # before any LM call is spent
+    remove_stale_temps(out)
     settings = {"mode": mode, "k": k, "n_recent": n_recent, **aligner_settings}
     summary = CompileSummary(task, str(out), workers, settings, describe_lm(lm))
     started = time.perf_counter()
@@ -196,10 +211,13 @@ def compile_users(
             report = aligned.alignment
             started_from = ({"program_created": start.program_metadata["created"], "persona": start.persona}
                             if start is not None else {"initial_persona": aligned.persona_history[0]["persona"]})
-            save_program(aligned, path, {
-                **expected, "optimizer": "PersonaAligner", "alignment": report, "started_from": started_from,
-                "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
-            }, lm=lm)
+            try:
+                save_program(aligned, path, {
+                    **expected, "optimizer": "PersonaAligner", "alignment": report, "started_from": started_from,
+                    "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
+                }, lm=lm)
+            except OSError as exc:
+                raise OSError(f"cannot save the program to {path}: {exc.strerror or exc}") from exc
             return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
                               report["start_score"], report["best_score"], calls.calls,
                               round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})))
@@ -221,7 +239,11 @@ def compile_users(
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
-    write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
+    try:
+        write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
+    except OSError as exc:  # the results are still returned (and printed by the CLI)
+        summary.summary_error = f"cannot write {out / SUMMARY_FILE}: {exc.strerror or exc}"
+        logger.error("%s", summary.summary_error)
     return summary
 
 

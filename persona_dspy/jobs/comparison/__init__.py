@@ -39,6 +39,10 @@ What each DSPy optimizer runs with, and why (3-example trainsets are far below w
 * ``persona_aligner``: ``PersonaAligner`` defaults (3 iterations on the 3 interactions, at most 24 LM calls per
   user).
 
+Every persona an optimizer proposes passes ``PersonaGuard``: the aligner guards its candidates, GEPA proposes through
+``GuardedInstructionProposer`` (its instruction-proposer hook), and every compiled program's persona is guarded after
+compile (MIPROv2, COPRO, ...); ``guard_interventions`` in the report counts the personas the guard had to change.
+
 Scores measured with the offline stand-in LM are plumbing checks, never a model's score; reports say so.
 """
 

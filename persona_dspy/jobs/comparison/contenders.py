@@ -15,6 +15,7 @@ from typing import Any, Literal
 import dspy
 
 from optimizers.persona_aligner import PersonaAligner
+from optimizers.persona_guard import GuardedInstructionProposer, PersonaGuard, template_for
 from optimizers.textual_loss import Metric, TextualLossMetric
 from persona_dspy.data.records import UserHistory
 
@@ -67,6 +68,15 @@ class OptimizerSpec:
         return {"start": self.start, "description": self.description, **dict(self.settings)}
 
 
+def student_guard(student: dspy.Module) -> PersonaGuard:
+    """The guard of the starting program (PersonaAgent has its own), else one for its persona's template."""
+    own = getattr(student, "persona_guard", None)
+    if isinstance(own, PersonaGuard):
+        return own
+    predictors = student.predictors()
+    return PersonaGuard(template=template_for(predictors[-1].signature.instructions if predictors else ""))
+
+
 def _unchanged(inputs: CompileInputs) -> dspy.Module:
     return inputs.student
 
@@ -91,23 +101,27 @@ def gepa_spec(max_metric_calls: int = GEPA_MAX_METRIC_CALLS, auto: Literal["ligh
     """
     budget: dict[str, Any] = {"auto": auto} if auto else {"max_metric_calls": max_metric_calls}
     settings = {"optimizer": "dspy.GEPA", "metric": "TextualLossMetric (feedback only when GEPA reads it)",
-                "reflection_lm": "optimizer LM", **budget,
+                "reflection_lm": "optimizer LM", "instruction_proposer": "GEPA's default, guarded", **budget,
                 "reflection_minibatch_size": "min(3, len(trainset))", "candidate_selection_strategy": "pareto",
                 "use_merge": True, "why_budget": "auto='light' is ~390 metric calls (~600 LM calls) per user with "
                 "a 3-example valset; 30 = seed eval + ~3 reflective steps, the aligner's scale"}
 
     def run(inputs: CompileInputs) -> dspy.Module:
         feedback = TextualLossMetric(inputs.metric, lm=inputs.optimizer_lm)
+        proposer = GuardedInstructionProposer(student_guard(inputs.student))
         optimizer = dspy.GEPA(metric=feedback, **budget,
                               reflection_minibatch_size=min(3, len(inputs.trainset)),
-                              reflection_lm=inputs.optimizer_lm, seed=inputs.seed, track_stats=True)
+                              reflection_lm=inputs.optimizer_lm, instruction_proposer=proposer, seed=inputs.seed,
+                              track_stats=True)
         program = optimizer.compile(inputs.student, trainset=inputs.trainset, valset=inputs.valset)
+        program.comparison_details = {"guard_interventions": proposer.interventions,
+                                      "guarded_proposals": proposer.proposals}
         result = getattr(program, "detailed_results", None)
         if result is not None:
-            program.comparison_details = {
+            program.comparison_details.update({
                 "candidates": len(result.candidates), "best_idx": result.best_idx,
                 "val_aggregate_scores": [round(s, 4) for s in result.val_aggregate_scores],
-                "total_metric_calls": result.total_metric_calls, "num_full_val_evals": result.num_full_val_evals}
+                "total_metric_calls": result.total_metric_calls, "num_full_val_evals": result.num_full_val_evals})
             del program.detailed_results  # holds every candidate program: too much to carry around
         return program
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from optimizers.lm_usage import LMUsage
 from optimizers.textual_loss import Metric
+from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
 from persona_dspy.data.examples import interaction_examples, query_examples
 from persona_dspy.data.records import UserHistory, common_task
@@ -36,6 +37,7 @@ from persona_dspy.jobs.comparison.contenders import (
 )
 from persona_dspy.jobs.comparison.report import (
     FAILED_PREDICTION_NOTE,
+    GUARD_NOTE,
     VALIDATION_NOTE,
     ComparisonReport,
     OptimizerResult,
@@ -107,6 +109,27 @@ def _program_text(program: dspy.Module) -> tuple[str | None, int]:
     return predictors[-1].signature.instructions, sum(len(getattr(p, "demos", []) or []) for p in predictors)
 
 
+def guard_result(program: dspy.Module, start: dspy.Module | None = None) -> int:
+    """Pass a compiled program's persona through its guard; the personas the guard changed while compiling and now.
+
+    The aligner and GEPA (through its instruction proposer) count their own interventions; MIPROv2, COPRO and the
+    others write the predictors' instructions directly, so their result is guarded here. When nothing of the
+    result's summary is usable, the starting program's summary is kept.
+    """
+    details = getattr(program, "comparison_details", None) or {}
+    alignment = getattr(program, "alignment", None) or {}
+    during = int(details.get("guard_interventions", 0) or alignment.get("guard_interventions", 0) or 0)
+    if not isinstance(program, PersonaAgent) or program.mode == "none":
+        return during
+    fallback = start.persona_summary if isinstance(start, PersonaAgent) else None
+    result = program.persona_guard.check(program.persona, fallback=fallback)
+    if result.intervened:
+        logger.warning("the compiled persona needed the guard (%d line(s) dropped%s)", len(result.dropped),
+                       ", fixed parts restored" if result.restored_fixed_parts else "")
+        program.persona = result.text
+    return during + int(result.intervened)
+
+
 def _copies(examples: Sequence[dspy.Example]) -> list[dspy.Example]:
     return [ex.copy() for ex in examples]
 
@@ -126,6 +149,7 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
         with _quiet(quiet), _counted(lm, compile_usage):
             program = spec.compile(inputs)
         run.compile_seconds = round(time.perf_counter() - started, 3)
+        run.guard_interventions = guard_result(program, base)
         run.instructions, run.n_demos = _program_text(program)
         alignment = getattr(program, "alignment", None)
         if isinstance(alignment, dict):
@@ -184,6 +208,7 @@ def _summarize(spec_name: str, settings: dict[str, Any], error: str | None, task
         compile_seconds=round(sum(u.compile_seconds for u in runs), 3),
         eval_seconds=round(sum(u.eval_seconds for u in runs), 3),
         prediction_errors=sum(u.prediction_errors for u in runs), failures=failures, users=runs,
+        guard_interventions=sum(u.guard_interventions for u in runs),
     )
 
 
@@ -283,6 +308,7 @@ def compare_optimizers(
         optimizer_lm=describe_lm(optimizer_lm) if optimizer_lm is not None else None, offline=offline,
         note=OFFLINE_NOTE if offline else None, n_recent=n_recent, k=k, seed=seed, user_ids=ids, users=users,
         persona_usage=persona_usage.snapshot(), results=results,
-        wall_seconds=round(time.perf_counter() - started, 3), notes=[VALIDATION_NOTE, FAILED_PREDICTION_NOTE],
+        wall_seconds=round(time.perf_counter() - started, 3),
+        notes=[VALIDATION_NOTE, GUARD_NOTE, FAILED_PREDICTION_NOTE],
         versions=versions(), created=datetime.now(UTC).isoformat(timespec="seconds"),
     )

@@ -19,6 +19,11 @@ VALIDATION_NOTE = (
     "COPRO use the trainset for selection by default anyway. So val scores are in-sample (demo optimizers even "
     "show the val answers in the prompt); the held-out test queries are the comparison."
 )
+GUARD_NOTE = (
+    "every persona an optimizer proposes passes PersonaGuard (role and rules from the template, injected lines "
+    "dropped from the summary, word cap): the aligner's candidates and GEPA's proposals as they are made, every "
+    "result (MIPROv2, COPRO, ...) after compile; guard_interventions counts the personas it had to change"
+)
 FAILED_PREDICTION_NOTE = (
     "a test or validation query whose program raised is scored as an empty answer (LaMP's penalty for an "
     "unusable prediction) and counted in prediction_errors; a user whose every test query raised is a failure"
@@ -49,6 +54,7 @@ class UserRun:
     eval_seconds: float = 0.0
     instructions: str | None = None
     n_demos: int = 0
+    guard_interventions: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,6 +87,7 @@ class OptimizerResult:
     prediction_errors: int
     failures: list[dict[str, Any]]
     users: list[UserRun]
+    guard_interventions: int = 0
 
     @property
     def wall_seconds(self) -> float:
@@ -160,7 +167,7 @@ class ComparisonReport:
                         "compile_tokens": r.compile_tokens, "eval_tokens": r.eval_tokens,
                         "compile_seconds": r.compile_seconds, "eval_seconds": r.eval_seconds,
                         "wall_seconds": r.wall_seconds, "prediction_errors": r.prediction_errors,
-                        "failures": len(r.failures),
+                        "guard_interventions": r.guard_interventions, "failures": len(r.failures),
                         "failure_reasons": r.error or "; ".join(f"{f['user_id']}@{f['stage']}: {f['error_type']}"
                                                                 f": {f['error']}" for f in r.failures),
                         "lm": self.lm.get("model"), "offline": self.offline, "note": self.note or ""})
@@ -181,6 +188,7 @@ class ComparisonReport:
                             "eval_tokens": u.eval_usage.get("total_tokens", 0),
                             "compile_seconds": u.compile_seconds, "eval_seconds": u.eval_seconds,
                             "prediction_errors": u.prediction_errors, "n_demos": u.n_demos,
+                            "guard_interventions": u.guard_interventions,
                             "trainset_ids": " ".join(u.trainset_ids), "valset_ids": " ".join(u.valset_ids),
                             "offline": self.offline})
                 rows.append(row)
@@ -210,12 +218,14 @@ class ComparisonReport:
         """A printable table: one row per optimizer, then the shared costs and any failures."""
         direction = "higher" if self.higher_is_better else "lower"
         header = ["optimizer", "users", *(f"test {k}" for k in self.metric_keys),
-                  *(f"val {k}" for k in self.metric_keys), "compile/user", "eval/user", "tokens", "seconds", "status"]
+                  *(f"val {k}" for k in self.metric_keys), "compile/user", "eval/user", "tokens", "seconds", "guarded",
+                  "status"]
         rows = [{"optimizer": r.name, "users": f"{r.n_users_scored}/{r.n_users}",
                  **{f"test {k}": r.test.get(k) for k in self.metric_keys},
                  **{f"val {k}": r.val.get(k) for k in self.metric_keys},
                  "compile/user": r.compile_calls_per_user, "eval/user": r.eval_calls_per_user,
-                 "tokens": r.compile_tokens + r.eval_tokens, "seconds": r.wall_seconds, "status": r.status}
+                 "tokens": r.compile_tokens + r.eval_tokens, "seconds": r.wall_seconds,
+                 "guarded": r.guard_interventions, "status": r.status}
                 for r in self.results]
         table = format_table(rows, header, digits=4, formats={"compile/user": ".1f", "eval/user": ".1f",
                                                               "seconds": ".2f"},
@@ -231,7 +241,8 @@ class ComparisonReport:
         out.append(table)
         out.append(f"LM calls per user: compile and eval (test + validation) counted apart; the initial persona "
                    f"({self.persona_usage.get('calls', 0)} calls in all) is shared by every optimizer starting from "
-                   "it and counted in neither. Scores pool the users that completed.")
+                   "it and counted in neither. Scores pool the users that completed. guarded: personas the guard "
+                   "had to change (injected lines, rules, length).")
         for r in self.results:
             if r.error:
                 out.append(f"FAILED {r.name}: {r.error}")

@@ -7,7 +7,8 @@ same stand-in answers over HTTP as in process. It binds 127.0.0.1 only and exits
 Run: ``python tests/loopback_server.py [--port 0] [--latency S] [--fail-first N] [--retry-after S]``; it prints
 ``LOOPBACK READY <port>`` once listening.
 
-Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), GET /v1/models,
+Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), POST /api/chat
+(Ollama's native chat, as LiteLLM's ``ollama_chat/`` provider calls it, non-streaming), GET /v1/models,
 GET /_stats (counters and the last requests), POST /_reset (zero the counters), POST /_script
 (``{"fail_next": N, "latency": S, "retry_after": S}`` changes the behaviour of the following calls).
 
@@ -109,6 +110,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
             path = self.path.rstrip("/")
             if path in ("/v1/chat/completions", "/chat/completions"):
                 self._chat(body)
+            elif path == "/api/chat":
+                self._chat(body, ollama=True)
             elif path == "/_reset":
                 with state.lock:
                     state.reset()
@@ -122,7 +125,7 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
-        def _chat(self, body: dict[str, Any]) -> None:
+        def _chat(self, body: dict[str, Any], ollama: bool = False) -> None:
             with state.lock:
                 state.chat_requests += 1
                 fail = state.fail_next > 0
@@ -130,7 +133,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.fail_next -= 1
                     state.failures += 1
                 latency, retry_after = state.latency, state.retry_after
-                state.log.append({"model": body.get("model"), "messages": body.get("messages"), "failed": fail,
+                state.log.append({"path": self.path, "model": body.get("model"), "messages": body.get("messages"),
+                                  "failed": fail,
                                   "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
                                   "response_format": body.get("response_format"), "stream": body.get("stream")})
             if latency > 0:
@@ -148,6 +152,12 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 state.answered += 1
                 number = state.answered
             ident, created, model = f"chatcmpl-loopback-{number}", int(time.time()), body.get("model", "test-model")
+            if ollama:
+                self._send(200, {"model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "message": {"role": "assistant", "content": text}, "done": True,
+                                 "done_reason": "stop", "prompt_eval_count": usage["prompt_tokens"],
+                                 "eval_count": usage["completion_tokens"]})
+                return
             if body.get("stream"):
                 self._stream(ident, created, model, text, usage)
                 return

@@ -282,15 +282,25 @@ def redact_url(url: str | None) -> str | None:
 
 
 
-def redact_headers(headers: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Headers (or query parameters) with credential values replaced: Authorization, X-Api-Key, tokens."""
+def redact_headers(headers: Mapping[str, Any] | None, *, drop: bool = False) -> dict[str, Any] | None:
+    """Headers (or query parameters) with credential values replaced (or dropped): Authorization, X-Api-Key..."""
     if headers is None:
         return None
-    return {name: REDACTED if _SECRET_PART.search(str(name)) else value for name, value in dict(headers).items()}
+    clean = {}
+    for name, value in dict(headers).items():
+        if not _SECRET_PART.search(str(name)):
+            clean[name] = value
+        elif not drop:
+            clean[name] = REDACTED
+    return clean
 
 
 def redact_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """An LM's settings or dspy state (``LM.dump_state()``) as safe to write: credentials dropped or replaced."""
+    """An LM's settings or dspy state (``LM.dump_state()``) as safe to write: credentials dropped or replaced.
+
+    Credential headers are dropped rather than replaced: dspy restores a predictor's headers when it loads the
+    state, and a placeholder would then be sent as if it were a credential.
+    """
     clean: dict[str, Any] = {}
     for key, value in state.items():
         if _SECRET_SETTING.search(str(key)):
@@ -298,7 +308,7 @@ def redact_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
         if key in _URL_SETTINGS and isinstance(value, str):
             value = redact_url(value)
         elif key in _HEADER_SETTINGS and isinstance(value, Mapping):
-            value = redact_headers(value)
+            value = redact_headers(value, drop=True)
         clean[key] = value
     return clean
 

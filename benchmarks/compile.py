@@ -35,7 +35,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from loopback_server import LoopbackServer  # noqa: E402
 
-from persona_dspy.data.lamp import load_dataset  # noqa: E402
+from persona_dspy.data.lamp import dataset_dir, load_dataset  # noqa: E402
 from persona_dspy.evaluation.tables import format_table  # noqa: E402
 from persona_dspy.jobs.compile import compile_users  # noqa: E402
 from persona_dspy.lm.build import build_lm  # noqa: E402
@@ -47,7 +47,7 @@ SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO.parent / "shared"))
 
 def dev_histories(task: str):
     folder = SHARED / "lamp" / task
-    return load_dataset(folder if folder.is_dir() else REPO / "data" / task)
+    return load_dataset(folder if folder.is_dir() else dataset_dir(task))
 
 
 def replicate(histories, n: int):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PERSONA_DSPY_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from persona_dspy.data.lamp import load_dataset  # noqa: E402
+from persona_dspy.data.lamp import dataset_dir, load_dataset  # noqa: E402
 from persona_dspy.data.records import HistoryItem  # noqa: E402
 from persona_dspy.data.tasks import get_task  # noqa: E402
 from persona_dspy.evaluation.retrieval_quality import evaluate_retrieval  # noqa: E402
@@ -44,7 +44,7 @@ def corpus_texts() -> list[str]:
     """Real review and news texts to build synthetic users of any size from."""
     texts: list[str] = []
     for task in ("LaMP_3", "LaMP_2N"):
-        folder = SHARED / "lamp" / task if (SHARED / "lamp" / task).is_dir() else REPO / "data" / task
+        folder = SHARED / "lamp" / task if (SHARED / "lamp" / task).is_dir() else dataset_dir(task)
         for history in load_dataset(folder):
             texts.extend(it.text for it in history.items)
     return list(dict.fromkeys(texts))
@@ -147,7 +147,7 @@ def bench_quality(embedders: dict[str, Embedder], k: int) -> list[dict]:
         folder = SHARED / "lamp" / task
         source = "shared dev set"
         if not folder.is_dir():
-            folder, source = REPO / "data" / task, "shipped sample"
+            folder, source = dataset_dir(task), "shipped sample"
         histories = load_dataset(folder)
         embedder = embedders.get("hybrid", embedders["bm25"])
         with EpisodicMemory(":memory:", embedder=embedder) as mem:

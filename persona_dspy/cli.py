@@ -46,7 +46,7 @@ def _add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -
                             help=f"LaMP task of a shipped sample ({', '.join(SHIPPED_TASKS)}) or 'all' (default)")
     parser.add_argument("--data", type=Path, default=None,
                         help="a folder in LaMP layout ({split}_questions.json + {split}_outputs.json); "
-                             "default: the sample shipped in data/<task>")
+                             "default: the sample shipped with the package")
     parser.add_argument("--split", default="dev", help="file prefix inside --data (default: dev)")
 
 

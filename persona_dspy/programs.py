@@ -39,10 +39,11 @@ from typing import Any
 import dspy
 
 import persona_dspy
+from optimizers.persona_guard import PersonaGuard, word_count
 from persona_dspy.agent.persona_agent import MODES, PersonaAgent
 from persona_dspy.data.tasks import get_task
 from persona_dspy.files import fsync_dir, remove_stale_temp_files, write_atomically, write_temp
-from persona_dspy.lm.build import describe_lm
+from persona_dspy.lm.build import describe_lm, redact_lm_state
 from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
 
@@ -58,6 +59,13 @@ FIXED_METADATA_KEYS: tuple[str, ...] = (
     "reasoning", "max_iters", "search_mode", "tools", "summary", "max_persona_words",
 )
 """Keys ``save_program`` fills in itself; caller metadata may repeat them only with the same value."""
+
+DEFAULT_PERSONA_WORDS = PersonaGuard.max_words
+"""The persona cap of a program that records none: the aligner's default ``max_persona_words``."""
+PERSONA_WORDS_CEILING = 2000
+"""No recorded cap loads a longer persona (about 3k tokens): a hand-edited file could record any cap it likes."""
+CHARS_PER_WORD = 12
+"""Characters allowed per capped word: 'words' thousands of characters long must not slip under the cap."""
 
 _NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 _VERSION_NAME = re.compile(r"^(?P<stamp>\d{8}T\d{6}\.\d{6}Z)(?:-(?P<counter>\d+))?\.json$")
@@ -143,7 +151,13 @@ def program_document(agent: PersonaAgent, metadata: Mapping[str, Any] | None = N
                      lm: Any = None) -> dict[str, Any]:
     """The whole file content as a dict (what ``save_program`` writes)."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": build_metadata(agent, metadata, lm=lm),
-            "state": agent.dump_state(json_mode=True)}
+            "state": _safe_state(agent.dump_state(json_mode=True))}
+
+
+def _safe_state(state: dict[str, Any]) -> dict[str, Any]:
+    """dspy's state with each predictor-level LM's credentials (user:pw@, ?key=, auth headers) taken out."""
+    return {name: {**entry, "lm": redact_lm_state(entry["lm"])} if isinstance(entry.get("lm"), dict) else entry
+            for name, entry in state.items()}
 
 
 def versions_dir(path: str | os.PathLike[str]) -> Path:
@@ -358,12 +372,50 @@ def _check_state_fits(path: Path, agent: PersonaAgent, state: dict[str, Any]) ->
                                          f"{agent.task} signature has {wanted}")
 
 
+def persona_cap(metadata: Mapping[str, Any], max_persona_words: int | None = None) -> int:
+    """The longest persona (in words) a program may carry: explicit, else recorded by the aligner, else its default."""
+    if max_persona_words is not None:
+        return max_persona_words
+    alignment = metadata.get("alignment")
+    recorded = metadata.get("max_persona_words")  # the agent's own cap, else the one its aligner kept to
+    if recorded is None and isinstance(alignment, dict):
+        recorded = alignment.get("max_persona_words")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        return min(recorded, PERSONA_WORDS_CEILING)
+    return DEFAULT_PERSONA_WORDS
+
+
+def _check_sizes(path: Path, agent: PersonaAgent, state: dict[str, Any], metadata: Mapping[str, Any],
+                 max_persona_words: int | None) -> None:
+    """A persona (or any predictor's instructions) past the cap is refused: it would be sent with every request."""
+    cap = persona_cap(metadata, max_persona_words)
+    persona = str(metadata["persona"])
+    words, chars = word_count(persona), len(persona)
+    if words > cap or chars > cap * CHARS_PER_WORD:
+        raise ProgramFileError(path, f"the persona has {words} words ({chars} characters), over the cap of {cap} "
+                                     f"words ({cap * CHARS_PER_WORD} characters) the aligner keeps to; refusing to "
+                                     "load it (a hand-edited file?). To accept a longer persona on purpose, pass "
+                                     "load_program(..., max_persona_words=N)")
+    expected = agent.dump_state()
+    for name, predictor_state in state.items():
+        instructions = (predictor_state.get("signature") or {}).get("instructions")
+        # ReAct's step instructions are the persona plus the tool list this agent builds itself.
+        limit = cap * CHARS_PER_WORD + len(str(expected[name]["signature"]["instructions"]))
+        if isinstance(instructions, str) and len(instructions) > limit:
+            raise ProgramFileError(path, f"the instructions of predictor {name} have {len(instructions)} characters, "
+                                         f"over the {limit} a persona capped at {cap} words allows; refusing to "
+                                         "load them (a hand-edited file?)")
+
+
 def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *, user_id: str | None = None,
-                 task: str | None = None, tools: Sequence[Callable] = ()) -> PersonaAgent:
+                 task: str | None = None, tools: Sequence[Callable] = (),
+                 max_persona_words: int | None = None) -> PersonaAgent:
     """A ready PersonaAgent for the file's user, attached to ``memory``, with ``program_metadata`` set.
 
     ``user_id``/``task`` guard against loading another user's or task's program. ``tools`` are the general tools a
     react program was saved with (their names are checked; the memory-search tool is always built from ``memory``).
+    ``max_persona_words``: the longest persona accepted (default: the cap the aligner recorded in the file, else
+    its default, never above ``PERSONA_WORDS_CEILING``); a longer one is refused before any request is built.
     """
     path = Path(path).expanduser()
     document = _read_document(path)
@@ -386,9 +438,10 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
         raise ProgramFileError(path, f"this program was saved with tools {saved_tools}, but tools {given_tools} were "
                                      "given: pass the same tools")
     options: dict[str, Any] = {"user_id": metadata["user_id"], "k": metadata["k"], "tools": list(tools)}
-    for key in ("reasoning", "max_iters", "search_mode", "max_persona_words"):
+    for key in ("reasoning", "max_iters", "search_mode"):
         if metadata.get(key) is not None:
             options[key] = metadata[key]
+    options["max_persona_words"] = persona_cap(metadata, max_persona_words)  # the agent's guard keeps to it too
     try:
         agent = PersonaAgent(metadata["task"], memory, metadata["mode"], **options)
     except (ValueError, KeyError, TypeError) as exc:
@@ -398,6 +451,7 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
     persona = _saved_persona(agent, state)
     if persona != metadata["persona"]:
         raise ProgramFileError(path, "the persona in metadata differs from the one in the state (edited by hand?)")
+    _check_sizes(path, agent, state, metadata, max_persona_words)
     try:
         agent.load_state(state)
     except Exception as exc:  # dspy raises KeyError/TypeError/AttributeError/... for a state it cannot apply

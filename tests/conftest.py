@@ -16,6 +16,19 @@ SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO_ROOT.parent / "shared")
 DENSE_MODEL_DIR = SHARED / "models" / "all-MiniLM-L6-v2-onnx"
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PERSONA_DSPY_TEST_SHUFFLE=<seed> runs the tests in a random order (no plugin needed): tests must not lean on
+    each other's leftovers, e.g. a slow call from one test landing in the next test's server counts."""
+    seed = os.environ.get("PERSONA_DSPY_TEST_SHUFFLE", "").strip()
+    if seed:
+        import random
+
+        random.Random(int(seed)).shuffle(items)
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"shuffled {len(items)} tests with seed {seed}")
+
+
 @pytest.fixture(scope="session")
 def dense_model_dir() -> Path:
     if not (DENSE_MODEL_DIR / "model.onnx").is_file():

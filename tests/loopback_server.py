@@ -7,8 +7,11 @@ same stand-in answers over HTTP as in process. It binds 127.0.0.1 only and exits
 Run: ``python tests/loopback_server.py [--port 0] [--latency S] [--fail-first N] [--retry-after S]
 [--echo-injections] [--constant-label L]``; it prints ``LOOPBACK READY <port>`` once listening.
 
-Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), GET /v1/models,
-GET /_stats (counters and the last requests), POST /_reset (zero the counters), POST /_script
+Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), POST /api/chat
+(Ollama's native chat, as LiteLLM's ``ollama_chat/`` provider calls it, non-streaming), GET /v1/models,
+GET /_stats (counters and the last requests, each with the id of the answer it got), POST /_reset (zero the
+counters; a request still in flight from before a reset is never counted after it, so one test's slow or timed-out
+calls cannot land in the next test's counts), POST /_script
 (``{"fail_next": N, "latency": S, "retry_after": S, "echo_injections": bool, "constant_label": L | null}`` changes
 the behaviour of the following calls).
 
@@ -65,9 +68,12 @@ class _State:
         self.retry_after = retry_after
         self.echo_injections = echo_injections
         self.constant_label = constant_label
+        self.epoch = 0
+        self.served = 0  # never reset: answer ids stay unique across resets
         self.reset()
 
     def reset(self) -> None:
+        self.epoch += 1
         self.chat_requests = 0
         self.answered = 0
         self.failures = 0
@@ -77,6 +83,7 @@ class _State:
 
     def stats(self) -> dict[str, Any]:
         return {"chat_requests": self.chat_requests, "answered": self.answered, "failures": self.failures,
+                "served": self.served,
                 "model_requests": self.model_requests, "fail_next": self.fail_next, "latency": self.latency,
                 "echo_injections": self.echo_injections, "constant_label": self.constant_label,
                 "echoed": self.echoed, "requests": list(self.log)}
@@ -152,6 +159,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
             path = self.path.rstrip("/")
             if path in ("/v1/chat/completions", "/chat/completions"):
                 self._chat(body)
+            elif path == "/api/chat":
+                self._chat(body, ollama=True)
             elif path == "/_reset":
                 with state.lock:
                     state.reset()
@@ -167,8 +176,9 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
-        def _chat(self, body: dict[str, Any]) -> None:
+        def _chat(self, body: dict[str, Any], ollama: bool = False) -> None:
             with state.lock:
+                epoch = state.epoch
                 state.chat_requests += 1
                 fail = state.fail_next > 0
                 if fail:
@@ -176,9 +186,10 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.failures += 1
                 latency, retry_after = state.latency, state.retry_after
                 echo, label = state.echo_injections, state.constant_label
-                state.log.append({"model": body.get("model"), "messages": body.get("messages"), "failed": fail,
-                                  "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
-                                  "response_format": body.get("response_format"), "stream": body.get("stream")})
+                entry = {"path": self.path, "model": body.get("model"), "messages": body.get("messages"),
+                         "failed": fail, "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
+                         "response_format": body.get("response_format"), "stream": body.get("stream"), "id": None}
+                state.log.append(entry)
             if latency > 0:
                 time.sleep(latency)
             if fail:
@@ -198,9 +209,17 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
                      "total_tokens": prompt_tokens + len(text.split())}
             with state.lock:
-                state.answered += 1
-                number = state.answered
-            ident, created, model = f"chatcmpl-loopback-{number}", int(time.time()), body.get("model", "test-model")
+                if epoch == state.epoch:  # a request from before the last reset belongs to no one's counts
+                    state.answered += 1
+                state.served += 1
+                ident = entry["id"] = f"chatcmpl-loopback-{state.served}"
+            created, model = int(time.time()), body.get("model", "test-model")
+            if ollama:
+                self._send(200, {"model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "message": {"role": "assistant", "content": text}, "done": True,
+                                 "done_reason": "stop", "prompt_eval_count": usage["prompt_tokens"],
+                                 "eval_count": usage["completion_tokens"]})
+                return
             if body.get("stream"):
                 self._stream(ident, created, model, text, usage)
                 return
@@ -227,12 +246,16 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the default backlog of 5 drops connections when many workers connect at once
+
+
 def serve(port: int = 0, latency: float = 0.0, fail_first: int = 0, retry_after: float = 0.0,
           max_seconds: float = 300.0, echo_injections: bool = False, constant_label: str | None = None) -> None:
     """Serve on 127.0.0.1 until terminated or max_seconds pass (an orphaned server never lingers)."""
-    state = _State(latency, fail_first, retry_after, echo_injections, constant_label)
-    server = ThreadingHTTPServer((HOST, port), _make_handler(state))
-    server.daemon_threads = True
+    server = _Server((HOST, port), _make_handler(_State(latency, fail_first, retry_after, echo_injections,
+                                                        constant_label)))
     lifetime = threading.Timer(max_seconds, server.shutdown)
     lifetime.daemon = True
     lifetime.start()

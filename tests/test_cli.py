@@ -1,7 +1,9 @@
 """The persona-dspy command line, run in-process: eval and predict offline and over real HTTP, and its errors.
 
 Nothing here writes to ~/.persona_dspy: PERSONA_DSPY_HOME points into tmp_path and memories are tmp folders or
-':memory:'. Offline scores are plumbing checks of the stand-in, not a model's accuracy.
+':memory:'. Offline scores are plumbing checks of the stand-in, not a model's accuracy. Runs over HTTP that compare
+the server's counts with the report's send no retries (``NO_RETRIES``): on a loaded machine a retry after a slow
+answer would make the server answer more calls than the client made.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ server = loopback_fixture()
 
 LAMP3_USER = "A1L7M2JXN4EZCR"
 LAMP3_QUERY = "300010"
+NO_RETRIES = ("--retries", "0", "--timeout", "120")
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +88,7 @@ def test_eval_over_http_records_the_model_and_server(capsys, tmp_path, server):
     out = tmp_path / "http.json"
     code, stdout, stderr = run(capsys, "eval", "--task", "LaMP_3", "--lm", "openai/test-model", "--api-base",
                                server.api_base, "--memory", ":memory:", "--out", str(out), "--no-progress",
-                               "--workers", "3", "--timeout", "10")
+                               "--workers", "3", *NO_RETRIES)
     assert code == 0, stderr
     report = json.loads(out.read_text())
     assert report["lm"]["model"] == "openai/test-model" and report["lm"]["api_base"] == server.api_base
@@ -270,7 +273,7 @@ def test_compile_over_http_selected_users(capsys, tmp_path, server):
     out = tmp_path / "programs"
     code, stdout, stderr = run(capsys, "compile", "--task", "LaMP_3", "--lm", "openai/test-model", "--api-base",
                                server.api_base, "--memory", ":memory:", "--out", str(out), "--no-progress",
-                               "--users", LAMP3_USER, "--iterations", "1", "--timeout", "10")
+                               "--users", LAMP3_USER, "--iterations", "1", *NO_RETRIES)
     assert code == 0, stderr
     assert "compiled 1" in stdout and "NOTE" not in stdout
     summary = json.loads((out / "compile_summary.json").read_text())
@@ -344,7 +347,7 @@ def test_an_app_loads_a_compiled_program_and_finds_the_users_memory(capsys, tmp_
 
 def test_compare_and_tune_over_http(capsys, tmp_path, server):
     server.reset()
-    http = ["--lm", "openai/test-model", "--api-base", server.api_base, "--memory", ":memory:", "--timeout", "10"]
+    http = ["--lm", "openai/test-model", "--api-base", server.api_base, "--memory", ":memory:", *NO_RETRIES]
     code, stdout, stderr = run(capsys, "compare", "--task", "LaMP_3", *http, "--max-users", "1", "--optimizers",
                                "initial", "persona_aligner", "--out", str(tmp_path / "cmp"), "--no-progress")
     assert code == 0, stderr

@@ -119,15 +119,21 @@ def test_one_users_failure_does_not_stop_the_others(lamp3, tmp_path):
 
 CRASH_SCRIPT = textwrap.dedent("""
     import sys, time
+    from pathlib import Path
     import dspy
     from persona_dspy.jobs.compile import compile_users
     from persona_dspy.data.lamp import dataset_dir, load_dataset
     from persona_dspy.memory.episodic import EpisodicMemory
     from persona_dspy.testing.offline_lm import OfflineEngine
 
+    OUT = Path(sys.argv[1])
+
     class Slow(OfflineEngine):
+        # Once two programs are written every call hangs: the kill lands mid-run however loaded the machine is.
         def complete(self, request):
-            time.sleep(0.03)
+            if len([p for p in OUT.glob("*.json") if p.name != "compile_summary.json"]) >= 2:
+                time.sleep(3600)
+            time.sleep(0.01)
             return super().complete(request)
 
     histories = load_dataset(dataset_dir("LaMP_2N")) + []

@@ -24,6 +24,7 @@ from persona_dspy.data.records import UserHistory
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "lamp"
+SAMPLES = REPO / "persona_dspy" / "data" / "samples"
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"shared LaMP dev sets not found at {SHARED} (../shared/lamp from the repo root)")
 
@@ -109,7 +110,7 @@ def check_invariants(users: list[UserHistory], questions_path: Path) -> None:
 
 
 def load_make_samples() -> Any:
-    spec = importlib.util.spec_from_file_location("make_samples", REPO / "data" / "make_samples.py")
+    spec = importlib.util.spec_from_file_location("make_samples", SAMPLES / "make_samples.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -141,10 +142,10 @@ def test_shared_dev_set_loads_with_right_counts_and_invariants(task: str) -> Non
 @needs_shared
 def test_shipped_samples_are_reproducible_from_shared() -> None:
     make_samples = load_make_samples()
-    files = make_samples.build(SHARED, REPO / "data")
+    files = make_samples.build(SHARED, SAMPLES)
     assert files
     for path, data in files.items():
-        assert path.read_bytes() == data, f"{path} differs from `python data/make_samples.py`"
+        assert path.read_bytes() == data, f"{path} differs from `python persona_dspy/data/samples/make_samples.py`"
     assert sum(len(d) for d in files.values()) < 1_500_000
 
 
@@ -463,10 +464,10 @@ def test_load_dataset_requires_outputs(tmp_path: Path) -> None:
 def test_dataset_dir_errors() -> None:
     with pytest.raises(FileNotFoundError, match="no shipped sample for LaMP_4") as exc:
         dataset_dir("LaMP_4")
-    assert isinstance(exc.value, DataError) and str(REPO / "data" / "LaMP_4") in str(exc.value)
+    assert isinstance(exc.value, DataError) and str(SAMPLES / "LaMP_4") in str(exc.value)
     with pytest.raises(ValueError, match="ambiguous"):
         dataset_dir("LaMP_2")
-    assert dataset_dir("lamp-3") == REPO / "data" / "LaMP_3"
+    assert dataset_dir("lamp-3") == SAMPLES / "LaMP_3"
 
 
 # --------------------------------------------------------------------------------------------- OPPU

@@ -152,11 +152,9 @@ def real_model() -> Path:
 
 @pytest.fixture(scope="module")
 def local_lm(real_model):
-    from persona_dspy.lm.local_server import stop_all
-
-    lm = build_lm("local", max_tokens=256)
-    yield lm
-    stop_all()
+    """An LM on a server of this module's own (the CLI stops the shared ones when a command ends)."""
+    with LocalServer(ServerSettings(real_model)) as server:
+        yield build_lm("openai/local", server.api_base, max_tokens=256)
 
 
 def test_real_model_answers_a_label_under_the_json_schema(local_lm, sample_memory):

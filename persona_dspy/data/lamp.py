@@ -674,12 +674,12 @@ def load_dataset(path: PathLike, split: str = "dev", task: str | None = None) ->
 
 
 def data_root() -> Path:
-    """The repository's ``data/`` folder (next to the package), where shipped samples live."""
-    return Path(__file__).resolve().parents[2] / "data"
+    """The folder of the shipped samples: package data (``persona_dspy/data/samples``), so an installed wheel has it."""
+    return Path(__file__).resolve().parent / "samples"
 
 
 def dataset_dir(task: str) -> Path:
-    """The folder of the shipped sample for ``task`` (``<repo>/data/<task>``).
+    """The folder of the shipped sample for ``task`` (``persona_dspy/data/samples/<task>``).
 
     Raises :class:`DatasetNotFoundError` (a DataError and a FileNotFoundError) when it is absent.
     """
@@ -689,5 +689,5 @@ def dataset_dir(task: str) -> Path:
         root = data_root()
         shipped = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise DatasetNotFoundError(folder, f"no shipped sample for {key} (shipped: {', '.join(shipped) or 'none'}; "
-                                           "rebuild them with `python data/make_samples.py`)")
+                                           "rebuild them with `python persona_dspy/data/samples/make_samples.py`)")
     return folder

@@ -37,7 +37,7 @@ from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_
 from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
 from persona_dspy.lm.adapters import default_adapter
-from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
+from persona_dspy.lm.build import LMUsage, describe_lm, is_offline, redact_text
 from persona_dspy.memory.episodic import EpisodicMemory
 
 logger = logging.getLogger(__name__)
@@ -199,8 +199,9 @@ def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.L
     except Exception as exc:  # one user's failure must not stop the others: record it, scored nowhere
         logger.warning("user %s failed at %s: %s: %s", history.user_id, stage, type(exc).__name__, exc)
         logger.debug("user %s traceback", history.user_id, exc_info=True)
-        return _UserOutcome(failure=UserFailure(history.user_id, type(exc).__name__, str(exc) or repr(exc), stage,
-                                                len(history.queries)))
+        error = redact_text(str(exc) or repr(exc))  # reports are files: no credentials from URLs in the message
+        failure = UserFailure(history.user_id, type(exc).__name__, error, stage, len(history.queries))
+        return _UserOutcome(failure=failure)
 
 
 def evaluate(

@@ -2,7 +2,8 @@
 
 Each user is aligned on their recent interactions and saved as a program file
 (``<out>/<user>.json``, written atomically, earlier versions kept). Users run on worker threads,
-each under its own ``dspy.context``, all against one model server. A user whose file is current
+each in a copy of the caller's context (so the caller's ``dspy.context`` settings and callbacks see
+every call) under its own ``dspy.context``, all against one model server. A user whose file is current
 (same task, mode, settings and trainset) is skipped, so a rerun after an interruption continues
 where it stopped; a user whose history has new interactions (or whose aligner settings changed) is
 re-aligned starting from their saved persona (online re-alignment); a program saved for another
@@ -20,6 +21,7 @@ missing answers is never saved, so the next run compiles that user again.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -43,7 +45,7 @@ from persona_dspy.data.tasks import get_task
 from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm.adapters import default_adapter
-from persona_dspy.lm.build import describe_lm
+from persona_dspy.lm.build import describe_lm, redact_text
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import (
     ProgramFileError,
@@ -224,11 +226,13 @@ def compile_users(
         except Exception as exc:  # one user's failure must not stop the others
             logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
             return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
-                              seconds=round(time.perf_counter() - t0, 3), error=f"{type(exc).__name__}: {exc}")
+                              seconds=round(time.perf_counter() - t0, 3),
+                              error=redact_text(f"{type(exc).__name__}: {exc}"))
 
     bar = _progress(len(selected), f"compile {task}", progress)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
-        futures = {pool.submit(run, h): h.user_id for h in selected}
+        # dspy.context lives in contextvars, which worker threads do not inherit: each user runs in a copy.
+        futures = {pool.submit(contextvars.copy_context().run, run, h): h.user_id for h in selected}
         for future in as_completed(futures):
             summary.results.append(future.result())
             if bar is not None:

@@ -8,8 +8,14 @@ Local OpenAI-compatible servers are reached through LiteLLM (``engine="litellm"`
   ``local/<path.gguf>`` or ``local/<known model name>`` serves another GGUF.
 * ``offline`` (or ``offline/stand-in``): the deterministic stand-in, no server, no model.
 * ``openai/<model>`` with an api_base: vLLM, SGLang or llama.cpp's server (``http://host:port/v1``).
+* a bare model id with an api_base, as users paste it from a server's command line (``qwen2.5``,
+  ``Qwen/Qwen2.5-7B-Instruct``: its first part is not a LiteLLM provider): the same, ``openai/`` is prefixed.
 * ``hosted_vllm/<model>`` with an api_base: vLLM through LiteLLM's vLLM provider.
 * ``ollama_chat/<model>``: Ollama (api_base ``http://host:11434``, without ``/v1``).
+
+With ``cache=True`` the response cache is keyed by server (dspy's own key ignores api_base, so two servers would
+share answers): see ``CACHE_SCOPE_HEADER``. Whatever describes an LM in a file or report goes through
+``describe_lm``/``redact_lm_state``, which drop credentials from URLs and headers.
 
 Structured outputs: OpenAI-compatible servers (the embedded one, llama.cpp, vLLM, SGLang) decode under a JSON schema
 (``response_format``), so labels are always one of the task's labels. LiteLLM only sends a schema for models it
@@ -23,12 +29,15 @@ PERSONA_DSPY_OPTIMIZER_API_BASE, PERSONA_DSPY_OPTIMIZER_API_KEY.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # dspy and litellm fetch a model-metadata map from GitHub on first use unless told not to; runs stay local.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -58,6 +67,16 @@ LOCAL_TIMEOUT = 600.0
 LOCAL = "local"
 """The embedded llama.cpp server with the default model; ``local/<path.gguf>`` for another GGUF."""
 _OLLAMA_PROVIDERS = {"ollama", "ollama_chat"}
+_COMMON_PROVIDERS = {"openai", "hosted_vllm", "vllm", "ollama", "ollama_chat", "openai_like", "custom_openai",
+                     "lm_studio", "llamafile", "huggingface", "together_ai", "openrouter", "anthropic", "gemini"}
+"""LiteLLM providers recognised without importing LiteLLM (which takes seconds); others are looked up."""
+
+CACHE_SCOPE_HEADER = "X-Persona-Dspy-Cache-Scope"
+"""Sent with every request of an LM built with ``cache=True`` for a server: a hash of the server's api_base.
+
+dspy's response-cache key leaves out ``api_base`` (and ``base_url``), so two LMs with the same model name on two
+servers would answer each other's requests from the cache. The key does include ``extra_headers``, so a header
+naming the server keys the cache by server; servers ignore unknown headers, and ``lm.copy(...)`` keeps it."""
 
 
 class LMConfigError(ValueError):
@@ -124,19 +143,34 @@ def check_api_base(api_base: str) -> str:
     return text.rstrip("/")
 
 
+def _is_litellm_provider(prefix: str) -> bool:
+    """Whether ``prefix`` (the part before the first '/') names a LiteLLM provider."""
+    if prefix in _COMMON_PROVIDERS:
+        return True
+    if prefix != prefix.lower():  # LiteLLM's providers are lowercase; 'Qwen/...' is a Hugging Face organisation
+        return False
+    import litellm  # only for unusual prefixes: the import is slow
+
+    return prefix in {getattr(p, "value", p) for p in litellm.provider_list}
+
+
 def _litellm_model(model: str, api_base: str | None) -> str:
+    """The model string LiteLLM gets: a bare id or an unknown first part with an api_base means openai/<model>."""
     provider, slash, rest = model.partition("/")
-    if not slash:
-        if api_base:
-            logger.info("model %r has no provider prefix; using openai/%s against %s", model, model, api_base)
-            return f"openai/{model}"
-        raise LMConfigError(
-            f"model {model!r} has no provider prefix and no api_base: use 'offline', openai/<model> or "
-            "hosted_vllm/<model> with an api_base (vLLM, SGLang, llama.cpp), or ollama_chat/<model> (Ollama)"
-        )
-    if not provider or not rest.strip():
+    if slash and (not provider or not rest.strip()):
         raise LMConfigError(f"model {model!r} needs a provider and a model name, e.g. openai/qwen2.5-7b-instruct")
-    return model
+    if slash and _is_litellm_provider(provider):
+        return model
+    if api_base:
+        logger.info("model %r has no LiteLLM provider prefix; using openai/%s against %s (an OpenAI-compatible "
+                    "server)", model, model, redact_url(api_base))
+        return f"openai/{model}"
+    what = f"{provider!r} is not a LiteLLM provider" if slash else "no provider prefix"
+    raise LMConfigError(
+        f"model {model!r} has {what} and no api_base: for an OpenAI-compatible server (vLLM, SGLang, llama.cpp) "
+        "pass its api_base (the model id is then sent as is), or use 'offline', openai/<model> or "
+        "hosted_vllm/<model> with an api_base, or ollama_chat/<model> (Ollama)"
+    )
 
 
 def resolve_lm_settings(model: str | None = None, api_base: str | None = None, api_key: str | None = None, *,
@@ -198,6 +232,8 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
         connection["api_key"] = settings.api_key
     if structured and settings.api_base and settings.model.partition("/")[0] in _SCHEMA_PROVIDERS:
         _declare_response_schema(settings.model)
+    if cache and settings.api_base:
+        connection["extra_headers"] = {CACHE_SCOPE_HEADER: cache_scope(settings.api_base)}
     lm = dspy.LM(settings.model, engine="litellm", temperature=temperature, max_tokens=max_tokens, timeout=timeout,
                  num_retries=num_retries, cache=cache, callbacks=callbacks, **connection)
     logger.info("built LM %s", describe_lm(lm))
@@ -254,16 +290,82 @@ def build_optimizer_lm(model: str | None = None, api_base: str | None = None, *,
     return _build(settings, **options)
 
 
-def _redacted(api_base: str | None) -> str | None:
-    """Drop user:password@ from a URL before it is written into a report."""
-    if not api_base:
-        return api_base
-    parts = urlsplit(api_base)
-    if parts.username or parts.password:
+def cache_scope(api_base: str) -> str:
+    """What keys the response cache by server: a hash of the normalized api_base (never the URL itself)."""
+    return hashlib.sha256(api_base.rstrip("/").encode("utf-8")).hexdigest()[:16]
+
+
+REDACTED = "REDACTED"
+_SECRET_PART = re.compile(r"key|token|secret|passw|pwd|auth|sig|credential|session|cookie", re.IGNORECASE)
+"""Query parameter and header names whose values are credentials (``?key=``, ``Authorization``, ``X-Api-Key``)."""
+_SECRET_SETTING = re.compile(r"(^|_)(api_key|key|secret|password|credentials?|access_token|session_token|"
+                             r"ad_token|refresh_token)$|secret|password|credential", re.IGNORECASE)
+"""LM settings holding a credential (``api_key``, ``aws_secret_access_key``...), but not ``max_tokens``."""
+_URL_SETTINGS = ("api_base", "base_url")
+_HEADER_SETTINGS = ("extra_headers", "headers", "extra_query")
+_URL_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+_BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def redact_url(url: str | None) -> str | None:
+    """A URL without credentials: no user:password@, secret-looking query values (``?key=``) replaced."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return REDACTED  # not parsable: it cannot be shown safely
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
         host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return api_base
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{host}:{port}" if port else host
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_PART.search(name) for name, _ in pairs):
+            query = urlencode([(name, REDACTED if _SECRET_PART.search(name) else value) for name, value in pairs])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+
+
+def redact_headers(headers: Mapping[str, Any] | None, *, drop: bool = False) -> dict[str, Any] | None:
+    """Headers (or query parameters) with credential values replaced (or dropped): Authorization, X-Api-Key..."""
+    if headers is None:
+        return None
+    clean = {}
+    for name, value in dict(headers).items():
+        if not _SECRET_PART.search(str(name)):
+            clean[name] = value
+        elif not drop:
+            clean[name] = REDACTED
+    return clean
+
+
+def redact_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An LM's settings or dspy state (``LM.dump_state()``) as safe to write: credentials dropped or replaced.
+
+    Credential headers are dropped rather than replaced: dspy restores a predictor's headers when it loads the
+    state, and a placeholder would then be sent as if it were a credential.
+    """
+    clean: dict[str, Any] = {}
+    for key, value in state.items():
+        if _SECRET_SETTING.search(str(key)):
+            continue
+        if key in _URL_SETTINGS and isinstance(value, str):
+            value = redact_url(value)
+        elif key in _HEADER_SETTINGS and isinstance(value, Mapping):
+            value = redact_headers(value, drop=True)
+        clean[key] = value
+    return clean
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message) with every URL redacted and bearer tokens replaced."""
+    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)) or "",
+                                                                             text))
 
 
 def is_offline(lm: Any) -> bool:
@@ -288,7 +390,7 @@ def describe_lm(lm: Any) -> dict[str, Any]:
         "model": getattr(lm, "model", None),
         "engine": engine_kind(lm),
         "offline": is_offline(lm),
-        "api_base": _redacted(kwargs.get("api_base")),
+        "api_base": redact_url(kwargs.get("api_base") or kwargs.get("base_url")),
         "temperature": kwargs.get("temperature"),
         "max_tokens": kwargs.get("max_tokens", kwargs.get("max_completion_tokens")),
         "timeout": kwargs.get("timeout"),

@@ -1,7 +1,7 @@
-"""Build the small LaMP samples shipped in data/ from the shared development sets.
+"""Build the small LaMP samples shipped as package data (persona_dspy/data/samples/) from the shared dev sets.
 
-    python data/make_samples.py                 # rebuild data/<task>/dev_{questions,outputs}.json
-    python data/make_samples.py --check         # exit 1 if the shipped files differ from a rebuild
+    python persona_dspy/data/samples/make_samples.py           # rebuild <task>/dev_{questions,outputs}.json here
+    python persona_dspy/data/samples/make_samples.py --check   # exit 1 if the shipped files differ from a rebuild
 
 Reads ../shared/lamp/<task>/dev_{questions,outputs}.json (relative to the repository root; override
 with --source). For each task a fixed number of users is taken, ranked by sha256(user_id) so the
@@ -25,9 +25,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = Path(__file__).resolve().parent
+REPO_ROOT = SAMPLES.parents[2]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "lamp"
-DEFAULT_OUT = REPO_ROOT / "data"
+DEFAULT_OUT = SAMPLES
 
 USERS_PER_TASK: dict[str, int] = {"LaMP_2N": 6, "LaMP_3": 6, "LaMP_2M": 3}
 MAX_PROFILE = 60

@@ -377,9 +377,9 @@ def persona_cap(metadata: Mapping[str, Any], max_persona_words: int | None = Non
     if max_persona_words is not None:
         return max_persona_words
     alignment = metadata.get("alignment")
-    recorded = metadata.get("max_persona_words")  # the agent's own cap, else the one its aligner kept to
-    if recorded is None and isinstance(alignment, dict):
-        recorded = alignment.get("max_persona_words")
+    recorded = alignment.get("max_persona_words") if isinstance(alignment, dict) else None  # what the aligner kept to
+    if recorded is None:
+        recorded = metadata.get("max_persona_words")  # else the saved agent's own cap
     if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
         return min(recorded, PERSONA_WORDS_CEILING)
     return DEFAULT_PERSONA_WORDS

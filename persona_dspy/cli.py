@@ -397,9 +397,9 @@ def _agent_factory(task: str, memory: EpisodicMemory | None, sources: dict[str, 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every user with their compiled program (else the initial persona); table and JSON report."""
+    task, histories = _task_histories(args)
     from persona_dspy.evaluation.evaluate import evaluate
 
-    task, histories = _task_histories(args)
     mode = args.mode or "rag"
     if args.vs_initial and (args.initial or mode == "none"):
         raise CLIError("--vs-initial compares compiled programs with the initial persona: drop --initial/--mode none")
@@ -624,6 +624,13 @@ def _predict_program(task: str, user_id: str, args: argparse.Namespace) -> tuple
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Answer one query of one user and show what the agent retrieved: a look at single cases."""
+    task, histories = _task_histories(args)
+    history = _find_user(histories, args.user)
+    if args.query_id is not None and args.query_id not in {str(q.id) for q in history.queries}:
+        raise CLIError(f"user {history.user_id!r} has no query {args.query_id!r}; their queries: "
+                       f"{', '.join(str(q.id) for q in history.queries) or 'none'}")
+    if args.text is not None and not args.text.strip():
+        raise CLIError("--text is empty")
     import dspy
     from dspy.utils.exceptions import LMError
 
@@ -633,22 +640,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.lm.adapters import default_adapter
     from persona_dspy.lm.build import LMUsage, is_offline
 
-    task, histories = _task_histories(args)
-    history = _find_user(histories, args.user)
     program, used = _predict_program(task, history.user_id, args)
     mode = args.mode or "rag"
     gold = None
     if args.query_id is not None:
-        examples = {str(e.example_id): e for e in query_examples(history)}
-        if args.query_id not in examples:
-            raise CLIError(f"user {history.user_id!r} has no query {args.query_id!r}; their queries: "
-                           f"{', '.join(examples) or 'none'}")
-        example = examples[args.query_id]
+        example = {str(e.example_id): e for e in query_examples(history)}[args.query_id]
         query, scope, gold = example.query, example.scope, example.answer
         where = f"query {args.query_id} (its own profile: {len(scope.within_ids or ())} items)"
     else:
-        if not args.text.strip():
-            raise CLIError("--text is empty")
         query, scope, where = args.text, None, "free text (the user's whole memory)"
 
     lm = _build_lm(args)
@@ -779,9 +778,9 @@ def _program_row(path: Path) -> dict[str, Any]:
 
 def cmd_users(args: argparse.Namespace) -> int:
     """Every user of a task: data counts, memory status and compiled program, as a table or JSON."""
+    task, histories = _task_histories(args)
     from persona_dspy.programs import find_program
 
-    task, histories = _task_histories(args)
     location = _memory_location(task, args)
     stored: dict[str, int] = {}
     if location is not None:
@@ -1093,6 +1092,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\npersona-dspy: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `persona-dspy users | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise

@@ -12,26 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import isolated  # noqa: F401  (autouse: no runner LM settings, PERSONA_DSPY_HOME in tmp_path)
 
 from persona_dspy import plural, show_progress
 from persona_dspy.cli import build_parser, main
 from persona_dspy.data.lamp import dataset_dir, load_dataset
-from persona_dspy.lm import build as lm_module
 from persona_dspy.programs import default_programs_dir, find_program, program_path, read_program_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 USERS = [h.user_id for h in load_dataset(dataset_dir("LaMP_3"))]
 OFFLINE = ["--task", "LaMP_3", "--lm", "offline", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    for name in vars(lm_module):
-        if name.startswith("ENV_"):
-            monkeypatch.delenv(getattr(lm_module, name), raising=False)
-    monkeypatch.delenv("PERSONA_DSPY_QDRANT_URL", raising=False)
-    monkeypatch.delenv("PERSONA_DSPY_DENSE_MODEL", raising=False)
-    monkeypatch.setenv("PERSONA_DSPY_HOME", str(tmp_path / "home"))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

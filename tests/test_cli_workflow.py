@@ -259,3 +259,12 @@ def test_memory_delete_and_rebuild_need_yes(capsys, tmp_path):
     code, stdout, stderr = run(capsys, "memory", "rebuild", "--task", "LaMP_3", "--memory", memory, "--yes")
     assert code == 0, stderr
     assert "rebuilt: 6 users" in stdout and stored() == before
+
+
+def test_a_memory_left_open_closes_quietly_at_exit(tmp_path):
+    """Qdrant's own __del__ would close it after imports stopped working: an ImportError traceback at exit."""
+    script = ("from persona_dspy.memory import EpisodicMemory\n"
+              f"memory = EpisodicMemory.for_task('LaMP_3', {str(tmp_path / 'mem')!r})\n"
+              "print(memory.count())\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "0" and result.stderr.strip() == "", result.stderr

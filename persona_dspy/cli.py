@@ -503,7 +503,9 @@ def _settings_defaults(path: Path, task: str | None) -> dict[str, Any]:
     if "best_settings" in document:  # a `tune --out` summary
         if not document["best_settings"]:
             raise CLIError(f"--settings {path}: the study has no best settings ({document.get('no_best_reason')})")
-        if task and document.get("task") and document["task"] != task:
+        from persona_dspy.data.tasks import canonical_task_name
+
+        if task and document.get("task") and document["task"] != (canonical_task_name(task) or task):
             logger.warning("--settings %s were tuned on %s, not %s", path, document["task"], task)
         settings = {**document["best_settings"], **(document.get("compile_settings") or {})}
     else:
@@ -572,7 +574,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             study_name=args.study_name or f"tune-{task}-{args.mode}", n_trials=args.n_trials,
             max_lm_calls_per_user=args.max_calls_per_user, multi_objective=args.multi_objective,
             algorithm=args.sampler, seed=args.seed, n_recent=args.recent, mode=args.mode, workers=args.workers,
-            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
+            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries, progress=_progress(args),
         )
     summary["compile_settings"] = {"mode": args.mode, "n_recent": args.recent}  # what `compile --settings` also needs
     print(f"{task}: {plural(summary['trials_done'], 'trial')} done ({summary['trials_failed']} failed) in {storage}")
@@ -1085,6 +1087,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     _configure_logging(args)
+    local = sys.modules.get("persona_dspy.lm.local_server")
+    callers_servers = local.running() if local is not None else frozenset()
     code = 2
     try:
         with _INTERRUPTS.installed():
@@ -1102,8 +1106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 2
     finally:
         local = sys.modules.get("persona_dspy.lm.local_server")
-        if local is not None:
-            local.stop_all()  # an embedded model server ends with the command, whatever happened
+        if local is not None:  # an embedded model server ends with the command, whatever happened
+            local.stop_all(keep=callers_servers)
     if code == 130 and _lingering_workers():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -3,22 +3,33 @@
 Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
 ``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report), ``predict`` (one query of one user) and
 ``compile`` (align every user's persona and save their program files), ``compare`` (the aligner against DSPy's
-optimizers) and ``tune`` (search the aligner's settings with Optuna).
+optimizers), ``tune`` (search the aligner's settings with Optuna), ``users`` (what exists per user: data, memory,
+program) and ``memory`` (delete or rebuild users' stored memory).
 Every failure the user can fix is reported as ``persona-dspy: error: ...`` on stderr with exit code 2, no
-traceback; ``eval`` and ``compile`` exit 1 when some (not all) users failed.
+traceback; ``eval`` and ``compile`` exit 1 when some (not all) users failed. Ctrl-C or SIGTERM exits 130: ``eval``
+and ``compile`` first stop starting users, give those in flight a few seconds and write what completed; a second
+Ctrl-C exits at once.
+
+Start-up stays fast: this module and everything a usage, data or task error needs import no dspy, litellm, qdrant,
+fastembed or llama.cpp (a test checks it); each command imports what it uses, after the data has been read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from persona_dspy import __version__, plural
 
 if TYPE_CHECKING:  # the CLI imports dspy and friends lazily, so that `--help` and data errors stay fast
     import dspy
@@ -72,7 +83,8 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
     parser.add_argument("--api-key", default=None,
                         help="API key (prefer env PERSONA_DSPY_API_KEY: command lines end up in shell history)")
     if temperature:
-        parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
+        parser.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                            help="sampling temperature (default 0)")
     parser.add_argument("--max-tokens", type=_positive(int), default=512,
                         help="completion token cap per call (default 512)")
     parser.add_argument("--timeout", type=_positive(float), default=None,
@@ -111,9 +123,30 @@ def _add_optimizer_lm_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_user_args(parser: argparse.ArgumentParser) -> None:
+    """The same user selection on every per-user command."""
     parser.add_argument("--users", nargs="+", default=None, metavar="ID", help="only these user ids")
     parser.add_argument("--max-users", type=_positive(int), default=None, metavar="N",
                         help="at most N users (the first in dataset order)")
+
+
+def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    """The one progress rule: bars on stderr when it is a terminal, unless --progress or --no-progress says."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: only when stderr is a terminal)")
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if getattr(args, "quiet", False) and args.progress is None else args.progress
+
+
+def _verbosity_parent() -> argparse.ArgumentParser:
+    """-v/-q accepted after the subcommand too (SUPPRESS: an absent flag does not undo one given before it)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="log each stage (-vv: debug)")
+    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="errors only: no warnings, no progress bars")
+    return parent
 
 
 def _selected(histories: list[UserHistory], args: argparse.Namespace) -> list[UserHistory]:
@@ -133,6 +166,16 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -157,11 +200,15 @@ def _tasks(args: argparse.Namespace) -> list[str]:
 
 def _command(sub: Any, name: str, help: str, *, temperature: bool = True) -> argparse.ArgumentParser:
     """A command that answers with an LM on one task's data and memory: the flags they all share."""
-    parser = sub.add_parser(name, help=help)
+    parser = _subcommand(sub, name, help)
     _add_data_args(parser, single_task=True)
     _add_memory_args(parser)
     _add_lm_args(parser, temperature=temperature)
     return parser
+
+
+def _subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, parents=[_verbosity_parent()])
 
 
 def _data_folder(task: str, args: argparse.Namespace) -> Path:
@@ -190,13 +237,30 @@ def _open_memory(task: str, args: argparse.Namespace):
     return EpisodicMemory.for_task(task, args.memory, embedding=config)
 
 
+def _ingest(memory: EpisodicMemory, histories: list[UserHistory], args: argparse.Namespace) -> int:
+    """Store the users' histories, a bar step per user (idempotent: items already stored as they are cost nothing)."""
+    from persona_dspy import progress_bar
+
+    task = histories[0].task if histories else "memory"
+    logger.info("ingesting %s into %s (%s)", plural(len(histories), "user"), memory.location,
+                memory.embedder.config.label)
+    written = 0
+    with progress_bar(len(histories), f"ingest {task}", _progress(args)) as bar:
+        for history in histories:
+            written += memory.add_histories([history])
+            bar.update(1)
+    logger.info("ingested: %s written", plural(written, "item"))
+    return written
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     for task in _tasks(args):
-        histories = _load(task, args)
+        histories = _selected(_load(task, args), args)
         with _open_memory(task, args) as memory:
-            written = memory.add_histories(histories)
-            print(f"{task}: {len(histories)} users, {written} items written, {memory.count()} stored "
-                  f"at {memory.location} ({memory.embedder.config.label}, layout {memory.layout.name})")
+            written = _ingest(memory, histories, args)
+            print(f"{task}: {plural(len(histories), 'user')}, {plural(written, 'item')} written, "
+                  f"{memory.count()} stored at {memory.location} ({memory.embedder.config.label}, "
+                  f"layout {memory.layout.name})")
     return 0
 
 
@@ -206,11 +270,12 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
 
     rows = []
     for task in _tasks(args):
-        histories = _load(task, args)
+        histories = _selected(_load(task, args), args)
         with _open_memory(task, args) as memory:
-            memory.add_histories(histories)
+            _ingest(memory, histories, args)
             strategies = ["recency", "majority", "bm25"] + (["dense", "hybrid"] if memory.embedder.has_dense else [])
             for strategy in strategies:
+                logger.info("%s: scoring %s retrieval", task, strategy)
                 rows.append(evaluate_retrieval(histories, strategy, k=args.k, memory=memory).as_row())
     from persona_dspy.evaluation.tables import format_table
 
@@ -226,6 +291,7 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
     """The LM the flags (or PERSONA_DSPY_* variables) name, else the embedded local model; built before any call."""
     from persona_dspy.lm.build import build_lm
 
+    logger.info("building the LM (%s)", args.lm or os.environ.get("PERSONA_DSPY_LM") or "local: starts the model")
     lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", 0.0),
                   max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
                   server=_server_options(args))
@@ -253,81 +319,169 @@ def _lm_hint(lm: dspy.LM) -> str:
 
 
 def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
-    """One task's users: the task name (LaMP_2 resolved from the data) and its histories."""
+    """One task's users: the task name (LaMP_2 resolved from the data) and its histories, selected by the flags.
+
+    Read before any LM is built, so that a data error costs no model start and imports nothing heavy.
+    """
     from persona_dspy.data.tasks import normalize_task_name
 
     task = normalize_task_name(args.task)
+    logger.info("reading the %s data from %s", task, _data_folder(task, args))
     histories = _load(task, args)
     if not histories:
         raise CLIError(f"no users in the {task} data")
+    if hasattr(args, "max_users"):
+        histories = _selected(histories, args)
     return histories[0].task, histories
 
 
-def _report_path(args: argparse.Namespace, task: str) -> Path:
+def _report_path(args: argparse.Namespace, task: str, mode: str) -> Path:
     if args.out is not None:
         return args.out
-    from persona_dspy.memory.episodic import default_memory_path
+    from persona_dspy import home
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return default_memory_path().parent / "reports" / f"eval-{task}-{args.mode}-{stamp}.json"
+    return home() / "reports" / f"eval-{task}-{mode}-{stamp}.json"
+
+
+def _programs_dir(task: str, args: argparse.Namespace) -> Path:
+    from persona_dspy.programs import default_programs_dir
+
+    return args.programs if args.programs is not None else default_programs_dir(task)
+
+
+def _program_sources(task: str, histories: list[UserHistory], args: argparse.Namespace, mode: str) -> dict[str, str]:
+    """Per user: the compiled program file to answer with, or "initial" (--initial, none saved, another mode)."""
+    from persona_dspy.programs import ProgramFileError, find_program, read_program_metadata
+
+    sources = {h.user_id: "initial" for h in histories}
+    if args.initial or mode == "none":
+        return sources
+    folder, other_mode = _programs_dir(task, args), []
+    for history in histories:
+        path = find_program(task, history.user_id, folder)
+        if path is None:
+            continue
+        try:
+            saved_mode = read_program_metadata(path)["mode"]
+        except ProgramFileError as exc:
+            print(f"persona-dspy: warning: {exc}; user {history.user_id} answers with the initial persona",
+                  file=sys.stderr)
+            continue
+        if saved_mode != mode:
+            other_mode.append(saved_mode)
+            continue
+        sources[history.user_id] = str(path)
+    if other_mode:
+        verb = "is" if len(other_mode) == 1 else "are"
+        print(f"persona-dspy: warning: {plural(len(other_mode), 'program')} in {folder} {verb} for mode "
+              f"{', '.join(sorted(set(other_mode)))}, not {mode}: those users answer with the initial persona "
+              f"(pass --mode {other_mode[0]})", file=sys.stderr)
+    return sources
+
+
+def _agent_factory(task: str, memory: EpisodicMemory | None, sources: dict[str, str], args: argparse.Namespace,
+                   mode: str):
+    """Each user's agent: their compiled program where ``sources`` names one, else the initial persona."""
+    from persona_dspy.agent.semantic_memory import initial_agent
+    from persona_dspy.programs import load_program
+
+    def make(history: UserHistory):
+        source = sources.get(history.user_id, "initial")
+        if source == "initial":
+            return initial_agent(history, memory, mode=mode, k=args.k)
+        return load_program(source, memory, user_id=history.user_id, task=task)
+
+    return make
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Ingest (idempotent), evaluate PersonaAgent on every user, print the table and write the JSON report."""
+    """Evaluate every user with their compiled program (else the initial persona); table and JSON report."""
+    task, histories = _task_histories(args)
     from persona_dspy.evaluation.evaluate import evaluate
 
+    mode = args.mode or "rag"
+    if args.vs_initial and (args.initial or mode == "none"):
+        raise CLIError("--vs-initial compares compiled programs with the initial persona: drop --initial/--mode none")
+    sources = _program_sources(task, histories, args, mode)
+    compiled = sum(source != "initial" for source in sources.values())
+    where = _programs_dir(task, args)
+    print("answering with: " + ("the initial persona (--initial)" if args.initial else
+                                "no persona (mode none)" if mode == "none" else
+                                f"{plural(compiled, 'compiled program')} from {where}, "
+                                f"the initial persona for {plural(len(sources) - compiled, 'other user')}"))
     lm = _build_lm(args)
-    task, histories = _task_histories(args)
-    options = dict(mode=args.mode, lm=lm, workers=args.workers, k=args.k, progress=not args.no_progress,
+    options = dict(mode=mode, lm=lm, workers=args.workers, k=args.k, progress=_progress(args),
                    max_failures=args.max_failures or None)
-    if args.mode == "none":
-        report = evaluate(histories, memory=None, **options)  # the baseline reads no memory: nothing to ingest
-    else:
-        with _open_memory(task, args) as memory:
-            memory.add_histories(histories)
-            report = evaluate(histories, memory=memory, **options)
+    memory_cm = _open_memory(task, args) if mode != "none" else contextlib.nullcontext(None)
+    with memory_cm as memory:  # the baseline (mode none) reads no memory: nothing to ingest
+        if memory is not None:
+            _ingest(memory, histories, args)
+        with _INTERRUPTS.graceful() as interrupt:
+            logger.info("evaluating %s", plural(len(histories), "user"))
+            report = evaluate(histories, memory=memory, agent_factory=_agent_factory(task, memory, sources, args, mode),
+                              interrupt=interrupt, **options)
+            if args.vs_initial and not report.interrupted:
+                logger.info("evaluating the same users with the initial persona (--vs-initial)")
+                initial = {h.user_id: "initial" for h in histories}
+                baseline = evaluate(histories, memory=memory, interrupt=interrupt,
+                                    agent_factory=_agent_factory(task, memory, initial, args, mode), **options)
+                report.vs_initial = {"overall": baseline.overall, "per_user": baseline.per_user,
+                                     "calls": baseline.calls, "failures": [f.user_id for f in baseline.failures]}
+                report.interrupted = baseline.interrupted
+    report.agents = sources
     report.dataset = {"path": str(_data_folder(task, args)), "split": args.split}
     print(report.summary_table())
-    path = report.to_json(_report_path(args, task))
+    path = report.to_json(_report_path(args, task, mode))
     print(f"report: {path}")
+    if report.interrupted:
+        print(f"persona-dspy: interrupted: the report covers the {plural(len(report.per_user), 'user')} that "
+              "completed", file=sys.stderr)
+        return 130
     if report.n_scored == 0:
         first = report.failures[0] if report.failures else None
         cause = f"; first: user {first.user_id} at {first.stage}: {first.error_type}: {first.error}" if first else ""
         raise CLIError(f"no user could be evaluated ({len(report.failures)} failed, {len(report.skipped_users)} "
                        f"skipped){cause}{_lm_hint(lm)}")
     if not report.complete:
-        print(f"persona-dspy: warning: {len(report.failures)} users failed and {len(report.skipped_users)} were "
-              f"skipped; the metrics cover the other {len(report.per_user)} users only", file=sys.stderr)
+        print(f"persona-dspy: warning: {plural(len(report.failures), 'user')} failed and "
+              f"{len(report.skipped_users)} skipped; the metrics cover the other "
+              f"{plural(len(report.per_user), 'user')} only", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Align users' personas on their recent interactions and save one program file per user (resumable)."""
-    from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    task, histories = _task_histories(args)  # data and user errors first: they import nothing heavy
     from persona_dspy.files import check_writable_dir
-    from persona_dspy.jobs.compile import compile_users
-    from persona_dspy.lm.build import is_offline
-    from persona_dspy.memory.episodic import default_memory_path
+    from persona_dspy.programs import default_programs_dir
 
+    out = args.out if args.out is not None else default_programs_dir(task)
+    check_writable_dir(out)  # before the model server, the ingest and any call; compile_users checks the space too
     lm = _build_lm(args)
     optimizer_lm = _build_optimizer_lm(args, lm)
-    task, histories = _task_histories(args)
-    histories = _selected(histories, args)
-    out = args.out if args.out is not None else default_memory_path().parent / "programs" / task
-    check_writable_dir(out)  # before the ingest, too; compile_users checks again with the space it needs
+    from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
+    from persona_dspy.jobs.compile import compile_users
+    from persona_dspy.lm.build import is_offline
     with _open_memory(task, args) as memory:
-        memory.add_histories(histories)
-        summary = compile_users(
-            histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode, k=args.k,
-            n_recent=args.recent, workers=args.workers, force=args.force,
-            progress=not args.no_progress, batch_size=args.batch_size, iterations=args.iterations,
-            candidates_per_step=args.candidates, max_persona_words=args.max_persona_words,
-        )
+        _ingest(memory, histories, args)
+        with _INTERRUPTS.graceful() as interrupt:
+            logger.info("compiling %s into %s", plural(len(histories), "user"), out)
+            summary = compile_users(
+                histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode, k=args.k,
+                n_recent=args.recent, workers=args.workers, force=args.force, progress=_progress(args),
+                interrupt=interrupt, batch_size=args.batch_size, iterations=args.iterations,
+                candidates_per_step=args.candidates, max_persona_words=args.max_persona_words,
+            )
     print(summary.table())
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")
     print(f"programs: {out}")
+    if summary.interrupted:
+        print(f"persona-dspy: interrupted: {plural(len(summary.results), 'user')} done and recorded; rerun the same "
+              "command to continue", file=sys.stderr)
+        return 130
     failed = summary.count("failed")
     if failed and failed == len(summary.results):
         raise CLIError(f"no user could be compiled; first: {summary.results[0].error}{_lm_hint(lm)}")
@@ -336,21 +490,63 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 1 if failed or summary.summary_error else 0
 
 
+SETTINGS_FLAGS = {"batch_size": "batch_size", "iterations": "iterations", "k": "k", "temperature": "temperature",
+                  "candidates_per_step": "candidates", "max_persona_words": "max_persona_words",
+                  "n_recent": "recent", "recent": "recent", "mode": "mode"}
+"""Keys a ``compile --settings`` file may hold (tune's ``best_settings``, or written by hand) -> compile's flags."""
+
+
+def _settings_defaults(path: Path, task: str | None) -> dict[str, Any]:
+    """compile's flag defaults from a settings file: ``tune --out``'s summary (its best settings) or a flat object."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--settings {path}: cannot read it as JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise CLIError(f"--settings {path}: expected a JSON object")
+    if "best_settings" in document:  # a `tune --out` summary
+        if not document["best_settings"]:
+            raise CLIError(f"--settings {path}: the study has no best settings ({document.get('no_best_reason')})")
+        from persona_dspy.data.tasks import canonical_task_name
+
+        if task and document.get("task") and document["task"] != (canonical_task_name(task) or task):
+            logger.warning("--settings %s were tuned on %s, not %s", path, document["task"], task)
+        settings = {**document["best_settings"], **(document.get("compile_settings") or {})}
+    else:
+        settings = document
+    unknown = sorted(set(settings) - set(SETTINGS_FLAGS))
+    if unknown:
+        raise CLIError(f"--settings {path}: unknown setting(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(SETTINGS_FLAGS)}")
+    checks = {"temperature": _non_negative_float, "iterations": _non_negative, "mode": str}
+    defaults = {}
+    for key, value in settings.items():
+        flag = SETTINGS_FLAGS[key]
+        try:
+            defaults[flag] = checks.get(flag, _positive(int))(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise CLIError(f"--settings {path}: {key}: {exc}") from exc
+    if defaults.get("mode", "rag") not in ("rag", "react"):
+        raise CLIError(f"--settings {path}: mode must be rag or react, got {defaults['mode']!r}")
+    return defaults
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every optimizer on the same users, trainsets and validation slices; write JSON and CSV."""
-    from persona_dspy.jobs.comparison import compare_optimizers
-    from persona_dspy.memory.episodic import default_memory_path
+    from persona_dspy import home
 
+    task, histories = _task_histories(args)
     lm = _build_lm(args)
     optimizer_lm = _build_optimizer_lm(args, lm)
-    task, histories = _task_histories(args)
-    histories = _selected(histories, args)
-    out = args.out if args.out is not None else default_memory_path().parent / "reports" / f"compare-{task}"
+    from persona_dspy.jobs.comparison import compare_optimizers
+
+    out = args.out if args.out is not None else home() / "reports" / f"compare-{task}"
     with _open_memory(task, args) as memory:
-        memory.add_histories(histories)
+        _ingest(memory, histories, args)
+        logger.info("comparing %s on %s", plural(len(args.optimizers), "optimizer"), plural(len(histories), "user"))
         report = compare_optimizers(histories, memory=memory, lm=lm, optimizer_lm=optimizer_lm,
                                     optimizers=tuple(args.optimizers), n_recent=args.recent, k=args.k,
-                                    seed=args.seed, progress=not args.no_progress)
+                                    seed=args.seed, progress=_progress(args))
     print(report.table())
     for kind, path in report.save(out).items():
         print(f"{kind}: {path}")
@@ -359,31 +555,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
-    from persona_dspy.files import write_atomically
-    from persona_dspy.jobs.tuning import run_tuning
-    from persona_dspy.memory.episodic import default_memory_path
+    from persona_dspy import home
 
-    # Built here only to check the flags before any data is loaded (nothing is sent): each trial builds its own LM
+    task, histories = _task_histories(args)
+    # Built here only to check the flags before the study starts (nothing is sent): each trial builds its own LM
     # at the trial's temperature.
     _build_optimizer_lm(args, _build_lm(args))
     import optuna
 
+    from persona_dspy.files import write_atomically
+    from persona_dspy.jobs.tuning import run_tuning
+
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one log line per trial is noise next to the summary
-    task, histories = _task_histories(args)
-    histories = _selected(histories, args)
-    storage = args.storage or f"sqlite:///{default_memory_path().parent / 'tuning.db'}"
+    storage = args.storage or f"sqlite:///{home() / 'tuning.db'}"
     with _open_memory(task, args) as memory:
-        memory.add_histories(histories)
+        _ingest(memory, histories, args)
+        logger.info("tuning: %s in %s", plural(args.n_trials, "trial"), storage)
         summary = run_tuning(
             task, histories, memory, lm_model=args.lm, api_base=args.api_base, api_key=args.api_key,
             optimizer_lm_model=args.optimizer_lm, optimizer_api_base=args.optimizer_api_base, storage=storage,
             study_name=args.study_name or f"tune-{task}-{args.mode}", n_trials=args.n_trials,
             max_lm_calls_per_user=args.max_calls_per_user, multi_objective=args.multi_objective,
             algorithm=args.sampler, seed=args.seed, n_recent=args.recent, mode=args.mode, workers=args.workers,
-            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries, server=_server_options(args),
+            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries, progress=_progress(args),
+            server=_server_options(args),
         )
-    print(f"{task}: {summary['trials_done']} trials done ({summary['trials_failed']} failed) in {storage}")
+    summary["compile_settings"] = {"mode": args.mode, "n_recent": args.recent}  # what `compile --settings` also needs
+    print(f"{task}: {plural(summary['trials_done'], 'trial')} done ({summary['trials_failed']} failed) in {storage}")
     if summary.get("note"):
         print(f"NOTE: {summary['note']}")
     if summary.get("no_best_reason"):
@@ -395,6 +594,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_atomically(args.out, (json.dumps(summary, indent=2, default=str) + "\n").encode("utf-8"))
         print(f"summary: {args.out}")
+        if not summary.get("no_best_reason"):
+            print(f"to compile with these settings: persona-dspy compile --task {task} --settings {args.out}")
     return 1 if summary.get("no_best_reason") else 0
 
 
@@ -404,8 +605,39 @@ def _find_user(histories: list[UserHistory], user_id: str) -> UserHistory:
     return select_users(histories, [user_id])[0]
 
 
+def _predict_program(task: str, user_id: str, args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The program file predict answers with (None: the initial persona) and a line saying which and why."""
+    from persona_dspy.programs import ProgramFileError, find_program, read_program_metadata
+
+    if args.program is not None:
+        return args.program, f"{args.program} (--program)"
+    if args.initial:
+        return None, "none: the initial persona (--initial)"
+    if args.mode == "none":
+        return None, "none: mode none answers without a persona"
+    folder = _programs_dir(task, args)
+    path = find_program(task, user_id, folder)
+    if path is None:
+        return None, f"none: the initial persona (no compiled program for this user in {folder})"
+    try:
+        metadata = read_program_metadata(path)
+    except ProgramFileError as exc:
+        print(f"persona-dspy: warning: {exc}; answering with the initial persona", file=sys.stderr)
+        return None, f"none: the initial persona ({path} is unreadable)"
+    if args.mode is not None and metadata["mode"] != args.mode:
+        return None, f"none: the initial persona ({path} is a {metadata['mode']} program, --mode is {args.mode})"
+    return path, f"{path} (compiled {metadata['created']}, LM {(metadata.get('lm') or {}).get('model')})"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Answer one query of one user and show what the agent retrieved: a look at single cases."""
+    task, histories = _task_histories(args)
+    history = _find_user(histories, args.user)
+    if args.query_id is not None and args.query_id not in {str(q.id) for q in history.queries}:
+        raise CLIError(f"user {history.user_id!r} has no query {args.query_id!r}; their queries: "
+                       f"{', '.join(str(q.id) for q in history.queries) or 'none'}")
+    if args.text is not None and not args.text.strip():
+        raise CLIError("--text is empty")
     import dspy
     from dspy.utils.exceptions import LMError
 
@@ -415,37 +647,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.lm.adapters import default_adapter
     from persona_dspy.lm.build import LMUsage, is_offline
 
-    lm = _build_lm(args)
-    task, histories = _task_histories(args)
-    history = _find_user(histories, args.user)
+    program, used = _predict_program(task, history.user_id, args)
+    mode = args.mode or "rag"
     gold = None
     if args.query_id is not None:
-        examples = {str(e.example_id): e for e in query_examples(history)}
-        if args.query_id not in examples:
-            raise CLIError(f"user {history.user_id!r} has no query {args.query_id!r}; their queries: "
-                           f"{', '.join(examples) or 'none'}")
-        example = examples[args.query_id]
+        example = {str(e.example_id): e for e in query_examples(history)}[args.query_id]
         query, scope, gold = example.query, example.scope, example.answer
         where = f"query {args.query_id} (its own profile: {len(scope.within_ids or ())} items)"
     else:
-        if not args.text.strip():
-            raise CLIError("--text is empty")
         query, scope, where = args.text, None, "free text (the user's whole memory)"
 
+    lm = _build_lm(args)
     usage = LMUsage()
 
     def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
+        nonlocal mode
         with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
-            if args.program is not None:
+            if program is not None:
                 from persona_dspy.programs import load_program
 
-                agent = load_program(args.program, memory, user_id=history.user_id, task=task)
+                agent = load_program(program, memory, user_id=history.user_id, task=task)
+                mode = agent.mode
             else:
-                agent = initial_agent(history, memory, mode=args.mode, k=args.k)
+                agent = initial_agent(history, memory, mode=mode, k=args.k)
             return agent(query=query, scope=scope)
 
     try:
-        if args.mode == "none" and args.program is None:
+        if mode == "none" and program is None:
             prediction = answer(None)
         else:
             with _open_memory(task, args) as memory:
@@ -454,7 +682,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except LMError as exc:
         raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm)}") from exc
 
-    print(f"task: {task}  user: {history.user_id}  mode: {args.mode}  lm: {lm.model}")
+    print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {lm.model}")
+    print(f"program: {used}")
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")
     print(f"query: {where}")
@@ -463,11 +692,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if gold is not None:
         print(f"gold: {gold}")
     passages = list(prediction.passages or [])
-    if args.mode == "rag":
+    if mode == "rag":
         print(f"retrieved passages ({len(passages)}):")
         for i, passage in enumerate(passages, 1):
             print(f"  {i}. {passage.render()}  [item {passage.item_id}, score {passage.score:.3f}]")
-    elif args.mode == "react":
+    elif mode == "react":
         print("retrieved passages: none up front (react searches memory through its tool while reasoning)")
     else:
         print("retrieved passages: none (mode none reads no memory)")
@@ -529,32 +758,151 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_location(task: str, args: argparse.Namespace) -> str | None:
+    """Where the task's memory is, or None when there is none yet (so that looking never creates one)."""
+    if args.qdrant_url:
+        return args.qdrant_url
+    if args.memory == ":memory:":
+        return None
+    from persona_dspy import home
+
+    folder = Path(args.memory).expanduser() if args.memory else home() / "memory"
+    return str(folder) if folder.exists() else None
+
+
+def _program_row(path: Path) -> dict[str, Any]:
+    from persona_dspy.programs import ProgramFileError, read_program_metadata
+
+    try:
+        metadata = read_program_metadata(path)
+    except ProgramFileError as exc:
+        return {"path": str(path), "error": exc.problem}
+    scores = metadata.get("dev_scores") or {}
+    return {"path": str(path), "persona_words": len(metadata["persona"].split()), "aligned": metadata["created"],
+            "lm": (metadata.get("lm") or {}).get("model"), "mode": metadata["mode"],
+            "dev_score": scores.get("best"), "dev_score_start": scores.get("start")}
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """Every user of a task: data counts, memory status and compiled program, as a table or JSON."""
+    task, histories = _task_histories(args)
+    from persona_dspy.programs import find_program
+
+    location = _memory_location(task, args)
+    stored: dict[str, int] = {}
+    if location is not None:
+        with _open_memory(task, args) as memory:
+            stored = {h.user_id: memory.count(h.user_id) for h in histories}
+    folder = _programs_dir(task, args)
+    rows = []
+    for history in histories:
+        n_items, n_stored = len(history.items), stored.get(history.user_id, 0)
+        memory_status = ("not ingested" if n_stored == 0 else "complete" if n_stored >= n_items
+                         else f"partial ({n_stored}/{n_items})")
+        path = find_program(task, history.user_id, folder)
+        rows.append({"user": history.user_id, "history": n_items, "queries": len(history.queries),
+                     "recent": len(history.recent_interactions(args.recent)), "memory_items": n_stored,
+                     "memory": memory_status, "program": _program_row(path) if path is not None else None})
+    if args.json:
+        print(json.dumps({"task": task, "memory": location, "programs": str(folder), "users": rows}, indent=2))
+        return 0
+    from persona_dspy.evaluation.tables import format_table
+
+    flat = []
+    for row in rows:
+        program = row["program"] or {}
+        flat.append({**{key: row[key] for key in ("user", "history", "queries", "recent", "memory")},
+                     "program": "-" if not program else ("unreadable" if "error" in program else
+                                                         Path(program["path"]).name),
+                     "persona words": program.get("persona_words"), "aligned": (program.get("aligned") or "")[:19],
+                     "lm": program.get("lm"), "dev score": program.get("dev_score")})
+    print(f"{task}: {plural(len(rows), 'user')}; memory: {location or 'none yet'}; programs: {folder}")
+    print(format_table(flat, list(flat[0]), digits=3, missing="-"))
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """delete: forget users' stored memory; rebuild: delete and re-ingest them with the current embeddings."""
+    task, histories = _task_histories(args)
+    if args.action == "delete":
+        if not args.user:
+            raise CLIError("memory delete: name the user(s) with --user ID")
+        known = {h.user_id for h in histories}
+        unknown = [user for user in args.user if user not in known]
+        if unknown and args.data is None:
+            logger.info("deleting users not in the %s data: %s", task, ", ".join(unknown))
+        users = list(args.user)
+    else:
+        users = [h.user_id for h in histories]
+    location = _memory_location(task, args)
+    if location is None:
+        raise CLIError(f"there is no {task} memory at {args.memory or 'the default folder'}: nothing to {args.action}")
+    what = f"{args.action} the {task} memory of {plural(len(users), 'user')} at {location}"
+    if not args.yes:
+        raise CLIError(f"this would {what}; add --yes to do it")
+    with _open_memory(task, args) as memory:
+        for user in users:
+            memory.delete_user(user)
+            logger.info("deleted the memory of %s", user)
+        if args.action == "rebuild":
+            _ingest(memory, histories, args)
+        print(f"{'deleted' if args.action == 'delete' else 'rebuilt'}: {plural(len(users), 'user')} at {location} "
+              f"({memory.count()} items stored for {task} now, {memory.embedder.config.label})")
+    return 0
+
+
+def _add_memory_command(sub: Any) -> None:
+    """``persona-dspy memory delete|rebuild``: changes stored memory, so it asks for --yes."""
+    memory = _subcommand(sub, "memory", "delete users' stored memory, or rebuild it with the current embeddings")
+    memory.add_argument("action", choices=("delete", "rebuild"),
+                        help="delete: forget the --user(s); rebuild: delete and re-ingest (e.g. after --dense changed)")
+    _add_data_args(memory, single_task=True)
+    _add_memory_args(memory)
+    memory.add_argument("--user", action="append", default=None, metavar="ID", help="delete: this user (repeatable)")
+    _add_user_args(memory)
+    memory.add_argument("--yes", action="store_true", help="confirm: without it nothing is changed")
+    _add_progress_arg(memory)
+    memory.set_defaults(func=cmd_memory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-dspy", description="PersonaAgent as DSPy programs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("--version", action="version", version=f"persona-dspy {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log each stage (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False,
+                        help="errors only: no warnings, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", help="load a LaMP-format dataset into per-user episodic memory")
+    ingest = _subcommand(sub, "ingest", "load a LaMP-format dataset into per-user episodic memory")
     _add_data_args(ingest)
     _add_memory_args(ingest)
+    _add_user_args(ingest)
+    _add_progress_arg(ingest)
     ingest.set_defaults(func=cmd_ingest)
 
-    quality = sub.add_parser("retrieval-eval", help="ingest a dataset and report retrieval quality (k-nearest vote)")
+    quality = _subcommand(sub, "retrieval-eval", "ingest a dataset and report retrieval quality (k-nearest vote)")
     _add_data_args(quality)
     _add_memory_args(quality)
-    quality.add_argument("-k", type=int, default=5, help="items that vote (default 5)")
+    _add_user_args(quality)
+    _add_progress_arg(quality)
+    quality.add_argument("-k", type=_positive(int), default=5, help="items that vote (default 5)")
     quality.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     quality.set_defaults(func=cmd_retrieval_eval)
 
     evaluation = _command(sub, "eval", "evaluate PersonaAgent on a dataset: LaMP metrics and a JSON report")
-    evaluation.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")
+    _add_user_args(evaluation)
+    _add_program_args(evaluation)
+    evaluation.add_argument("--vs-initial", action="store_true",
+                            help="also answer the same users with the initial persona and show both side by side")
+    evaluation.add_argument("--mode", choices=MODES, default=None,
+                            help="rag (default), react, or none (baseline); programs of another mode are not used")
     evaluation.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
     evaluation.add_argument("--workers", type=_positive(int), default=4, help="users evaluated in parallel (default 4)")
     evaluation.add_argument("--max-failures", type=_non_negative, default=5,
                             help="stop starting users after this many failed (default 5; 0 = never stop)")
     evaluation.add_argument("--out", type=Path, default=None,
                             help="JSON report path (default $PERSONA_DSPY_HOME/reports/eval-<task>-<mode>-<time>.json)")
-    evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_arg(evaluation)
     evaluation.set_defaults(func=cmd_eval)
 
     predict = _command(sub, "predict", "answer one query of one user and show the retrieved passages")
@@ -562,10 +910,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = predict.add_mutually_exclusive_group(required=True)
     which.add_argument("--query-id", help="a query of the dataset (answered within its own profile)")
     which.add_argument("--text", help="a free query (answered from the user's whole memory)")
-    predict.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")
+    predict.add_argument("--mode", choices=MODES, default=None,
+                         help="rag, react, or none (baseline); default: the compiled program's, else rag")
     predict.add_argument("-k", type=_positive(int), default=5, help="passages retrieved (default 5)")
+    _add_program_args(predict)
     predict.add_argument("--program", type=Path, default=None,
-                         help="answer with this user's compiled program file (its persona, mode and k)")
+                         help="answer with this compiled program file (its persona, mode and k)")
     predict.set_defaults(func=cmd_predict)
 
     compile_ = _command(sub, "compile", "align every (or the selected) user's persona and save their programs")
@@ -583,7 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--max-persona-words", type=_positive(int), default=300, help="persona length cap")
     compile_.add_argument("--workers", type=_positive(int), default=4, help="users compiled in parallel (default 4)")
     compile_.add_argument("--force", action="store_true", help="recompile users whose program is current")
-    compile_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compile_.add_argument("--settings", type=Path, default=None, metavar="FILE",
+                          help="aligner settings from a JSON file, e.g. `tune --out` (its best settings); flags given "
+                               "on the command line win")
+    _add_progress_arg(compile_)
     compile_.set_defaults(func=cmd_compile)
 
     compare = _command(sub, "compare", "compare optimizers on the same users: score, LM calls, tokens, time")
@@ -596,7 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", type=Path, default=None,
                          help="report folder (default $PERSONA_DSPY_HOME/reports/compare-<task>)")
-    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_arg(compare)
     compare.set_defaults(func=cmd_compare)
 
     tune = _command(sub, "tune", "search the aligner's settings on dev users with Optuna (resumable study)",
@@ -615,43 +968,160 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--mode", choices=("rag", "react"), default="rag")
     tune.add_argument("--recent", type=_positive(int), default=3, help="recent interactions per user (default 3)")
     tune.add_argument("--workers", type=_positive(int), default=4, help="users aligned in parallel (default 4)")
-    tune.add_argument("--out", type=Path, default=None, help="also write the summary as JSON here")
+    tune.add_argument("--out", type=Path, default=None,
+                      help="also write the summary as JSON here (`compile --settings` takes it)")
+    _add_progress_arg(tune)
     tune.set_defaults(func=cmd_tune)
 
-    serve = sub.add_parser("serve", help="run the embedded llama.cpp server (OpenAI-compatible) until Ctrl-C")
+    serve = _subcommand(sub, "serve", "run the embedded llama.cpp server (OpenAI-compatible) until Ctrl-C")
     serve.add_argument("--model", default=None, help="a .gguf path or a known model name (default: the default model)")
     _add_server_args(serve, slots_default="1")
     serve.set_defaults(func=cmd_serve)
 
-    models = sub.add_parser("models", help="list, fetch or remove cached model files (GGUF)")
+    models = _subcommand(sub, "models", "list, fetch or remove cached model files (GGUF)")
     models.add_argument("action", choices=("list", "fetch", "remove"), nargs="?", default="list")
     models.add_argument("names", nargs="*", help="model names (fetch: default the default model)")
     models.add_argument("--verify", action="store_true", help="list: check each known file's SHA-256")
     models.set_defaults(func=cmd_models)
+
+    users = _subcommand(sub, "users", "list a task's users: data counts, memory status and compiled program")
+    _add_data_args(users, single_task=True)
+    _add_memory_args(users)
+    _add_user_args(users)
+    _add_program_args(users, initial=False)
+    users.add_argument("--recent", type=_positive(int), default=3, help="recent interactions counted (default 3)")
+    users.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    users.set_defaults(func=cmd_users)
+
+    _add_memory_command(sub)
     return parser
+
+
+def _add_program_args(parser: argparse.ArgumentParser, initial: bool = True) -> None:
+    """Where compiled programs are looked up (each user's by ``programs.program_path``)."""
+    parser.add_argument("--programs", type=Path, default=None, metavar="DIR",
+                        help="compiled programs folder (default $PERSONA_DSPY_HOME/programs/<task>, where compile "
+                             "saves)")
+    if initial:
+        parser.add_argument("--initial", action="store_true",
+                            help="answer with the initial persona even where a compiled program exists")
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM: the first stops the run gracefully (or raises KeyboardInterrupt outside a run of users),
+    the second exits at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signals = 0
+        self._graceful = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            sys.stderr.write("\npersona-dspy: stopped at once\n")
+            sys.stderr.flush()
+            os._exit(130)
+        if not self._graceful:
+            raise KeyboardInterrupt
+        self.event.set()
+        sys.stderr.write("\npersona-dspy: stopping: no new users start, those in flight get a few seconds; the "
+                         "results so far are written (Ctrl-C again quits at once)\n")
+        sys.stderr.flush()
+
+    @contextlib.contextmanager
+    def graceful(self):
+        """Within: a signal sets the event the run of users watches, instead of raising."""
+        self._graceful = True
+        try:
+            yield self.event
+        finally:
+            self._graceful = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        self.event.clear()
+        self.signals = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_INTERRUPTS = _Interrupts()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions reported as one line: only the classes of modules already imported (none is imported here)."""
+    classes: list[type[BaseException]] = [CLIError, ValueError]
+    for module, name in (("dspy.utils.exceptions", "LMError"), ("persona_dspy.lm.local_server", "LocalServerError"),
+                         ("persona_dspy.lm.models", "ModelError"),
+                         ("persona_dspy.memory.embeddings", "EmbeddingModelError"),
+                         ("persona_dspy.memory.episodic", "MemoryStoreError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, name):
+            classes.append(getattr(loaded, name))
+    return tuple(classes)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; ``compile --settings FILE`` makes the file's values the defaults, so explicit flags still win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "settings", None) is not None:
+        try:
+            defaults = _settings_defaults(args.settings, args.task)
+        except CLIError as exc:
+            parser.exit(2, f"persona-dspy: error: {exc}\n")
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    return args
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from dspy.utils.exceptions import LMError
-
-    from persona_dspy.data.lamp import DataError
-    from persona_dspy.lm.local_server import LocalServerError, stop_all
-    from persona_dspy.lm.models import ModelError
-    from persona_dspy.memory.embeddings import EmbeddingModelError
-    from persona_dspy.memory.episodic import MemoryStoreError
-
+    args = _parse(parser, argv)
+    _configure_logging(args)
+    local = sys.modules.get("persona_dspy.lm.local_server")
+    callers_servers = local.running() if local is not None else frozenset()
+    code = 2
     try:
-        return args.func(args)
-    except (CLIError, DataError, EmbeddingModelError, MemoryStoreError, LMError, LocalServerError, ModelError,
-            ValueError) as exc:
+        with _INTERRUPTS.installed():
+            code = args.func(args)
+    except KeyboardInterrupt:
+        print("\npersona-dspy: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `persona-dspy users | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"persona-dspy: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
-        stop_all()  # an embedded model server ends with the command, whatever happened
+        local = sys.modules.get("persona_dspy.lm.local_server")
+        if local is not None:  # an embedded model server ends with the command, whatever happened
+            local.stop_all(keep=callers_servers)
+    if code == 130 and _lingering_workers():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # abandoned users' threads wait on LM calls; the interpreter would join them at exit
+    return code
 
+
+def _lingering_workers() -> bool:
+    return any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ time (``20250101T120000.000000Z.json``, with ``-1``, ``-2`` ... if that name is 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -486,3 +487,28 @@ def _refresh_tool_list(path: Path, agent: PersonaAgent, persona: str) -> None:
         agent.persona = persona
     else:
         logger.info("%s: the ReAct step has its own optimized instructions; kept as saved", path)
+
+
+# ---------------------------------------------------------------- finding a user's program
+
+
+def program_path(out_dir: str | os.PathLike[str], user_id: str) -> Path:
+    """Where ``compile`` saves ``user_id``'s program in ``out_dir``: a name safe on any file system, never colliding.
+
+    ``<readable id>-<10 hex of the id's SHA-256>.json``: user ids may hold any character, so the file name cannot
+    be the id itself; apps find a user's file with this function (or ``find_program``), never by listing.
+    """
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", user_id).strip("._")[:60] or "user"
+    digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:10]
+    return Path(out_dir).expanduser() / f"{readable}-{digest}.json"
+
+
+def default_programs_dir(task: str) -> Path:
+    """The folder ``persona-dspy compile --task T`` saves to by default: ``$PERSONA_DSPY_HOME/programs/<task>``."""
+    return persona_dspy.home() / "programs" / get_task(task).name
+
+
+def find_program(task: str, user_id: str, programs_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The compiled program file of ``user_id`` for ``task`` (default folder: ``default_programs_dir``), or None."""
+    path = program_path(programs_dir if programs_dir is not None else default_programs_dir(task), user_id)
+    return path if path.is_file() else None

@@ -1,8 +1,21 @@
-"""DSPy signatures: what each LM call of persona-dspy means. Depends on dspy only."""
+"""DSPy signatures: what each LM call of persona-dspy means. Depends on dspy only.
 
-from signatures.labels import LABELS, label_list
-from signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss, compose_persona
-from signatures.tasks import TASK_SIGNATURES, task_signature
+Names are re-exported on first use, so that reading a label list or a task name (``signatures.labels``) does not
+import dspy: the command line answers ``--help`` and data errors without it.
+"""
 
-__all__ = ["LABELS", "TASK_SIGNATURES", "PersonaSummary", "PersonaUpdate", "TextualLoss", "compose_persona",
-           "label_list", "task_signature"]
+import importlib
+from typing import Any
+
+_EXPORTS = {"LABELS": "labels", "label_list": "labels", "PersonaSummary": "persona", "PersonaUpdate": "persona",
+            "TextualLoss": "persona", "compose_persona": "persona", "TASK_SIGNATURES": "tasks",
+            "task_signature": "tasks"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'signatures' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"signatures.{module}"), name)

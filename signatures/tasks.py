@@ -9,12 +9,18 @@ The docstrings are the task instructions the LM sees; the persona is set separat
 or passed in ``context``.
 """
 
-import re
 from typing import Any, Literal
 
 import dspy
 
-from signatures.labels import LAMP_1_LABELS, LAMP_2M_LABELS, LAMP_2N_LABELS, LAMP_3_LABELS
+from signatures.labels import (  # noqa: F401  (task names live with the labels: both are read without dspy)
+    AMBIGUOUS_LAMP_2,
+    LAMP_1_LABELS,
+    LAMP_2M_LABELS,
+    LAMP_2N_LABELS,
+    LAMP_3_LABELS,
+    canonical_task_name,
+)
 
 # Literal[tuple] is Literal[*tuple]: the answer types follow labels.py without repeating a single label here.
 CitationLabel = Literal[LAMP_1_LABELS]  # type: ignore[valid-type]
@@ -126,21 +132,6 @@ TASK_SIGNATURES: dict[str, type[dspy.Signature]] = {
     "LaMP_6": EmailSubject,
     "LaMP_7": TweetParaphrase,
 }
-
-
-_TASK_NAME = re.compile(r"(?i)(?:lamp[\s_-]*)?([1-7])([nm])?")
-AMBIGUOUS_LAMP_2 = "'LaMP_2' is ambiguous (news or movies); say LaMP_2N or LaMP_2M"
-"""Official LaMP files call both LaMP-2 variants 'LaMP_2': a name alone cannot tell them apart."""
-
-
-def canonical_task_name(name: str) -> str | None:
-    """The canonical spelling of a LaMP task name ('lamp-3', 'LaMP3', '3' -> 'LaMP_3'; '2n' -> 'LaMP_2N'), else None.
-
-    Spelling only: the result may name no task ('LaMP_1N') or be the ambiguous 'LaMP_2'; callers check it against
-    their registry. It lives here, not in persona_dspy.data.tasks, so that signatures stay a leaf package.
-    """
-    match = _TASK_NAME.fullmatch(name.strip())
-    return f"LaMP_{match.group(1)}{(match.group(2) or '').upper()}" if match else None
 
 
 def task_signature(task_name: str) -> type[dspy.Signature]:

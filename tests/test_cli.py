@@ -129,7 +129,7 @@ def test_eval_with_some_users_failing_exits_1(capsys, tmp_path, monkeypatch):
     code, stdout, stderr = run(capsys, "eval", "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
                                "--out", str(out), "--no-progress")
     assert code == 1
-    assert "persona-dspy: warning: 1 users failed" in stderr and f"FAILED {bad} at persona" in stdout
+    assert "persona-dspy: warning: 1 user failed" in stderr and f"FAILED {bad} at persona" in stdout
     report = json.loads(out.read_text())
     assert [f["user_id"] for f in report["failures"]] == [bad] and bad not in report["per_user"]
     assert len(report["per_user"]) == len(histories) - 1
@@ -194,11 +194,12 @@ def test_predict_with_an_unreachable_server_is_an_error(capsys):
      f"user '{LAMP3_USER}' has no query '42'; their queries: 300010"),
     (["predict", "--task", "LaMP_3", "--lm", "offline", "--user", LAMP3_USER, "--text", "  "], "--text is empty"),
     (["ingest", "--data", "/tmp"], "--data needs a single --task"),
-    # the LM flags are checked before any data is read: the bad --data below is never reached
+    # the data is read before any LM is built (a data error starts no model), then the LM flags are checked
     (["tune", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1", "--data", "/nonexistent"],
-     "malformed api_base"),
-    (["tune", "--task", "LaMP_3", "--lm", "offline", "--optimizer-api-base", "http://127.0.0.1:9/v1",
-      "--data", "/nonexistent"], "optimizer api_base (argument) was given without an optimizer model"),
+     "not a directory"),
+    (["tune", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1"], "malformed api_base"),
+    (["tune", "--task", "LaMP_3", "--lm", "offline", "--optimizer-api-base", "http://127.0.0.1:9/v1"],
+     "optimizer api_base (argument) was given without an optimizer model"),
     (["compile", "--task", "LaMP_3", "--lm", "offline", "--optimizer-api-base", "http://127.0.0.1:9/v1"],
      "without an optimizer model"),
 ])

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from signatures.labels import label_list
-from signatures.tasks import AMBIGUOUS_LAMP_2, canonical_task_name
+from signatures.labels import AMBIGUOUS_LAMP_2, canonical_task_name, label_list
 
 
 class TaskKind(StrEnum):

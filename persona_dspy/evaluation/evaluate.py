@@ -11,15 +11,12 @@ Numbers from the offline stand-in LM are plumbing checks, never a model's score;
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import platform
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -27,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-from tqdm.auto import tqdm
 
+from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import MODES, AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.data.examples import query_examples
 from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
+from persona_dspy.evaluation.runner import run_users
 from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
 from persona_dspy.lm.adapters import default_adapter
@@ -100,6 +98,11 @@ class EvalReport:
     versions: dict[str, str]
     created: str
     dataset: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+    agents: dict[str, str] = field(default_factory=dict)
+    """Per user, what answered: ``"initial"`` (persona summarised now) or the compiled program file's path."""
+    vs_initial: dict[str, Any] | None = None
+    """The same users answered with the initial persona (``eval --vs-initial``): overall, per_user, calls."""
 
     @property
     def n_scored(self) -> int:
@@ -127,7 +130,8 @@ class EvalReport:
         for record in self.predictions:
             counts[record.user_id] = counts.get(record.user_id, 0) + 1
         rows = [{"user": user, "queries": counts.get(user, 0), **metrics} for user, metrics in self.per_user.items()]
-        pooled = {"user": f"ALL ({len(self.per_user)} users, pooled)", "queries": self.n_scored, **self.overall}
+        pooled = {"user": f"ALL ({plural(len(self.per_user), 'user')}, pooled)", "queries": self.n_scored,
+                  **self.overall}
         table = format_table(rows, ["user", "queries", *keys], digits=4, missing="-", align_numbers_right=True,
                              rule=True, footer=[pooled])
         direction = "higher" if self.higher_is_better else "lower"
@@ -140,14 +144,40 @@ class EvalReport:
         for failure in self.failures:
             out.append(f"FAILED {failure.user_id} at {failure.stage}: {failure.error_type}: {failure.error}")
         if self.skipped_users:
-            out.append(f"SKIPPED {len(self.skipped_users)} users after {len(self.failures)} failures")
-        out.append(f"{self.n_scored}/{self.n_queries} queries of {self.n_users} users scored; {self.calls} LM calls, "
+            why = "interrupted" if self.interrupted else f"after {plural(len(self.failures), 'failure')}"
+            out.append(f"SKIPPED {plural(len(self.skipped_users), 'user')} ({why})")
+        out.append(f"{self.n_scored}/{self.n_queries} queries of {plural(self.n_users, 'user')} scored; "
+                   f"{self.calls} LM calls, "
                    f"{self.tokens.get('total_tokens', 0)} tokens ({self.tokens.get('prompt_tokens', 0)} prompt, "
                    f"{self.tokens.get('completion_tokens', 0)} completion"
                    + (f", {self.tokens['unmetered_calls']} calls unmetered" if self.tokens.get("unmetered_calls")
                       else "")
                    + f"); {self.wall_seconds:.2f} s with {self.workers} workers")
+        if self.agents:
+            compiled = sum(source != "initial" for source in self.agents.values())
+            out.append(f"answered by: {plural(compiled, 'compiled program')}, "
+                       f"{plural(len(self.agents) - compiled, 'initial persona')}")
+        if self.vs_initial is not None:
+            out.append(self.side_by_side())
         return "\n".join(out)
+
+    def side_by_side(self) -> str:
+        """Initial persona against compiled program for the same users, on the primary metric (``--vs-initial``)."""
+        key, initial = self.primary_metric, self.vs_initial or {}
+        rows = []
+        for user, metrics in self.per_user.items():
+            before = initial.get("per_user", {}).get(user, {}).get(key)
+            after = metrics.get(key)
+            rows.append({"user": user, "program": "compiled" if self.agents.get(user, "initial") != "initial"
+                         else "initial", f"initial {key}": before, f"this run {key}": after,
+                         "change": None if before is None or after is None else after - before})
+        before, after = initial.get("overall", {}).get(key), self.overall.get(key)
+        footer = [{"user": "ALL (pooled)", "program": "", f"initial {key}": before, f"this run {key}": after,
+                   "change": None if before is None or after is None else after - before}]
+        direction = "higher" if self.higher_is_better else "lower"
+        return (f"initial persona vs this run, same users ({key}, {direction} is better):\n"
+                + format_table(rows, ["user", "program", f"initial {key}", f"this run {key}", "change"], digits=4,
+                               missing="-", align_numbers_right=True, rule=True, footer=footer))
 
 
 def versions() -> dict[str, str]:
@@ -213,15 +243,17 @@ def evaluate(
     workers: int = 4,
     k: int = 5,
     agent_factory: AgentFactory | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     max_failures: int | None = None,
+    interrupt: threading.Event | None = None,
 ) -> EvalReport:
     """Answer every user's test queries with their own agent and score them as LaMP does.
 
     ``memory`` must already hold the histories (``memory.add_histories``); it may be None in mode "none".
     ``max_failures``: after that many failed users, users not yet started are skipped (a dead server should not
     be retried user after user); None never stops. Results come back in the order of ``histories`` whatever the
-    number of workers.
+    number of workers. ``interrupt`` (set by Ctrl-C): start no new user, give those in flight a few seconds, then
+    report what completed (``interrupted`` set, the rest among ``skipped_users``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -243,39 +275,30 @@ def evaluate(
     outcomes: dict[str, _UserOutcome] = {}
     stop = threading.Event()
     n_queries = sum(len(h.queries) for h in histories)
-    show = progress and sys.stderr.isatty()
-
     failed = 0
     lock = threading.Lock()
 
-    def run(history: UserHistory) -> _UserOutcome | None:
+    def run(history: UserHistory) -> _UserOutcome:
         nonlocal failed
-        if stop.is_set():
-            return None
         outcome = _run_user(history, task, factory, lm, usage)
         if outcome.failure is not None:
             with lock:  # counted here, not in the main thread, so a worker never starts a user after the limit
                 failed += 1
                 if max_failures is not None and failed >= max_failures and not stop.is_set():
-                    logger.warning("stopping after %d failed users; users not started yet are skipped", failed)
+                    logger.warning("stopping after %s; users not started yet are skipped",
+                                   plural(failed, "failed user"))
                     stop.set()
         return outcome
 
     started = time.perf_counter()
-    with tqdm(total=len(histories), desc=f"{task} {mode}", unit="user", disable=not show) as bar, \
-            ThreadPoolExecutor(max_workers=min(workers, len(histories)), thread_name_prefix="persona-eval") as pool:
-        # Each user runs in its own copy of the caller's context, so the caller's dspy.context settings carry over.
-        futures: dict[Future, UserHistory] = {pool.submit(contextvars.copy_context().run, run, h): h
-                                              for h in histories}
-        for future in as_completed(futures):
-            if future.cancelled() or (outcome := future.result()) is None:
-                continue
-            outcomes[futures[future].user_id] = outcome
-            if stop.is_set():
-                for pending in futures:
-                    pending.cancel()
+    with progress_bar(len(histories), f"{task} {mode}", progress) as bar:
+        def done(history: UserHistory, outcome: _UserOutcome) -> None:
+            outcomes[history.user_id] = outcome
             bar.update(1)
             bar.set_postfix(failed=failed, calls=usage.calls, refresh=False)
+
+        ran = run_users(histories, run, done, workers=workers, stop=stop, interrupt=interrupt,
+                        name="persona-eval")
     wall = time.perf_counter() - started
     skipped = [h.user_id for h in histories if h.user_id not in outcomes]
 
@@ -298,5 +321,5 @@ def evaluate(
                                               "unmetered_calls", "errors")},
         wall_seconds=round(wall, 3), workers=workers, n_users=len(histories), n_queries=n_queries,
         primary_metric=key, higher_is_better=higher, versions=versions(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"), interrupted=ran.interrupted,
     )

@@ -1,7 +1,7 @@
 """Compiling many users' programs: concurrent, resumable, and safe against crashes.
 
 Each user is aligned on their recent interactions and saved as a program file
-(``<out>/<user>.json``, written atomically, earlier versions kept). Users run on worker threads,
+(``programs.program_path(out, user)``, written atomically, earlier versions kept). Users run on worker threads,
 each in a copy of the caller's context (so the caller's ``dspy.context`` settings and callbacks see
 every call) under its own ``dspy.context``, all against one model server. A user whose file is current
 (same task, mode, settings and trainset) is skipped, so a rerun after an interruption continues
@@ -21,16 +21,13 @@ missing answers is never saved, so the next run compiles that user again.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
-import re
-import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +36,11 @@ from typing import Any
 import dspy
 
 from optimizers.lm_usage import LMUsage
+from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import AgentMode
 from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
+from persona_dspy.evaluation.runner import run_users
 from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm.adapters import default_adapter
@@ -50,6 +49,7 @@ from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import (
     ProgramFileError,
     load_program,
+    program_path,
     read_program_metadata,
     remove_stale_temps,
     save_program,
@@ -61,13 +61,6 @@ SUMMARY_FILE = "compile_summary.json"
 MIN_FREE_BYTES = 1 << 20
 PROGRAM_BYTES = 64 << 10
 """Free space asked for up front: 1 MiB plus 64 KiB per user (a program and its kept version are ~20 KiB each)."""
-
-
-def program_path(out_dir: Path, user_id: str) -> Path:
-    """A file name per user that is safe on any file system and never collides."""
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", user_id).strip("._")[:60] or "user"
-    digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:10]
-    return out_dir / f"{readable}-{digest}.json"
 
 
 def trainset_fingerprint(history: UserHistory, n_recent: int) -> str:
@@ -87,6 +80,7 @@ class UserResult:
     seconds: float = 0.0
     error: str | None = None
     fallbacks: dict[str, int] = field(default_factory=dict)  # replies read as raw text, by step
+    run: str | None = None  # the ``created`` time of the run that produced this result
 
 
 @dataclass
@@ -101,6 +95,11 @@ class CompileSummary:
     lm_calls: int = 0
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     summary_error: str | None = None
+    interrupted: bool = False
+    not_done: list[str] = field(default_factory=list)
+    """Users this run did not finish (interrupted before they started, or abandoned mid-run): a rerun does them."""
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every user any run into this folder recorded, with their latest result (``merge_earlier``)."""
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -124,12 +123,35 @@ class CompileSummary:
                 "skipped": self.count("skipped"), "failed": self.count("failed"),
                 "users_per_minute": round(self.users_per_minute, 2)}
 
+    def merge_earlier(self, path: Path) -> None:
+        """Fill ``users`` from the summary an earlier run left at ``path`` and this run's results.
+
+        A result of this run replaces the earlier one, except "skipped" (the program is the one the earlier run
+        recorded, with its scores); users this run did not touch keep their earlier entry.
+        """
+        earlier: dict[str, dict[str, Any]] = {}
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("task") == self.task:
+                earlier = dict(document.get("users") or {})
+                for result in document.get("results") or []:  # a summary written before ``users`` existed
+                    earlier.setdefault(result["user_id"], {**result, "run": result.get("run") or
+                                                           document.get("created")})
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning("earlier summary %s is unreadable (%s); it is replaced by this run's", path, exc)
+        self.users = earlier
+        for result in self.results:
+            if result.status != "skipped" or result.user_id not in self.users:
+                self.users[result.user_id] = {**asdict(result), "run": self.created}
+
     def table(self) -> str:
-        lines = [f"{self.task}: {len(self.results)} users -> {self.out_dir}",
+        lines = [f"{self.task}: {plural(len(self.results), 'user')} -> {self.out_dir}",
                  f"  compiled {self.count('compiled')}, re-aligned {self.count('realigned')}, "
                  f"skipped (current) {self.count('skipped')}, failed {self.count('failed')}",
                  f"  {self.lm_calls} LM calls, {self.seconds:.1f} s, {self.users_per_minute:.1f} users/min "
-                 f"with {self.workers} workers"]
+                 f"with {plural(self.workers, 'worker')}"]
         fallbacks = self.fallbacks()
         if any(fallbacks.values()):
             kept = ", ".join(f"{step} {n}" for step, n in fallbacks.items())
@@ -139,6 +161,9 @@ class CompileSummary:
                 lines.append(f"  FAILED {r.user_id}: {r.error}")
         if self.summary_error:
             lines.append(f"  summary not written: {self.summary_error}")
+        if self.interrupted:
+            lines.append(f"  INTERRUPTED: {plural(len(self.not_done), 'user')} not done; a rerun continues with "
+                         "them (finished users are skipped)")
         return "\n".join(lines)
 
 
@@ -176,10 +201,15 @@ def compile_users(
     workers: int = 4,
     users: Sequence[str] | None = None,
     force: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
+    interrupt: threading.Event | None = None,
     **aligner_settings: Any,
 ) -> CompileSummary:
-    """Align and save every selected user's program (see module docstring)."""
+    """Align and save every selected user's program (see module docstring).
+
+    ``interrupt`` (set on Ctrl-C/SIGTERM): no new user starts, those in flight get a few seconds, and the summary
+    records what completed (``interrupted``, ``not_done``); the summary file keeps earlier runs' users.
+    """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not histories:
@@ -229,31 +259,24 @@ def compile_users(
                               seconds=round(time.perf_counter() - t0, 3),
                               error=redact_text(f"{type(exc).__name__}: {exc}"))
 
-    bar = _progress(len(selected), f"compile {task}", progress)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
-        # dspy.context lives in contextvars, which worker threads do not inherit: each user runs in a copy.
-        futures = {pool.submit(contextvars.copy_context().run, run, h): h.user_id for h in selected}
-        for future in as_completed(futures):
-            summary.results.append(future.result())
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    with progress_bar(len(selected), f"compile {task}", progress) as bar:
+        def done(history: UserHistory, result: UserResult) -> None:
+            summary.results.append(result)
+            bar.update(1)
+            logger.info("user %s: %s", result.user_id, result.status)
+
+        outcome = run_users(selected, run, done, workers=workers, interrupt=interrupt, name="compile")
+    summary.interrupted = outcome.interrupted
+    summary.not_done = [h.user_id for h in (*outcome.abandoned, *outcome.not_started)]
     order = {h.user_id: i for i, h in enumerate(selected)}
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
     try:
+        summary.merge_earlier(out / SUMMARY_FILE)
         write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
     except OSError as exc:  # the results are still returned (and printed by the CLI)
         summary.summary_error = f"cannot write {out / SUMMARY_FILE}: {exc.strerror or exc}"
         logger.error("%s", summary.summary_error)
     return summary
 
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="user")

@@ -41,6 +41,7 @@ from optimizers.tuning import (
     trial_summary,
     tune,
 )
+from persona_dspy import progress_bar
 from persona_dspy.agent.persona_agent import AgentMode
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
 from persona_dspy.data.records import UserHistory, common_task
@@ -213,6 +214,7 @@ def run_tuning(
     timeout: float | None = None,
     num_retries: int = 3,
     server: LocalServerOptions | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Tune on ``histories`` (already in ``memory``) and summarise the study, for ``persona-dspy tune``.
 
@@ -243,9 +245,17 @@ def run_tuning(
                "agent_mode": mode, "lm": probe.model, "optimizer_lm": optimizer_lm.model if optimizer_lm else None}
     objective = aligner_objective(users, memory=memory, lm_factory=lm_factory, optimizer_lm=optimizer_lm,
                                   n_recent=n_recent, mode=mode, workers=workers, persona_lm=probe)
-    study = tune(objective, storage=storage, study_name=study_name, n_trials=n_trials,
-                 max_lm_calls_per_user=max_lm_calls_per_user, multi_objective=multi_objective, seed=seed,
-                 space=space, algorithm=algorithm, max_failed_trials=max_failed_trials, context=context)
+    with progress_bar(n_trials, f"tune {task}", progress, unit="trial") as bar:
+        def counted(settings: dict[str, Any]) -> Any:  # a trial takes minutes on a real model: show each one end
+            try:
+                return objective(settings)
+            finally:
+                bar.update(1)
+                logger.info("trial with %s finished", settings)
+
+        study = tune(counted, storage=storage, study_name=study_name, n_trials=n_trials,
+                     max_lm_calls_per_user=max_lm_calls_per_user, multi_objective=multi_objective, seed=seed,
+                     space=space, algorithm=algorithm, max_failed_trials=max_failed_trials, context=context)
     return tuning_summary(study, task=task, lm=probe, n_trials=n_trials, max_lm_calls_per_user=max_lm_calls_per_user)
 
 

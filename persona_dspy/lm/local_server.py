@@ -178,12 +178,18 @@ def shared_server(settings: ServerSettings) -> LocalServer:
         return server
 
 
-def stop_all() -> None:
-    """Stop every shared server (the CLI calls it when a command ends, also on Ctrl-C and errors)."""
+def running() -> frozenset[ServerSettings]:
+    """The settings of the shared servers running now (the CLI keeps them running when a command ends)."""
     with _SHARED_LOCK:
-        for server in _SHARED.values():
-            server.stop()
-        _SHARED.clear()
+        return frozenset(_SHARED)
+
+
+def stop_all(keep: frozenset[ServerSettings] = frozenset()) -> None:
+    """Stop every shared server but those in ``keep`` (the CLI calls it when a command ends, also on Ctrl-C and
+    errors, keeping the servers its caller had started: ``main()`` run inside a notebook or a test)."""
+    with _SHARED_LOCK:
+        for settings in [settings for settings in _SHARED if settings not in keep]:
+            _SHARED.pop(settings).stop()
 
 
 atexit.register(stop_all)

@@ -19,6 +19,7 @@ Isolation: every search names exactly one user, resolved to that user's collecti
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
@@ -250,8 +251,20 @@ class _LocalClients:
             else:
                 self._stores[key] = (store, refs - 1)
 
+    def close_all(self) -> None:
+        """Close every client still open (a memory never closed): at interpreter exit qdrant's own ``__del__``
+        would close it after imports stopped working and print an ImportError traceback."""
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store, _ in stores:
+            try:
+                store.client.close()
+            except Exception as exc:  # exiting anyway: a failed close must not hide the program's own outcome
+                logger.debug("closing a memory client at exit failed: %s", exc)
+
 
 _LOCAL_CLIENTS = _LocalClients()
+atexit.register(_LOCAL_CLIENTS.close_all)
 
 
 class EpisodicMemory:

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import dspy
-from tqdm import tqdm
 
 from optimizers.lm_usage import LMUsage
 from optimizers.textual_loss import Metric
+from persona_dspy import progress_bar
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
 from persona_dspy.data.examples import interaction_examples, query_examples
@@ -238,7 +238,7 @@ def compare_optimizers(
     n_recent: int = DEFAULT_RECENT,
     k: int = 5,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
     quiet: bool = True,
 ) -> ComparisonReport:
     """Compile and score every optimizer on every user under identical conditions (see the module docstring).
@@ -264,8 +264,7 @@ def compare_optimizers(
     persona_usage = LMUsage()
     started = time.perf_counter()
 
-    with tqdm(total=len(histories) * len(runnable), desc=f"{task} optimizers", unit="run",
-              disable=not progress) as bar:
+    with progress_bar(len(histories) * len(runnable), f"{task} optimizers", progress, unit="run") as bar:
         for history in histories:
             trainset = interaction_examples(history, n_recent)
             tests = query_examples(history)

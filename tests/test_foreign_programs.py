@@ -70,8 +70,8 @@ def recording_lm() -> tuple[dspy.LM, Recording]:
     return dspy.LM("offline/recording", engine=engine, cache=False, num_retries=0), engine
 
 
-def gepa_run(program: dspy.Module, **kwargs) -> tuple[dspy.Module, dspy.GEPA]:
-    gepa = persona_gepa(program, metric, reflection_lm=offline_lm(), max_metric_calls=30,
+def gepa_run(program: dspy.Module, reflection_lm: dspy.LM | None = None, **kwargs) -> tuple[dspy.Module, dspy.GEPA]:
+    gepa = persona_gepa(program, metric, reflection_lm=reflection_lm or offline_lm(), max_metric_calls=30,
                         reflection_minibatch_size=3, seed=0, **kwargs)
     with dspy.context(lm=offline_lm()):
         return gepa.compile(program, trainset=recent(), valset=recent()), gepa
@@ -135,7 +135,9 @@ def test_retrieve_then_answer_changes_only_the_answering_step():
     before = instructions(program)
     with dspy.context(lm=offline_lm()):
         aligned = PersonaAligner(metric, persona=PERSONA).compile(program, trainset=recent())
-    evolved, gepa = gepa_run(program, persona=PERSONA)
+    reflection_lm, reflections = recording_lm()
+    evolved, gepa = gepa_run(program, reflection_lm, persona=PERSONA)
+    assert reflections.prompts and not any(REWRITE in prompt for prompt in reflections.prompts)  # never reflected on
     for result in (aligned, evolved):
         after = instructions(result)
         assert after["rewrite"] == before["rewrite"] == REWRITE
@@ -196,6 +198,18 @@ def test_react_with_only_the_extract_step_chosen_leaves_the_tool_loop_alone():
 
 
 # -- item 3: GEPA and the feedback metric --------------------------------------------------------------------------
+
+
+def test_the_proposer_and_selector_never_touch_other_predictors():
+    guards = PersonaPredictors(RetrieveThenAnswer(), persona=PERSONA).guards
+    proposer = GuardedInstructionProposer(guards)
+    lm = offline_lm()
+    with dspy.context(lm=lm):
+        assert proposer({"rewrite": REWRITE, "answer.predict": PERSONA}, {"rewrite": []}, ["rewrite"]) == {}
+    assert lm.engine.calls == 0
+    selector = proposer.component_selector()
+    candidate = {"rewrite": REWRITE, "answer.predict": PERSONA}
+    assert [selector(None, [], [], 0, candidate) for _ in range(3)] == [["answer.predict"]] * 3
 
 
 def test_plain_gepa_with_the_textual_loss_reflects_on_any_field_names():

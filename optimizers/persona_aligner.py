@@ -18,9 +18,12 @@ when the validation slice is answered perfectly, or a step only repeats a person
 cannot change and one candidate per step, the next step would send identical prompts, so it stops).
 
 It works on any DSPy program whose predictors carry the persona as their instructions: programs with
-a ``persona`` property (PersonaAgent) are read and written through it, others through the
-instructions of all their predictors. Compiling a program that was already aligned continues from
-its persona (online re-alignment). The starting persona passes the guard too, so whatever the initial
+a ``persona`` property (PersonaAgent) are read and written through it, others through the instructions of the
+predictors that carry the persona (``optimizers.persona_predictors``: a list, a predicate, or by default those whose
+instructions contain the starting persona), each behind its own fixed part; the others are never touched. The
+program's input and output fields are read from the examples and the predictors' signatures (or named with
+``input_fields`` / ``output_fields``), so any field names work. Compiling a program that was already aligned
+continues from its persona (online re-alignment). The starting persona passes the guard too, so whatever the initial
 summary or a saved program carried, no injected line or rule survives into any persona scored or saved.
 
 An item the program cannot answer (a server error, a timeout) is retried ``answer_retries`` times; if it
@@ -35,6 +38,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,8 +47,9 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from optimizers.lm_usage import LMUsage
 from optimizers.persona_guard import GuardResult, PersonaGuard, template_for
+from optimizers.persona_predictors import PersonaPredictors, PredictorChoice, describe_choice
 from optimizers.text_outputs import predict_text
-from optimizers.textual_loss import Metric, TextualLossMetric, score_of
+from optimizers.textual_loss import Metric, ProgramFields, TextualLossMetric, resolve_fields, score_of
 from signatures.persona import PersonaTemplate, PersonaUpdate
 
 logger = logging.getLogger(__name__)
@@ -68,27 +73,12 @@ class PersonaAttribute:
         program.persona = persona
 
 
-class PredictorInstructions:
-    """Any DSPy program: the persona is the instruction text of all its predictors."""
-
-    def get(self, program: dspy.Module) -> str:
-        predictors = program.predictors()
-        if not predictors:
-            raise ValueError("the program has no predictors to carry a persona")
-        return predictors[0].signature.instructions
-
-    def set(self, program: dspy.Module, persona: str) -> None:
-        for predictor in program.predictors():
-            predictor.signature = predictor.signature.with_instructions(persona)
-
-
 class AlignmentError(RuntimeError):
     """The program could not answer an alignment or validation item, even after retries."""
 
 
-def persona_access_for(program: dspy.Module) -> PersonaAccess:
-    has_property = isinstance(getattr(type(program), "persona", None), property)
-    return PersonaAttribute() if has_property else PredictorInstructions()
+def has_persona_property(program: dspy.Module) -> bool:
+    return isinstance(getattr(type(program), "persona", None), property)
 
 
 def aggregate_feedback(items: Sequence[tuple[float, str]], max_chars: int = 4000) -> str:
@@ -146,13 +136,18 @@ class PersonaAligner(Teleprompter):
         template: the persona's fixed role and rules (default: the program's ``persona_guard.template`` if it has
             one, else the default template when the starting persona is built on it, else none: all summary).
         answer_retries: extra attempts for an item the program fails to answer before ``AlignmentError``.
+        persona_predictors: which predictors carry the persona: names, a predicate ``(name, predictor) -> bool``,
+            or None for those whose instructions contain ``persona`` (see ``optimizers.persona_predictors``).
+        persona: the starting persona text as written into the program (default: the program's ``persona``).
+        input_fields / output_fields: the program's fields, when the examples and signatures cannot tell.
     """
 
     def __init__(self, metric: Metric, *, batch_size: int = 3, iterations: int = 3, candidates_per_step: int = 1,
                  max_persona_words: int = 300, task_lm: dspy.LM | None = None, optimizer_lm: dspy.LM | None = None,
                  candidate_temperature: float = 0.7, stop_when_perfect: bool = True,
                  rng: random.Random | None = None, template: PersonaTemplate | None = None,
-                 answer_retries: int = 1) -> None:
+                 answer_retries: int = 1, persona_predictors: PredictorChoice = None, persona: str | None = None,
+                 input_fields: Sequence[str] | None = None, output_fields: Sequence[str] | None = None) -> None:
         super().__init__()
         if batch_size < 1 or iterations < 0 or candidates_per_step < 1 or max_persona_words < 40 or answer_retries < 0:
             raise ValueError("batch_size and candidates_per_step must be >= 1, iterations and answer_retries >= 0, "
@@ -167,10 +162,13 @@ class PersonaAligner(Teleprompter):
         self.candidate_temperature = candidate_temperature
         self.stop_when_perfect = stop_when_perfect
         self.rng = rng or random.Random(0)
-        self.loss = TextualLossMetric(metric)
         self.update = dspy.Predict(PersonaUpdate)
         self.template = template
         self.answer_retries = answer_retries
+        self.persona_predictors = persona_predictors
+        self.persona = persona
+        self.input_fields = tuple(input_fields) if input_fields is not None else None
+        self.output_fields = tuple(output_fields) if output_fields is not None else None
 
     def settings(self) -> dict[str, Any]:
         """The configuration, for program files and reports."""
@@ -178,21 +176,56 @@ class PersonaAligner(Teleprompter):
                 "candidates_per_step": self.candidates_per_step, "max_persona_words": self.max_persona_words,
                 "candidate_temperature": self.candidate_temperature, "stop_when_perfect": self.stop_when_perfect}
 
+    def get_params(self) -> dict[str, Any]:
+        """The configuration as JSON-safe values (dspy's default returns live LMs, metrics and predictors)."""
+        template = self.template
+        return {**self.settings(), "metric": _name_of(self.metric), "task_lm": _model_of(self.task_lm),
+                "optimizer_lm": _model_of(self.optimizer_lm), "answer_retries": self.answer_retries,
+                "template": None if template is None else {"role": template.role, "rules": list(template.rules)},
+                "persona_predictors": describe_choice(self.persona_predictors), "persona": self.persona,
+                "input_fields": None if self.input_fields is None else list(self.input_fields),
+                "output_fields": None if self.output_fields is None else list(self.output_fields)}
+
     def guard_for(self, program: dspy.Module, persona: str) -> PersonaGuard:
         """The guard for this program's personas: its template (see ``template``) with this aligner's cap."""
         own = getattr(program, "persona_guard", None)
         template = self.template or (own.template if isinstance(own, PersonaGuard) else template_for(persona))
         return PersonaGuard(max_words=self.max_persona_words, template=template)
 
+    def access_for(self, program: dspy.Module) -> tuple[PersonaAccess, PersonaGuard]:
+        """How to read and write this program's persona, and the guard of the persona the loop works on."""
+        if has_persona_property(program) and self.persona_predictors is None and self.persona is None:
+            return PersonaAttribute(), self.guard_for(program, program.persona)
+        own = getattr(program, "persona_guard", None)
+        template = self.template or (own.template if isinstance(own, PersonaGuard) else None)
+        access = PersonaPredictors(program, self.persona_predictors, self.persona,
+                                   max_words=self.max_persona_words, template=template)
+        return access, access.guard
+
+    def fields_for(self, program: dspy.Module, example: dspy.Example) -> ProgramFields:
+        """The program's input and output fields: named, or read from the example and the predictors' signatures."""
+        declared = {name for p in program.predictors() for name in p.signature.output_fields}
+        return resolve_fields(example, input_fields=self.input_fields, output_fields=self.output_fields,
+                              declared_outputs=declared)
+
     # -- the loop --------------------------------------------------------------------------------
-    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
-                valset: list[dspy.Example] | None = None) -> dspy.Module:
+    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example], teacher: dspy.Module | None = None,
+                valset: list[dspy.Example] | None = None, **kwargs: Any) -> dspy.Module:
+        """Align ``student``'s persona on ``trainset`` (dspy's ``Teleprompter.compile`` signature).
+
+        ``teacher`` is not used: the user's own answers are the only targets. No other keyword is accepted.
+        """
+        if kwargs:
+            raise TypeError(f"PersonaAligner.compile got unexpected arguments: {sorted(kwargs)}")
+        if teacher is not None:
+            raise ValueError("PersonaAligner does not use a teacher: the user's own answers are the targets")
         if not trainset:
             raise ValueError("PersonaAligner needs at least one recent interaction in trainset")
         valset = list(valset) if valset else list(trainset)
         program = student.deepcopy()
-        access = persona_access_for(program)
-        guard = self.guard_for(program, access.get(program))
+        fields = self.fields_for(program, trainset[0])  # fail before any LM call when the fields are unclear
+        loss = TextualLossMetric(self.metric, input_fields=fields.inputs, output_fields=fields.outputs)
+        access, guard = self.access_for(program)
         floor = guard.min_words()
         if self.max_persona_words < floor:  # the guard would have to break the cap to keep role, rules and summary
             raise ValueError(f"max_persona_words={self.max_persona_words} is below {floor}, the persona's "
@@ -206,10 +239,11 @@ class PersonaAligner(Teleprompter):
         interventions = int(start.intervened)
         usage = LMUsage()
         started = time.perf_counter()
-        task_lm = self.task_lm or dspy.settings.lm
-        optimizer_lm = self.optimizer_lm or task_lm
-        if task_lm is None:
-            raise ValueError("no LM: configure dspy (dspy.configure(lm=...)) or pass task_lm")
+        task_lm = self.task_lm or dspy.settings.lm  # None when every predictor has its own (BetterTogether)
+        own_lms = [p.lm for p in program.predictors() if p.lm is not None]
+        if task_lm is None and len(own_lms) < len(program.predictors()):
+            raise ValueError("no LM: configure dspy (dspy.configure(lm=...)), pass task_lm or set the program's LMs")
+        optimizer_lm = self.optimizer_lm or task_lm or own_lms[-1]
         cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (persona, example key) -> (prediction, score)
         fallbacks: Counter[str] = Counter()  # replies read as raw text, by step (see optimizers.text_outputs)
         fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
@@ -226,7 +260,7 @@ class PersonaAligner(Teleprompter):
                 batch = [trainset[i] for i in batch_idx]
                 outputs = [self._answer(program, access, current.persona, ex, task_lm, cache) for ex in batch]
                 with dspy.context(lm=optimizer_lm):
-                    feedback = [self.loss.feedback_output(ex, pred, current.persona) for ex, (pred, _) in
+                    feedback = [loss.feedback_output(ex, pred, current.persona) for ex, (pred, _) in
                                 zip(batch, outputs, strict=True)]
                     fallbacks["loss"] += sum(f.fallback is not None for f in feedback)
                     gradient = aggregate_feedback([(score, f.text) for (_, score), f in
@@ -270,6 +304,8 @@ class PersonaAligner(Teleprompter):
             **self.settings(), "start_score": seen[start_persona], "best_score": best.score,
             "improved": best.score > seen[start_persona], "steps_run": len(steps), "valset_size": len(valset),
             "trainset_size": len(trainset), "guard_interventions": interventions,
+            "input_fields": list(fields.inputs), "output_fields": list(fields.outputs),
+            "persona_predictors": list(getattr(access, "names", [])) or "persona property",
             "guarded_start": start.intervened, "lm_usage": usage.snapshot(),
             "fallbacks": {"loss": fallbacks["loss"], "update": fallbacks["update"]},
             "seconds": round(time.perf_counter() - started, 3),
@@ -295,7 +331,7 @@ class PersonaAligner(Teleprompter):
             return cache[cache_key]
         access.set(program, persona)
         name = "an example" if example_id is None else example_id
-        with dspy.context(lm=lm):
+        with dspy.context(lm=lm) if lm is not None else nullcontext():
             for attempt in range(self.answer_retries + 1):
                 try:
                     prediction = program(**example.inputs())
@@ -311,7 +347,7 @@ class PersonaAligner(Teleprompter):
         return prediction, score
 
     def _evaluate(self, program: dspy.Module, access: PersonaAccess, persona: str, valset: list[dspy.Example],
-                  lm: dspy.LM, cache: dict) -> _Evaluation:
+                  lm: dspy.LM | None, cache: dict) -> _Evaluation:
         scores = [self._answer(program, access, persona, ex, lm, cache)[1] for ex in valset]
         return _Evaluation(persona, sum(scores) / len(scores))
 
@@ -327,3 +363,11 @@ class PersonaAligner(Teleprompter):
             fallbacks["update"] += output.fallback is not None
             proposals.append(output.text)
         return proposals
+
+
+def _name_of(metric: Any) -> str:
+    return getattr(metric, "__qualname__", None) or getattr(metric, "__name__", None) or type(metric).__name__
+
+
+def _model_of(lm: dspy.LM | None) -> str | None:
+    return None if lm is None else str(getattr(lm, "model", lm))

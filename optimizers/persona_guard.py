@@ -223,29 +223,70 @@ class PersonaGuard:
 class GuardedInstructionProposer(InstructionProposer):
     """GEPA's default instruction proposer, with every proposed instruction passed through a PersonaGuard.
 
-    ``components`` limits the guard to the named predictors (default: all that GEPA updates). ``interventions``
-    counts the proposals the guard had to change.
+    ``guard`` is one guard for every component, or one per component (``PersonaPredictors.guards``: each predictor
+    keeps its own fixed part). ``components`` limits it to the named predictors (default: the guards' names, or all
+    that GEPA updates): GEPA is asked for no proposal for any other predictor, so those keep their instructions.
+    ``interventions`` counts the proposals the guard had to change. Pass ``component_selector()`` to GEPA too, so
+    that its reflection turns never pick a predictor that does not carry the persona.
     """
 
-    def __init__(self, guard: PersonaGuard, components: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, guard: PersonaGuard | Mapping[str, PersonaGuard], components: Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.guard = guard
-        self.components = set(components) if components is not None else None
+        self.guards = dict(guard) if isinstance(guard, Mapping) else None
+        self.guard = guard if isinstance(guard, PersonaGuard) else None
+        names = components if components is not None else (list(self.guards) if self.guards is not None else None)
+        self.components = list(names) if names is not None else None
         self.interventions = 0
         self.proposals = 0
 
+    def guard_of(self, name: str) -> PersonaGuard:
+        if self.guards is not None:
+            return self.guards[name]
+        assert self.guard is not None
+        return self.guard
+
     def __call__(self, candidate: dict[str, str], reflective_dataset: Mapping[str, Sequence[Mapping[str, Any]]],
                  components_to_update: list[str]) -> dict[str, str]:
-        proposed = super().__call__(candidate, reflective_dataset, components_to_update)
+        names = [n for n in components_to_update if self.components is None or n in self.components]
+        if not names:
+            logger.warning("GEPA asked to update %s, none of which carries the persona: no proposal",
+                           components_to_update)
+            return {}
+        proposed = super().__call__(candidate, reflective_dataset, names)
         guarded: dict[str, str] = {}
         for name, text in proposed.items():
-            if self.components is not None and name not in self.components:
-                guarded[name] = text
-                continue
-            result = self.guard.check(text, fallback=self.guard.summary(candidate.get(name, "")))
+            guard = self.guard_of(name)
+            result = guard.check(text, fallback=guard.summary(candidate.get(name, "")))
             self.proposals += 1
             if result.intervened:
                 self.interventions += 1
                 logger.info("guard changed GEPA's proposal for %s (dropped %d lines)", name, len(result.dropped))
             guarded[name] = result.text
         return guarded
+
+    def component_selector(self) -> PersonaComponentSelector:
+        """GEPA's ``component_selector``: round robin over this proposer's components only."""
+        if self.components is None:
+            raise ValueError("no components named: every predictor may be updated, use GEPA's own selector")
+        return PersonaComponentSelector(self.components)
+
+
+class PersonaComponentSelector:
+    """A GEPA ``ReflectionComponentSelector`` that picks, in turn, only the predictors that carry the persona."""
+
+    def __init__(self, components: Sequence[str]) -> None:
+        if not components:
+            raise ValueError("no persona components to select from")
+        self.components = list(components)
+        self._next: dict[int, int] = {}
+
+    def __call__(self, state: Any, trajectories: Any, subsample_scores: Any, candidate_idx: int,
+                 candidate: dict[str, str]) -> list[str]:
+        names = [n for n in self.components if n in candidate]
+        if not names:
+            raise ValueError(f"none of the persona components {self.components} is in GEPA's candidate "
+                             f"{sorted(candidate)}")
+        turn = self._next.get(candidate_idx, 0)
+        self._next[candidate_idx] = turn + 1
+        return [names[turn % len(names)]]

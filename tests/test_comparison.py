@@ -225,3 +225,24 @@ def test_gepa_feedback_calls_the_lm_only_when_feedback_is_read(lamp3):
         assert feedback(example, prediction) == 1.0 and len(lm.history) == 0
         scored = feedback(example, prediction, None, "reason.program.predict", None)
     assert scored.score == 1.0 and scored.feedback and len(lm.history) == 1
+
+
+def test_gepa_with_a_failing_feedback_metric_is_a_failure_not_an_unchanged_result(lamp3):
+    """GEPA only logs a metric that fails while it reflects; the comparison must not score the untouched program."""
+    from persona_dspy.testing.offline_lm import OfflineEngine
+
+    class NoFeedback(OfflineEngine):
+        def complete(self, request):
+            system = request.system if isinstance(request.system, str) else "".join(
+                p.text for p in request.system or [])
+            if "`produced_outputs`" in system:
+                raise ConnectionError("loss LM down")
+            return super().complete(request)
+
+    histories, memory = lamp3
+    broken = dspy.LM("offline/no-feedback", engine=NoFeedback(), cache=False, num_retries=0)
+    report = compare_optimizers(histories[:1], memory=memory, lm=offline_lm(), optimizer_lm=broken,
+                                optimizers=("gepa",), progress=False)
+    gepa = report.result("gepa")
+    assert gepa.status == "failed" and gepa.n_users_scored == 0
+    assert gepa.failures[0]["error_type"] == "MetricError" and "loss LM down" in gepa.failures[0]["error"]

@@ -99,10 +99,11 @@ def test_several_preferences_are_ranked_by_evidence(stand_in):
 
 def test_textual_loss_names_expected_and_produced(stand_in):
     loss = dspy.Predict(TextualLoss)
-    wrong = run(stand_in, loss, question="q", expected_answer="comedy", produced_answer="action",
+    wrong = run(stand_in, loss, program_inputs="query: q", expected_outputs="comedy", produced_outputs="action",
                 persona="- likes films")
     assert wrong.feedback.startswith('Expected "comedy" but answered "action"')
-    right = run(stand_in, loss, question="q", expected_answer="Comedy", produced_answer="comedy", persona="")
+    right = run(stand_in, loss, program_inputs="query: q", expected_outputs="Comedy", produced_outputs="comedy",
+                persona="")
     assert "correctly" in right.feedback
 
 

@@ -87,7 +87,7 @@ def test_no_label_is_spelled_outside_labels_py():
 def test_persona_signatures_fields():
     assert list(PersonaSummary.input_fields) == ["history", "max_words"]
     assert list(PersonaSummary.output_fields) == ["persona"]
-    assert list(TextualLoss.input_fields) == ["question", "expected_answer", "produced_answer", "persona"]
+    assert list(TextualLoss.input_fields) == ["program_inputs", "expected_outputs", "produced_outputs", "persona"]
     assert list(TextualLoss.output_fields) == ["feedback"]
     assert list(PersonaUpdate.input_fields) == ["persona", "feedback", "max_words"]
     assert list(PersonaUpdate.output_fields) == ["new_persona"]

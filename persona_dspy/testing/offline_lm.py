@@ -16,6 +16,8 @@ Rules, per output field:
 * ``persona``/``new_persona``: the current persona plus ``- Preferred label: X`` for the answer the feedback most
   often expected (older preference lines go first when over ``max_words``); with no current persona, a summary
   of the history's most frequent label and words.
+* GEPA's ``new_instruction``/``improved_instruction``: the ``current_instruction`` updated like a persona, from the
+  feedback in its examples.
 * ReAct's ``next_tool_name``/``next_tool_args``: the first tool other than ``finish``, once, with arguments built
   from its schema; then ``finish``.
 * Other text (generation answers): the query's first eight words; ``reasoning``: how the other fields were chosen.
@@ -73,7 +75,7 @@ _PREFERENCE = re.compile(
 _HISTORY_LABEL = re.compile(
     r"\b(?:label|tag|category|score|rating|class)\s*[:=]\s*[\"'«]?([^\n;|,\"'»\]\)]+)", re.IGNORECASE
 )
-_EXPECTED_IN_FEEDBACK = re.compile(r'Expected "([^"]+)" but answered')
+_EXPECTED_IN_FEEDBACK = re.compile(r'Expected \\?"([^"\\]+)\\?" but answered')  # JSON may escape the quotes
 _TOOL_LINE = re.compile(
     r"^\s*\(\d+\) (\S+), whose description is <desc>.*?</desc>\. It takes arguments (\{[^\n]*\})\.?[ \t]*$",
     re.MULTILINE | re.DOTALL,
@@ -576,6 +578,9 @@ def answer_fields(prompt: Prompt) -> dict[str, Any]:
             prompt.notes.append(f"{out.name}={choice!s} ({why})")
         elif out.kind == "str" and re.search(r"feedback|loss|critique", lowered):
             values[out.name] = _feedback(prompt)
+        elif out.kind == "str" and lowered in ("new_instruction", "improved_instruction"):  # GEPA's proposer
+            current = _input_named(prompt, re.compile(r"^current_instruction$"))
+            values[out.name] = _updated_persona(prompt, current[1]) if current else _free_text(prompt)
         elif out.kind == "str" and "persona" in lowered:
             current = _input_named(prompt, re.compile(r"persona", re.I))
             values[out.name] = _updated_persona(prompt, current[1]) if current else _summarized_persona(prompt)

@@ -24,6 +24,8 @@ What each DSPy optimizer runs with, and why (3-example trainsets are far below w
   and 3 more when a proposal is accepted), the scale of the aligner's 3 iterations. GEPA scores every rollout with
   the metric (``pred_name=None``) and asks for feedback only for reflection; ``TextualLossMetric`` skips the feedback
   LM call when only a score is wanted, which halves GEPA's LM calls without changing what it sees.
+  GEPA only logs a metric that raises while it reflects and returns the program unchanged; here a failing
+  feedback metric stops GEPA (``MetricError``) and that user is recorded as GEPA's failure.
 * ``miprov2``: instructions only (``max_bootstrapped_demos=0, max_labeled_demos=0``), ``auto="light"``, and the
   valset passed explicitly: without it MIPROv2 keeps 80 % of the trainset for validation, i.e. proposes from one
   example. ``light`` turns minibatching off for valsets of at most 50 examples, so its ``minibatch_size=35`` never

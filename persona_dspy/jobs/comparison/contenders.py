@@ -112,8 +112,9 @@ def gepa_spec(max_metric_calls: int = GEPA_MAX_METRIC_CALLS, auto: Literal["ligh
         optimizer = dspy.GEPA(metric=feedback, **budget,
                               reflection_minibatch_size=min(3, len(inputs.trainset)),
                               reflection_lm=inputs.optimizer_lm, instruction_proposer=proposer, seed=inputs.seed,
-                              track_stats=True)
+                              track_stats=True, gepa_kwargs={"stop_callbacks": [feedback.stop_on_failure()]})
         program = optimizer.compile(inputs.student, trainset=inputs.trainset, valset=inputs.valset)
+        feedback.raise_failures()  # GEPA only logs a failing metric: the user's run is a failure, not a result
         program.comparison_details = {"guard_interventions": proposer.interventions,
                                       "guarded_proposals": proposer.proposals}
         result = getattr(program, "detailed_results", None)

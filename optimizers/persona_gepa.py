@@ -1,0 +1,55 @@
+"""dspy.GEPA set up for a persona: textual-loss feedback, only persona predictors evolved, every proposal guarded.
+
+Plain ``dspy.GEPA`` evolves every predictor of a program and would rewrite a query-rewriting step or ReAct's tool
+listing; its default proposer keeps whatever a reflection LM wrote, injected lines included; and it swallows a
+metric that fails while it builds its reflective dataset (logged at INFO, the program returned unchanged).
+``persona_gepa`` returns a ``dspy.GEPA`` that
+
+* asks for feedback from ``TextualLossMetric`` (any field names, see ``optimizers.textual_loss``);
+* reflects only on the predictors that carry the persona (``optimizers.persona_predictors``), in turn;
+* passes every proposal through that predictor's ``PersonaGuard`` (its own fixed part, the learned summary after it);
+* stops with ``MetricError`` at the next iteration after the metric failed, instead of going on without it.
+
+The GEPA object carries ``persona_proposer`` (``interventions``, ``proposals``) and ``persona_loss`` (``failures``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import dspy
+
+from optimizers.persona_guard import GuardedInstructionProposer
+from optimizers.persona_predictors import PersonaPredictors, PredictorChoice
+from optimizers.textual_loss import Metric, TextualLossMetric
+from signatures.persona import PersonaTemplate
+
+logger = logging.getLogger(__name__)
+
+
+def persona_gepa(program: dspy.Module, metric: Metric, *, reflection_lm: dspy.LM, persona: str | None = None,
+                 persona_predictors: PredictorChoice = None, max_persona_words: int = 300,
+                 template: PersonaTemplate | None = None, loss_lm: dspy.LM | None = None,
+                 input_fields: Sequence[str] | None = None, output_fields: Sequence[str] | None = None,
+                 **gepa_args: Any) -> dspy.GEPA:
+    """A ``dspy.GEPA`` for ``program``'s persona (module docstring); ``gepa_args`` go to ``dspy.GEPA`` as they are.
+
+    ``loss_lm`` writes the feedback (default: the reflection LM).
+    """
+    access = PersonaPredictors(program, persona_predictors, persona, max_words=max_persona_words, template=template)
+    declared = {name for p in program.predictors() for name in p.signature.output_fields}
+    loss = TextualLossMetric(metric, lm=loss_lm or reflection_lm, input_fields=input_fields,
+                             output_fields=output_fields, declared_outputs=declared)
+    proposer = GuardedInstructionProposer(access.guards)
+    gepa_kwargs = dict(gepa_args.pop("gepa_kwargs", None) or {})
+    stoppers = gepa_kwargs.get("stop_callbacks") or []
+    stoppers = list(stoppers) if isinstance(stoppers, Sequence) else [stoppers]
+    gepa_kwargs["stop_callbacks"] = [loss.stop_on_failure(), *stoppers]
+    logger.info("GEPA evolves the persona of %s only", ", ".join(access.names))
+    gepa = dspy.GEPA(metric=loss, reflection_lm=reflection_lm, instruction_proposer=proposer,
+                     component_selector=proposer.component_selector(), gepa_kwargs=gepa_kwargs, **gepa_args)
+    gepa.persona_proposer = proposer
+    gepa.persona_loss = loss
+    return gepa

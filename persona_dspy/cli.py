@@ -173,7 +173,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         with _open_memory(task, args) as memory:
             written = memory.add_histories(histories)
             print(f"{task}: {len(histories)} users, {written} items written, {memory.count()} stored "
-                  f"at {memory.location} ({memory.embedder.config.label}, layout {memory.layout.name})")
+                  f"at {memory.location} ({memory.embedder.config.label}, {memory.layout})")
     return 0
 
 

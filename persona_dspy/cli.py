@@ -1,6 +1,7 @@
 """The ``persona-dspy`` command line.
 
-Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
+Commands: ``ingest`` (a dataset into per-user memory), ``memory copy`` (between stores), ``retrieval-eval`` (how
+well memory alone predicts),
 ``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report), ``predict`` (one query of one user) and
 ``compile`` (align every user's persona and save their program files), ``compare`` (the aligner against DSPy's
 optimizers) and ``tune`` (search the aligner's settings with Optuna).
@@ -196,6 +197,31 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
         from persona_dspy.files import write_atomically
 
         write_atomically(args.json, json.dumps(rows, indent=2).encode("utf-8"))
+    return 0
+
+
+def cmd_memory_copy(args: argparse.Namespace) -> int:
+    from persona_dspy.memory.episodic import close_store
+    from persona_dspy.memory.transfer import LegacyLocalStore, copy_memories, open_any, retire_legacy_layout
+
+    source = open_any(args.source, api_key=args.api_key)
+    try:
+        same = Path(args.source).expanduser().resolve() == Path(args.target).expanduser().resolve()
+        if same and not isinstance(source, LegacyLocalStore):
+            raise CLIError("--from and --to are the same store; only an old local-mode folder migrates in place")
+        target = open_any(args.target, target=True, api_key=args.api_key)
+        try:
+            report = copy_memories(source, target, args.namespace, args.batch_size,
+                                   progress=(lambda line: print(line, file=sys.stderr)) if args.verbose else None)
+            for namespace, stats in report.namespaces.items():
+                print(f"{namespace}: {stats['users']} users, {stats['written']} points written, "
+                      f"{stats['unchanged']} already there; counts match ({target.count(namespace)} in {args.target})")
+        finally:
+            close_store(target)
+    finally:
+        close_store(source)
+    if same:
+        print(f"old local-mode files moved to {retire_legacy_layout(Path(args.source).expanduser())}")
     return 0
 
 
@@ -465,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("-k", type=int, default=5, help="items that vote (default 5)")
     quality.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     quality.set_defaults(func=cmd_retrieval_eval)
+
+    memory = sub.add_parser("memory", help="manage memory stores").add_subparsers(dest="action", required=True)
+    copy = memory.add_parser("copy", help="copy memories between stores (Edge folder, server URL, old local-mode "
+                             "folder; batched, resumable, idempotent, counts checked)")
+    copy.add_argument("--from", dest="source", required=True, help="folder or http(s) URL to copy from")
+    copy.add_argument("--to", dest="target", required=True,
+                      help="folder (Qdrant Edge) or URL; the --from folder itself migrates an old local-mode store")
+    copy.add_argument("--namespace", nargs="*", default=None, help="only these namespaces, e.g. pd_lamp_3")
+    copy.add_argument("--batch-size", type=_positive(int), default=256)
+    copy.add_argument("--api-key", default=os.environ.get("PERSONA_DSPY_QDRANT_API_KEY"))
+    copy.set_defaults(func=cmd_memory_copy)
 
     evaluation = _command(sub, "eval", "evaluate PersonaAgent on a dataset: LaMP metrics and a JSON report")
     evaluation.add_argument("--mode", choices=MODES, default="rag", help="rag (default), react, or none (baseline)")

@@ -20,11 +20,13 @@ mounts) that apparent size is real; use a Qdrant server there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,8 +76,15 @@ def legacy_local_layout(folder: Path) -> bool:
     return (folder / "meta.json").is_file() and (folder / "collection").is_dir()
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def user_dir_name(user_id: str) -> str:
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _uuid(point_id: str) -> uuid.UUID:
+    """Parsed once: Edge converts id strings on every filter (0.1 ms for a 47-item profile), UUIDs faster."""
+    return uuid.UUID(point_id)
 
 
 def _user_filter(user_id: str) -> FieldCondition:
@@ -252,8 +261,9 @@ class EdgeStore:
         if flt.before_ts is not None:
             must.append(FieldCondition(key="ts", range=RangeFloat(lt=flt.before_ts)))
         if flt.within is not None:
-            must.append(HasIdCondition(set(flt.within)))
-        edge_filter = Filter(must=must, must_not=[HasIdCondition(set(flt.exclude))] if flt.exclude else None)
+            must.append(HasIdCondition({_uuid(i) for i in flt.within}))
+        excluded = [HasIdCondition({_uuid(i) for i in flt.exclude})] if flt.exclude else None
+        edge_filter = Filter(must=must, must_not=excluded)
         queries = [(Query.Nearest(_edge_vectors({using: vec})[using], using=using),
                     SearchParams(exact=True) if using == DENSE_VECTOR else None) for using, vec in vectors.items()]
         if len(queries) == 1:

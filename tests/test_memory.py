@@ -112,14 +112,14 @@ def test_isolation_many_users_random_queries(bm25_embedder, backend):
     rng = random.Random(1234)
     with open_memory(backend, bm25_embedder) as mem:
         owners: dict[str, set[str]] = {}
-        for u in range(40):
+        for u in range(24):  # more than the 16 shards kept open
             user = f"user-{u}"
             texts = [f"{rng.choice(TOPICS)} {rng.choice(TOPICS)} owner{u}" for _ in range(rng.randint(3, 25))]
             mem.add(user, [item(f"i{n}", t, day=n, position=n) for n, t in enumerate(texts)])
             owners[user] = {t for t in texts}
-        for _ in range(300):
-            user = f"user-{rng.randrange(40)}"
-            query = " ".join(rng.sample(TOPICS, 2)) + f" owner{rng.randrange(40)}"
+        for _ in range(150):
+            user = f"user-{rng.randrange(24)}"
+            query = " ".join(rng.sample(TOPICS, 2)) + f" owner{rng.randrange(24)}"
             hits = mem.search(user, query, k=rng.randint(1, 10),
                               before=datetime(2020, 1, 1) + timedelta(days=rng.randint(1, 30)))
             assert all(h.text in owners[user] for h in hits), (user, query, [h.text for h in hits])
@@ -272,7 +272,7 @@ def test_edge_and_server_code_paths_agree(request, bm25_embedder, mode):
     rng = random.Random(99)
     words = " ".join(TOPICS).split() + ["warm", "loud", "cheap", "broken", "great", "tone", "price", "quality"]
     words += [f"{w}{j}" for w in ("model", "brand", "color", "size") for j in range(12)]
-    items = _random_items(rng, words, 200)
+    items = _random_items(rng, words, 120)
     with open_memory("edge", embedder) as edge, open_memory("server", embedder) as server:
         edge.add("alice", items)
         server.add("alice", items)
@@ -281,16 +281,16 @@ def test_edge_and_server_code_paths_agree(request, bm25_embedder, mode):
             if rng.random() < 0.5:
                 kwargs["before"] = datetime(2020, 1, 1) + timedelta(days=rng.randint(0, 60))
             if rng.random() < 0.5:
-                kwargs["within_ids"] = [f"i{n}" for n in rng.sample(range(200), 80)]
+                kwargs["within_ids"] = [f"i{n}" for n in rng.sample(range(120), 50)]
             if rng.random() < 0.5:
-                kwargs["exclude_ids"] = [f"i{n}" for n in rng.sample(range(200), 20)]
+                kwargs["exclude_ids"] = [f"i{n}" for n in rng.sample(range(120), 12)]
             query = " ".join(rng.sample(words, rng.randint(1, 4)))
             got = edge.search("alice", query, mode=mode, **kwargs)
             want = server.search("alice", query, mode=mode, **kwargs)
             assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-4), (query, kwargs)
             if mode == "sparse":
                 assert [h.item_id for h in got] == [h.item_id for h in want], (query, kwargs)
-        assert edge.count("alice") == server.count("alice") == 200
+        assert edge.count("alice") == server.count("alice") == 120
 
 
 def test_bm25_statistics_are_per_user(bm25_embedder):

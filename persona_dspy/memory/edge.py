@@ -43,8 +43,6 @@ from qdrant_edge import (
     Filter,
     Fusion,
     HasIdCondition,
-    KeywordIndexParams,
-    MatchValue,
     Modifier,
     PayloadSchemaType,
     Point,
@@ -85,11 +83,6 @@ def user_dir_name(user_id: str) -> str:
 def _uuid(point_id: str) -> uuid.UUID:
     """Parsed once: Edge converts id strings on every filter (0.1 ms for a 47-item profile), UUIDs faster."""
     return uuid.UUID(point_id)
-
-
-def _user_filter(user_id: str) -> FieldCondition:
-    # The shard already holds one user only; the condition guards against a hash collision.
-    return FieldCondition(key="user_id", match=MatchValue(user_id))
 
 
 def _edge_vectors(vectors: dict[str, object]) -> dict[str, object]:
@@ -166,10 +159,17 @@ class EdgeStore:
         self._cond = threading.Condition()
         self._open: OrderedDict[Path, list] = OrderedDict()  # shard folder -> [shard, users in flight]
         self._specs: dict[str, VectorSpec] = {}
+        self._paths: dict[tuple[str, str], Path] = {}
+        self._deleting = 0
 
     # -- shards ----------------------------------------------------------------------------------
     def _user_path(self, namespace: str, user_id: str) -> Path:
-        return self.root / namespace / user_dir_name(user_id)
+        path = self._paths.get((namespace, user_id))
+        if path is None:
+            if len(self._paths) > 1 << 16:
+                self._paths.clear()
+            path = self._paths[(namespace, user_id)] = self.root / namespace / user_dir_name(user_id)
+        return path
 
     @contextmanager
     def _shard(self, namespace: str, user_id: str, create: bool = False) -> Iterator[EdgeShard | None]:
@@ -193,26 +193,29 @@ class EdgeStore:
         finally:
             with self._cond:
                 entry[1] -= 1
-                self._cond.notify_all()
+                if self._deleting:
+                    self._cond.notify_all()
 
     def _open_shard(self, namespace: str, user_id: str, path: Path, create: bool) -> EdgeShard | None:
-        shard_dir = path / "shard"
+        shard_dir, owner = path / "shard", path / USER_FILE
         try:
             if (shard_dir / "edge_config.json").is_file():
+                if owner.read_text(encoding="utf-8") != user_id:  # the folder name is 96 bits of a hash
+                    raise MemoryStoreError(f"{path} belongs to another user than {user_id!r} (hash collision)")
                 return EdgeShard.load(str(shard_dir))
             if not create:
                 return None
             spec = self.spec(namespace)
             if spec is None:
                 raise MemoryStoreError(f"namespace {namespace} at {self.location} has no vector configuration")
+            path.mkdir(parents=True, exist_ok=True)
+            owner.write_text(user_id, encoding="utf-8")  # first: a shard on disk always names its user
             shard = EdgeShard.create(str(shard_dir), _config(spec))
         except MemoryStoreError:
             raise
         except Exception as exc:  # Edge raises plain Exceptions
             raise _translate(exc, self.folder) from exc
-        shard.update(UpdateOperation.create_field_index("user_id", KeywordIndexParams(is_tenant=True)))
         shard.update(UpdateOperation.create_field_index("ts", PayloadSchemaType.Float))
-        (path / USER_FILE).write_text(user_id, encoding="utf-8")
         return shard
 
     def _evict(self, keep: Path) -> None:
@@ -257,13 +260,14 @@ class EdgeStore:
 
     def query(self, namespace: str, user_id: str, vectors: dict[str, object], flt: SearchFilter, limit: int,
               depth: int, rrf_k: int) -> list[Hit]:
-        must: list = [_user_filter(user_id)]
+        # The shard holds this user only (checked when it is opened): no user condition, which cost 0.05 ms.
+        must: list = []
         if flt.before_ts is not None:
             must.append(FieldCondition(key="ts", range=RangeFloat(lt=flt.before_ts)))
         if flt.within is not None:
             must.append(HasIdCondition({_uuid(i) for i in flt.within}))
         excluded = [HasIdCondition({_uuid(i) for i in flt.exclude})] if flt.exclude else None
-        edge_filter = Filter(must=must, must_not=excluded)
+        edge_filter = Filter(must=must or None, must_not=excluded) if must or excluded else None
         queries = [(Query.Nearest(_edge_vectors({using: vec})[using], using=using),
                     SearchParams(exact=True) if using == DENSE_VECTOR else None) for using, vec in vectors.items()]
         if len(queries) == 1:
@@ -275,7 +279,8 @@ class EdgeStore:
         with self._shard(namespace, user_id) as shard:
             if shard is None:
                 return []
-            return [Hit(str(p.id), p.payload or {}, float(p.score)) for p in shard.query(request)]
+            # Ids stay UUIDs: they order as their strings do, and str() costs 3 us each.
+            return [Hit(p.id, p.payload or {}, p.score) for p in shard.query(request)]
 
     def delete_user(self, namespace: str, user_id: str) -> None:
         """Close the user's shard once no search or write holds it, and remove its folder."""
@@ -283,7 +288,11 @@ class EdgeStore:
         with self._cond:
             entry = self._open.get(path)
             if entry is not None:
-                self._cond.wait_for(lambda: entry[1] == 0)
+                self._deleting += 1
+                try:
+                    self._cond.wait_for(lambda: entry[1] == 0)
+                finally:
+                    self._deleting -= 1
                 del self._open[path]
                 entry[0].close()
             if path.exists():

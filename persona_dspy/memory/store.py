@@ -60,7 +60,9 @@ class SearchFilter:
 
 @dataclass(frozen=True)
 class Hit:
-    id: str
+    """A search result; ``id`` is a UUID string or ``uuid.UUID`` (one kind per store: both sort alike)."""
+
+    id: object
     payload: dict
     score: float
 

@@ -55,7 +55,7 @@ def _add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -
 
 def _add_memory_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", default=None,
-                        help="memory folder (Qdrant local mode), or ':memory:'; default $PERSONA_DSPY_HOME/memory")
+                        help="memory folder (Qdrant Edge), ':memory:' (temporary); default $PERSONA_DSPY_HOME/memory")
     parser.add_argument("--qdrant-url", default=os.environ.get("PERSONA_DSPY_QDRANT_URL"),
                         help="a Qdrant server instead of a local folder (env PERSONA_DSPY_QDRANT_URL)")
     parser.add_argument("--dense", default=os.environ.get("PERSONA_DSPY_DENSE_MODEL"),

@@ -433,3 +433,23 @@ def test_old_local_mode_layout_is_refused_with_the_way_out(tmp_path, bm25_embedd
     client.close()
     with pytest.raises(MemoryStoreError, match="local-mode layout.*persona-dspy memory copy --from"):
         EpisodicMemory(folder, embedder=bm25_embedder)
+
+
+def test_a_shard_held_elsewhere_gives_a_clear_error(tmp_path, bm25_embedder):
+    """Edge's own WAL lock (a plain Exception saying WouldBlock) becomes a MemoryStoreError naming the folder."""
+    from qdrant_edge import EdgeShard
+
+    from persona_dspy.memory.edge import user_dir_name
+
+    store = tmp_path / "mem"
+    with EpisodicMemory(store, embedder=bm25_embedder) as mem:
+        mem.add("alice", [item("i0", "guitar amp")])
+    held = EdgeShard.load(str(store / "edge" / "persona_dspy" / user_dir_name("alice") / "shard"))
+    try:
+        with EpisodicMemory(store, embedder=bm25_embedder) as mem:
+            with pytest.raises(MemoryStoreError, match=f"memory folder {store} is in use by another process"):
+                mem.search("alice", "guitar")
+    finally:
+        held.close()
+    with EpisodicMemory(store, embedder=bm25_embedder) as mem:
+        assert [h.item_id for h in mem.search("alice", "guitar")] == ["i0"]

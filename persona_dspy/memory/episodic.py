@@ -29,7 +29,6 @@ from typing import Literal
 from persona_dspy.data.records import HistoryItem, UserHistory
 from persona_dspy.memory.edge import OPEN_STORES
 from persona_dspy.memory.embeddings import DENSE_VECTOR, SPARSE_VECTOR, Embedder, EmbeddingConfig
-from persona_dspy.memory.server import ServerStore
 from persona_dspy.memory.store import (
     RRF_K,
     MemoryStore,
@@ -98,6 +97,8 @@ def open_store(location: str | Path | None = None, url: str | None = None,
     if location is not None and url is not None:
         raise ValueError("give either a local location or a server url, not both")
     if url is not None:
+        from persona_dspy.memory.server import ServerStore  # qdrant-client: ~100 MB of RSS an Edge app never needs
+
         return ServerStore.connect(url, api_key)
     folder = Path(location).expanduser() if location is not None else default_memory_path()
     return OPEN_STORES.acquire(folder)

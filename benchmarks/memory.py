@@ -199,6 +199,10 @@ def job_quality(a: dict) -> dict:
             mem.add_histories(histories)
             for strategy in ["recency", "majority", "bm25"] + (["dense", "hybrid"] if a["dense"] else []):
                 rows.append(evaluate_retrieval(histories, strategy, k=5, memory=mem).as_row() | {"strategy": strategy})
+            if a["dense"]:  # why the memory fuses with k=60: Qdrant's own default is k=2
+                mem.rrf_k = 2
+                rows.append(evaluate_retrieval(histories, "hybrid", k=5, memory=mem).as_row() | {
+                    "strategy": "hybrid_rrf_k2"})
     return {"rows": rows}
 
 

@@ -453,3 +453,15 @@ def test_a_shard_held_elsewhere_gives_a_clear_error(tmp_path, bm25_embedder):
         held.close()
     with EpisodicMemory(store, embedder=bm25_embedder) as mem:
         assert [h.item_id for h in mem.search("alice", "guitar")] == ["i0"]
+
+
+def test_a_forgotten_temporary_memory_removes_its_folder(bm25_embedder):
+    import gc
+
+    mem = EpisodicMemory(":memory:", embedder=bm25_embedder)
+    mem.add("alice", [item("i0", "guitar amp")])
+    folder = mem.store.folder
+    assert folder.is_dir()
+    del mem
+    gc.collect()
+    assert not folder.exists()

@@ -113,7 +113,7 @@ def test_an_old_local_mode_store_migrates_in_place(tmp_path, bm25_embedder, caps
     assert "3 users, 123 points written" in out and "local-mode-backup" in out
     assert (old / "local-mode-backup" / "collection").is_dir() and not (old / "collection").exists()
     assert searches(old, bm25_embedder) == searches(fresh, bm25_embedder)  # same vectors, same engine
-    assert not OPEN_STORES._stores
+    assert not {str(old.resolve()), str(fresh.resolve())} & set(OPEN_STORES._stores)  # all released
 
 
 def test_copy_refuses_the_same_edge_store_and_a_missing_namespace(tmp_path, bm25_embedder, capsys):

@@ -4,8 +4,9 @@ Layout, chosen by measurement (``benchmarks/memory.py``, figures in the README):
 ``<folder>/edge/<namespace>/<sha256(user)[:24]>/shard``, opened on the user's first use and kept in a
 bounded LRU of open shards. Opening a store costs nothing; a user's first search opens only that user's
 shard, and a user's BM25 statistics are the shard's own. (One shared shard filtered by a tenant key,
-with ``IdfParams(corpus=<user filter>)`` for per-user IDF, opened 12x slower at 100 users x 1k items,
-loaded every user's dense vectors into RAM and searched 2x slower; it uses far less *apparent* disk.)
+with ``IdfParams(corpus=<user filter>)`` for per-user IDF, opened 3-20x slower at 100 users x 1k items,
+held 3x the RSS and searched 1.5-3.5x slower, both growing with the whole store; it uses far less
+*apparent* disk. ``benchmarks/edge_layout.py``.)
 
 Settings: ``max_search_threads=1`` (the default starts 8 threads per shard, which was slower here),
 dense vectors ``on_disk`` (memory-mapped, not pinned in RAM: 17 MB instead of 49 MB per open shard),
@@ -349,7 +350,7 @@ class _OpenStores:
     """One ``EdgeStore`` per folder per process (Edge allows one opener); memories on a folder share it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a memory's finalizer may release during an acquire (garbage collection)
         self._stores: dict[str, tuple[EdgeStore, int]] = {}
 
     def acquire(self, folder: Path, allow_legacy: bool = False) -> EdgeStore:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -144,13 +145,14 @@ class EpisodicMemory:
         self.prefix = prefix
         self.batch_size = batch_size
         self.rrf_k = rrf_k
-        self._temporary: Path | None = None
-        self._owns_store = store is None
+        temporary: Path | None = None
         if store is None and str(location) == ":memory:":
-            self._temporary = Path(tempfile.mkdtemp(prefix="persona-dspy-memory-"))
-            location = self._temporary
+            temporary = location = Path(tempfile.mkdtemp(prefix="persona-dspy-memory-"))
         self.store: MemoryStore = store if store is not None else open_store(location, url, api_key)
-        self.location = ":memory:" if self._temporary is not None else self.store.location
+        # Runs once: on close(), when the memory is garbage-collected, or at exit (a forgotten ":memory:" store
+        # must not leave its folder behind).
+        self._release = weakref.finalize(self, _release, self.store if store is None else None, temporary)
+        self.location = ":memory:" if temporary is not None else self.store.location
         self.layout = "one Edge shard per user" if self.store.kind == "edge" else "one tenant-indexed collection"
         self._spec = VectorSpec(self.embedder.has_sparse, self.embedder.dense_size)
         self._checked = False
@@ -166,12 +168,7 @@ class EpisodicMemory:
         return self
 
     def close(self) -> None:
-        if self._owns_store and self.store is not None:
-            close_store(self.store)
-            self._owns_store = False
-        if self._temporary is not None:
-            shutil.rmtree(self._temporary, ignore_errors=True)
-            self._temporary = None
+        self._release()
 
     def __enter__(self) -> EpisodicMemory:
         return self
@@ -311,6 +308,14 @@ class EpisodicMemory:
                 f"as when they were built, or another memory folder; nothing was changed."
             )
         self._checked = True
+
+
+def _release(store: MemoryStore | None, temporary: Path | None) -> None:
+    """Let go of an owned store, and remove a ``":memory:"`` folder."""
+    if store is not None:
+        close_store(store)
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _check_user(user_id: str) -> None:

@@ -350,7 +350,7 @@ def test_threads_search_while_one_writes(bm25_embedder):
         mem.add("alice", [item(f"s{n}", f"guitar amp seed {n}", day=n) for n in range(20)])
         errors: list[BaseException] = []
         done = threading.Event()
-        seen_counts: list[int] = []
+        seen_counts: list[list[int]] = [[] for _ in range(3)]  # one list per reader: each must only grow
 
         def write() -> None:
             try:
@@ -362,22 +362,24 @@ def test_threads_search_while_one_writes(bm25_embedder):
             finally:
                 done.set()
 
-        def read() -> None:
+        def read(seen: list[int]) -> None:
             try:
                 while not done.is_set():
                     hits = mem.search("alice", "guitar amp", k=10)
                     assert len(hits) == 10 and all("guitar amp" in h.text for h in hits)
-                    seen_counts.append(mem.count("alice"))
+                    seen.append(mem.count("alice"))
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in range(3)]
+        threads = [threading.Thread(target=write)]
+        threads += [threading.Thread(target=read, args=(seen,)) for seen in seen_counts]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
         assert not errors, errors[:1]
-        assert len(seen_counts) > 10 and seen_counts == sorted(seen_counts)
+        assert all(len(seen) > 3 and seen == sorted(seen) for seen in seen_counts)
+        assert len(set(sum(seen_counts, []))) > 1  # the readers saw the writes arrive
         assert mem.count("alice") == 220 and mem.count() == 220 + 200
 
 
@@ -465,3 +467,24 @@ def test_a_forgotten_temporary_memory_removes_its_folder(bm25_embedder):
     del mem
     gc.collect()
     assert not folder.exists()
+
+
+def test_temporary_folders_of_killed_processes_are_removed(bm25_embedder):
+    import os
+    import signal
+
+    from persona_dspy.memory.episodic import _temporary_folder
+
+    script = "from persona_dspy.memory.episodic import EpisodicMemory\nm = EpisodicMemory(':memory:')\n" \
+             "print(m.store.folder, flush=True)\nimport time; time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    from pathlib import Path
+
+    abandoned = Path(child.stdout.readline().strip())
+    with EpisodicMemory(":memory:", embedder=bm25_embedder) as alive:
+        _temporary_folder(stale_after_s=0).rmdir()
+        assert abandoned.is_dir() and alive.store.folder.is_dir()  # held by live processes: kept
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        _temporary_folder(stale_after_s=0).rmdir()
+        assert not abandoned.exists() and alive.store.folder.is_dir()

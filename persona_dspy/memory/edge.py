@@ -139,6 +139,24 @@ class _FolderLock:
         self._file.close()  # closing releases the flock
 
 
+def folder_in_use(folder: Path) -> bool:
+    """True while a live process holds the store lock of ``folder`` (a kill -9 releases it)."""
+    lock = folder / EDGE_DIR / LOCK_FILE
+    if not lock.is_file():
+        return False
+    try:
+        import fcntl
+    except ImportError:  # Windows: cannot tell, so never treat a folder as abandoned
+        return True
+    with open(lock, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return False
+
+
 class EdgeStore:
     """Per-user Edge shards under one folder; every memory on the folder in a process shares one (see ``open``)."""
 

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from persona_dspy.data.records import HistoryItem, UserHistory
-from persona_dspy.memory.edge import OPEN_STORES
+from persona_dspy.memory.edge import OPEN_STORES, folder_in_use
 from persona_dspy.memory.embeddings import DENSE_VECTOR, SPARSE_VECTOR, Embedder, EmbeddingConfig
 from persona_dspy.memory.store import (
     RRF_K,
@@ -147,7 +148,7 @@ class EpisodicMemory:
         self.rrf_k = rrf_k
         temporary: Path | None = None
         if store is None and str(location) == ":memory:":
-            temporary = location = Path(tempfile.mkdtemp(prefix="persona-dspy-memory-"))
+            temporary = location = _temporary_folder()
         self.store: MemoryStore = store if store is not None else open_store(location, url, api_key)
         # Runs once: on close(), when the memory is garbage-collected, or at exit (a forgotten ":memory:" store
         # must not leave its folder behind).
@@ -308,6 +309,21 @@ class EpisodicMemory:
                 f"as when they were built, or another memory folder; nothing was changed."
             )
         self._checked = True
+
+
+def _temporary_folder(stale_after_s: float = 600.0) -> Path:
+    """A new ``":memory:"`` folder; those of processes killed before they could clean up are removed first."""
+    parent = Path(tempfile.gettempdir()) / "persona-dspy-memory"
+    parent.mkdir(exist_ok=True)
+    for folder in parent.iterdir():
+        try:
+            old = time.time() - folder.stat().st_mtime > stale_after_s  # a new folder may not be locked yet
+        except FileNotFoundError:
+            continue
+        if old and not folder_in_use(folder):
+            logger.info("removing the abandoned temporary memory %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=parent))
 
 
 def _release(store: MemoryStore | None, temporary: Path | None) -> None:

@@ -123,3 +123,26 @@ def test_copy_refuses_the_same_edge_store_and_a_missing_namespace(tmp_path, bm25
     assert "same store" in capsys.readouterr().err
     assert main(["memory", "copy", "--from", str(src), "--to", str(tmp_path / "d"), "--namespace", "pd_x"]) == 2
     assert "no memories named pd_x" in capsys.readouterr().err
+
+
+def test_copy_from_edge_to_the_server_code_path_and_back(tmp_path, bm25_embedder):
+    """The server store over qdrant-client's local mode (no Qdrant server runs here) as target, then as source."""
+    import warnings
+
+    from persona_dspy.memory.server import ServerStore
+
+    warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+    src, back = tmp_path / "src", tmp_path / "back"
+    fill(src, bm25_embedder)
+    server = ServerStore(QdrantClient(location=":memory:"), "server stand-in")
+    source, returned = open_any(str(src)), open_any(str(back), target=True)
+    try:
+        assert copy_memories(source, server, batch=32).written == 123
+        assert server.users(NAMESPACE) == ["user0", "user1", "user2"] and server.count(NAMESPACE) == 123
+        assert copy_memories(source, server).unchanged == 123
+        assert copy_memories(server, returned, batch=32).written == 123
+    finally:
+        close_store(source)
+        close_store(returned)
+        server.close()
+    assert searches(back, bm25_embedder) == searches(src, bm25_embedder)

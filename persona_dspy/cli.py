@@ -1,6 +1,7 @@
 """The ``persona-dspy`` command line.
 
-Commands: ``ingest`` (a dataset into per-user memory), ``retrieval-eval`` (how well memory alone predicts),
+Commands: ``ingest`` (a dataset into per-user memory), ``memory copy`` (between stores), ``retrieval-eval`` (how
+well memory alone predicts),
 ``eval`` (PersonaAgent over a dataset, LaMP metrics, a JSON report), ``predict`` (one query of one user) and
 ``compile`` (align every user's persona and save their program files), ``compare`` (the aligner against DSPy's
 optimizers), ``tune`` (search the aligner's settings with Optuna), ``users`` (what exists per user: data, memory,
@@ -63,7 +64,7 @@ def _add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -
 
 def _add_memory_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", default=None,
-                        help="memory folder (Qdrant local mode), or ':memory:'; default $PERSONA_DSPY_HOME/memory")
+                        help="memory folder (Qdrant Edge), ':memory:' (temporary); default $PERSONA_DSPY_HOME/memory")
     parser.add_argument("--qdrant-url", default=os.environ.get("PERSONA_DSPY_QDRANT_URL"),
                         help="a Qdrant server instead of a local folder (env PERSONA_DSPY_QDRANT_URL)")
     parser.add_argument("--dense", default=os.environ.get("PERSONA_DSPY_DENSE_MODEL"),
@@ -259,8 +260,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         with _open_memory(task, args) as memory:
             written = _ingest(memory, histories, args)
             print(f"{task}: {plural(len(histories), 'user')}, {plural(written, 'item')} written, "
-                  f"{memory.count()} stored at {memory.location} ({memory.embedder.config.label}, "
-                  f"layout {memory.layout.name})")
+                  f"{memory.count()} stored at {memory.location} ({memory.embedder.config.label}, {memory.layout})")
     return 0
 
 
@@ -284,6 +284,31 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
         from persona_dspy.files import write_atomically
 
         write_atomically(args.json, json.dumps(rows, indent=2).encode("utf-8"))
+    return 0
+
+
+def cmd_memory_copy(args: argparse.Namespace) -> int:
+    from persona_dspy.memory.episodic import close_store
+    from persona_dspy.memory.transfer import LegacyLocalStore, copy_memories, open_any, retire_legacy_layout
+
+    source = open_any(args.source, api_key=args.api_key)
+    try:
+        same = Path(args.source).expanduser().resolve() == Path(args.target).expanduser().resolve()
+        if same and not isinstance(source, LegacyLocalStore):
+            raise CLIError("--from and --to are the same store; only an old local-mode folder migrates in place")
+        target = open_any(args.target, target=True, api_key=args.api_key)
+        try:
+            report = copy_memories(source, target, args.namespace, args.batch_size,
+                                   progress=(lambda line: print(line, file=sys.stderr)) if args.verbose else None)
+            for namespace, stats in report.namespaces.items():
+                print(f"{namespace}: {stats['users']} users, {stats['written']} points written, "
+                      f"{stats['unchanged']} already there; counts match ({target.count(namespace)} in {args.target})")
+        finally:
+            close_store(target)
+    finally:
+        close_store(source)
+    if same:
+        print(f"old local-mode files moved to {retire_legacy_layout(Path(args.source).expanduser())}")
     return 0
 
 
@@ -852,17 +877,29 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def _add_memory_command(sub: Any) -> None:
-    """``persona-dspy memory delete|rebuild``: changes stored memory, so it asks for --yes."""
-    memory = _subcommand(sub, "memory", "delete users' stored memory, or rebuild it with the current embeddings")
-    memory.add_argument("action", choices=("delete", "rebuild"),
-                        help="delete: forget the --user(s); rebuild: delete and re-ingest (e.g. after --dense changed)")
-    _add_data_args(memory, single_task=True)
-    _add_memory_args(memory)
-    memory.add_argument("--user", action="append", default=None, metavar="ID", help="delete: this user (repeatable)")
-    _add_user_args(memory)
-    memory.add_argument("--yes", action="store_true", help="confirm: without it nothing is changed")
-    _add_progress_arg(memory)
-    memory.set_defaults(func=cmd_memory)
+    """``persona-dspy memory delete|rebuild|copy``: delete and rebuild change stored memory, so they ask for --yes."""
+    actions = sub.add_parser("memory", help="delete, rebuild or copy stored memory").add_subparsers(
+        dest="action", required=True)
+    for action, help_text in (("delete", "forget the --user(s)' stored memory"),
+                              ("rebuild", "delete and re-ingest the users' memory (e.g. after --dense changed)")):
+        memory = _subcommand(actions, action, help_text)
+        _add_data_args(memory, single_task=True)
+        _add_memory_args(memory)
+        memory.add_argument("--user", action="append", default=None, metavar="ID",
+                            help="delete: this user (repeatable)")
+        _add_user_args(memory)
+        memory.add_argument("--yes", action="store_true", help="confirm: without it nothing is changed")
+        _add_progress_arg(memory)
+        memory.set_defaults(func=cmd_memory)
+    copy = actions.add_parser("copy", help="copy memories between stores (Edge folder, server URL, old local-mode "
+                              "folder; batched, resumable, idempotent, counts checked)")
+    copy.add_argument("--from", dest="source", required=True, help="folder or http(s) URL to copy from")
+    copy.add_argument("--to", dest="target", required=True,
+                      help="folder (Qdrant Edge) or URL; the --from folder itself migrates an old local-mode store")
+    copy.add_argument("--namespace", nargs="*", default=None, help="only these namespaces, e.g. pd_lamp_3")
+    copy.add_argument("--batch-size", type=_positive(int), default=256)
+    copy.add_argument("--api-key", default=os.environ.get("PERSONA_DSPY_QDRANT_API_KEY"))
+    copy.set_defaults(func=cmd_memory_copy)
 
 
 def build_parser() -> argparse.ArgumentParser:

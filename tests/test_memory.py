@@ -6,9 +6,11 @@ import random
 import subprocess
 import sys
 import textwrap
+import warnings
 from datetime import datetime, timedelta
 
 import pytest
+from qdrant_client import QdrantClient
 
 from persona_dspy.data.records import HistoryItem, Query, UserHistory
 from persona_dspy.data.scope import MemoryScope
@@ -16,6 +18,7 @@ from persona_dspy.data.tasks import get_task
 from persona_dspy.memory.embeddings import Embedder, EmbeddingConfig, EmbeddingModelError
 from persona_dspy.memory.episodic import EpisodicMemory, MemoryStoreError, point_id
 from persona_dspy.memory.retrieval import MemoryRetrieval, memory_search_tool
+from persona_dspy.memory.server import ServerStore
 
 SPEC = get_task("LaMP_3")
 TOPICS = ["guitar amp", "drum sticks", "piano keys", "violin bow", "microphone stand", "guitar strings",
@@ -27,10 +30,28 @@ def item(item_id: str, text: str, score: int = 5, day: int | None = 1, position:
     return HistoryItem.from_fields(SPEC, item_id, date, {"text": text, "score": str(score)}, position)
 
 
-@pytest.fixture()
-def memory(bm25_embedder):
-    with EpisodicMemory(":memory:", embedder=bm25_embedder) as mem:
+def server_stand_in() -> ServerStore:
+    """The server store over qdrant-client's local mode: the server code path without a server (none runs here).
+
+    Local mode computes IDF over the whole collection and ignores payload indexes; per-user IDF is tested on Edge.
+    """
+    warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+    warnings.filterwarnings("ignore", message="Local mode performs exact")
+    return ServerStore(QdrantClient(location=":memory:"), "server stand-in")
+
+
+def open_memory(backend: str, embedder) -> EpisodicMemory:
+    if backend == "edge":
+        return EpisodicMemory(":memory:", embedder=embedder)
+    return EpisodicMemory(store=server_stand_in(), embedder=embedder)
+
+
+@pytest.fixture(params=["edge", "server"])
+def memory(request, bm25_embedder):
+    with open_memory(request.param, bm25_embedder) as mem:
         yield mem
+    if request.param == "server":
+        mem.store.close()
 
 
 def test_add_is_idempotent_and_counts(memory):
@@ -85,20 +106,20 @@ def test_exclude_and_within(memory):
     assert memory.search("alice", "guitar amp", within_ids=[]) == []
 
 
-@pytest.mark.parametrize("layout", ["per_user", "shared"])
-def test_isolation_many_users_random_queries(bm25_embedder, layout):
+@pytest.mark.parametrize("backend", ["edge", "server"])
+def test_isolation_many_users_random_queries(bm25_embedder, backend):
     """Users share item ids and vocabulary; no search may ever return another user's item."""
     rng = random.Random(1234)
-    with EpisodicMemory(":memory:", embedder=bm25_embedder, layout=layout) as mem:
+    with open_memory(backend, bm25_embedder) as mem:
         owners: dict[str, set[str]] = {}
-        for u in range(40):
+        for u in range(24):  # more than the 16 shards kept open
             user = f"user-{u}"
             texts = [f"{rng.choice(TOPICS)} {rng.choice(TOPICS)} owner{u}" for _ in range(rng.randint(3, 25))]
             mem.add(user, [item(f"i{n}", t, day=n, position=n) for n, t in enumerate(texts)])
             owners[user] = {t for t in texts}
-        for _ in range(300):
-            user = f"user-{rng.randrange(40)}"
-            query = " ".join(rng.sample(TOPICS, 2)) + f" owner{rng.randrange(40)}"
+        for _ in range(150):
+            user = f"user-{rng.randrange(24)}"
+            query = " ".join(rng.sample(TOPICS, 2)) + f" owner{rng.randrange(24)}"
             hits = mem.search(user, query, k=rng.randint(1, 10),
                               before=datetime(2020, 1, 1) + timedelta(days=rng.randint(1, 30)))
             assert all(h.text in owners[user] for h in hits), (user, query, [h.text for h in hits])
@@ -144,7 +165,8 @@ def test_local_store_persists_across_processes_and_is_locked(tmp_path, bm25_embe
                 print("LOCKED", exc)
         """)
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-        assert "LOCKED" in out.stdout and "another process" in out.stdout, out.stderr[-2000:]
+        assert "LOCKED" in out.stdout and "in use by another process" in out.stdout, out.stderr[-2000:]
+        assert str(store) in out.stdout and "another --memory folder" in out.stdout
     reader = textwrap.dedent(f"""
         from persona_dspy.memory.episodic import EpisodicMemory
         with EpisodicMemory({str(store)!r}) as mem:
@@ -167,8 +189,9 @@ def test_missing_dense_model_gives_a_clear_error(tmp_path):
         EmbeddingConfig(sparse=False, dense=None)
 
 
-def test_dense_and_hybrid_search(hybrid_embedder):
-    with EpisodicMemory(":memory:", embedder=hybrid_embedder) as mem:
+@pytest.mark.parametrize("backend", ["edge", "server"])
+def test_dense_and_hybrid_search(hybrid_embedder, backend):
+    with open_memory(backend, hybrid_embedder) as mem:
         mem.add("alice", [item("amp", "This amplifier is loud and warm", 5, day=1),
                           item("sticks", "The drumsticks splintered after a week", 1, day=2),
                           item("keys", "Weighted piano keys feel realistic", 4, day=3)])
@@ -234,152 +257,234 @@ def test_memory_tool_is_bound_to_one_user(memory):
     assert tool.__name__ == "search_user_history" and "past interactions" in tool.__doc__
 
 
+
+
+def _random_items(rng: random.Random, words: list[str], n: int) -> list[HistoryItem]:
+    # Distinct lengths keep BM25 scores from tying, so the two engines' orders can be compared id by id.
+    return [item(f"i{n}", " ".join(rng.choices(words, k=3 + n)), score=1 + n % 5,
+                 day=rng.choice([None, *range(60)]), position=n) for n in range(n)]
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense", "hybrid"])
-def test_local_index_gives_qdrants_own_results(request, bm25_embedder, mode):
-    """The numpy mirror must rank and score exactly as Qdrant's query_points on the same data and filters."""
+def test_edge_and_server_code_paths_agree(request, bm25_embedder, mode):
+    """Both stores, same data and filters: same scores and order (one user, so collection-wide IDF is per user)."""
     embedder = bm25_embedder if mode == "sparse" else request.getfixturevalue("hybrid_embedder")
     rng = random.Random(99)
     words = " ".join(TOPICS).split() + ["warm", "loud", "cheap", "broken", "great", "tone", "price", "quality"]
     words += [f"{w}{j}" for w in ("model", "brand", "color", "size") for j in range(12)]
-    # Distinct lengths keep BM25 scores from tying (Qdrant leaves the order of ties unspecified).
-    items = [item(f"i{n}", " ".join(rng.choices(words, k=3 + n)), score=1 + n % 5,
-                  day=rng.choice([None, *range(60)]), position=n) for n in range(200)]
-    with EpisodicMemory(":memory:", embedder=embedder) as fast, \
-            EpisodicMemory(":memory:", embedder=embedder, local_index=False) as plain:
-        fast.add("alice", items)
-        plain.add("alice", items)
-        checked = 0
-        for step in range(150):
-            if step == 75:  # writes to a built mirror: replaced items and new ones, applied in place
-                changed = [item(f"i{n}", " ".join(rng.choices(words, k=3 + n)), score=1 + (n + 1) % 5,
-                                day=rng.choice([None, *range(60)]), position=n) for n in rng.sample(range(200), 30)]
-                changed += [item(f"new{n}", " ".join(rng.choices(words, k=210 + n)), day=n, position=200 + n)
-                            for n in range(20)]
-                fast.add("alice", changed)
-                plain.add("alice", changed)
-            query = " ".join(rng.sample(words, rng.randint(1, 4)))
+    items = _random_items(rng, words, 120)
+    with open_memory("edge", embedder) as edge, open_memory("server", embedder) as server:
+        edge.add("alice", items)
+        server.add("alice", items)
+        for _ in range(60):
             kwargs = {"k": rng.randint(1, 25)}
             if rng.random() < 0.5:
                 kwargs["before"] = datetime(2020, 1, 1) + timedelta(days=rng.randint(0, 60))
             if rng.random() < 0.5:
-                kwargs["within_ids"] = [f"i{n}" for n in rng.sample(range(200), 80)]
+                kwargs["within_ids"] = [f"i{n}" for n in rng.sample(range(120), 50)]
             if rng.random() < 0.5:
-                kwargs["exclude_ids"] = [f"i{n}" for n in rng.sample(range(200), 20)]
-            if mode == "hybrid" and _component_ties(plain, query, kwargs):
-                continue  # fusion ranks depend on how ties were ordered, which Qdrant leaves unspecified
-            checked += 1
-            got = fast.search("alice", query, mode=mode, **kwargs)
-            want = plain.search("alice", query, mode=mode, **kwargs)
-            assert len(got) == len(want), (query, kwargs)
-            assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-5), (query, kwargs)
-            everything = [h.score for h in plain.search("alice", query, mode=mode, **(kwargs | {"k": 250}))]
-            for g, w in zip(got, want, strict=True):
-                tied = sum(abs(s - w.score) <= 1e-4 * max(1.0, abs(s)) for s in everything) > 1
-                if not tied:  # tied scores may come in either order
-                    assert g.item_id == w.item_id, (query, kwargs)
-        assert checked >= 20
-        assert fast.count("alice") == plain.count("alice") == 220
-        fast.add("alice", [item("new", "loud warm tone guitar amp", day=3)])  # a write refreshes the mirror
-        assert [h.item_id for h in fast.search("alice", "loud warm tone", mode=mode, within_ids=["new"])] == ["new"]
+                kwargs["exclude_ids"] = [f"i{n}" for n in rng.sample(range(120), 12)]
+            query = " ".join(rng.sample(words, rng.randint(1, 4)))
+            got = edge.search("alice", query, mode=mode, **kwargs)
+            want = server.search("alice", query, mode=mode, **kwargs)
+            assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-4), (query, kwargs)
+            if mode == "sparse":
+                assert [h.item_id for h in got] == [h.item_id for h in want], (query, kwargs)
+        assert edge.count("alice") == server.count("alice") == 120
 
 
-def _component_ties(memory: EpisodicMemory, query: str, kwargs: dict) -> bool:
-    depth = max(4 * kwargs["k"], 40)
-    for mode in ("sparse", "dense"):
-        scores = [h.score for h in memory.search("alice", query, mode=mode, **(kwargs | {"k": depth + 1}))]
-        if any(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(scores, scores[1:], strict=False)):
-            return True
-    return False
-
-
-def test_local_index_built_from_an_existing_store_matches_qdrant(tmp_path, bm25_embedder):
-    """A store opened from disk is mirrored by a scroll on first search; it must rank exactly as Qdrant does."""
-    rng = random.Random(5)
-    words = " ".join(TOPICS).split() + [f"brand{j}" for j in range(30)]
-    items = [item(f"i{n}", " ".join(rng.choices(words, k=3 + n)), day=rng.randint(0, 40), position=n)
-             for n in range(150)]
-    store = tmp_path / "mem"
-    with EpisodicMemory(store, embedder=bm25_embedder, local_index=False) as writer:
-        writer.add("alice", items)
-    with EpisodicMemory(store, embedder=bm25_embedder) as fast, \
-            EpisodicMemory(store, embedder=bm25_embedder, local_index=False) as plain:  # one shared client
-        for step in range(60):
-            if step == 30:
-                fast.add("alice", [item("i3", "guitar amp brand1 brand2", day=2), item("n1", "drum sticks", day=9)])
-            query = " ".join(rng.sample(words, 2))
-            before = datetime(2020, 1, 1) + timedelta(days=rng.randint(0, 40))
-            got = fast.search("alice", query, k=10, before=before)
-            want = plain.search("alice", query, k=10, before=before)
-            assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-5), query
-
-
-def test_memories_on_one_folder_share_one_view(tmp_path, bm25_embedder):
-    """Writes and deletes through one memory are seen by the other (they share the client and its mirror)."""
-    store = tmp_path / "mem"
-    with EpisodicMemory(store, embedder=bm25_embedder) as a, EpisodicMemory(store, embedder=bm25_embedder) as b:
-        a.add("u", [item("x", "guitar amp")])
-        assert [h.item_id for h in a.search("u", "guitar")] == ["x"]  # a's mirror is built
-        b.add("u", [item("y", "drum sticks")])
-        assert [h.item_id for h in a.search("u", "drum")] == ["y"]
-        b.delete_user("u")
-        assert a.search("u", "guitar") == [] and a.count("u") == 0
-        b.add("u", [item("z", "piano keys")])
-        a.add("u", [item("w", "violin bow")])  # a must recreate nothing and write into b's new collection
-        assert {h.item_id for h in a.search("u", "piano keys violin bow", k=5)} == {"z", "w"}
-        assert a.search("u", "guitar") == []
-
-
-def test_index_eviction_and_compaction_keep_results_right(bm25_embedder):
+def test_bm25_statistics_are_per_user(bm25_embedder):
+    """Another user's items never change a user's scores (IDF counts only the user's own items)."""
+    mine = [item(f"i{n}", f"guitar amp {TOPICS[n]}", day=n, position=n) for n in range(6)]
     with EpisodicMemory(":memory:", embedder=bm25_embedder) as mem:
-        mem._store.mirror.max_users = 2
-        for u in range(5):
-            mem.add(f"user{u}", [item("a", f"guitar amp owner{u}"), item("b", f"drum sticks owner{u}")])
-        for u in range(5):  # most indexes were evicted and are rebuilt from Qdrant on demand
-            assert [h.text for h in mem.search(f"user{u}", "guitar")] == [f"guitar amp owner{u}"]
-        mem.search("user0", "guitar")  # user0's index is mirrored again
-        for n in range(300):  # rewriting one item leaves dead rows that must be compacted away
-            mem.add("user0", [item("a", f"guitar amp version {n}", day=1)])
-        index = mem._store.mirror.cached(mem.layout.collection("user0"))
-        assert len(index) == 2 and len(index.ids) <= 2 * 2 + 64
-        assert [h.text for h in mem.search("user0", "guitar")] == ["guitar amp version 299"]
+        mem.add("alice", mine)
+        before = [(h.item_id, h.score) for h in mem.search("alice", "guitar strings tuner", k=6)]
+        mem.add("bob", [item(f"b{n}", f"guitar strings number {n}", day=n) for n in range(40)])
+        after = [(h.item_id, h.score) for h in mem.search("alice", "guitar strings tuner", k=6)]
+    assert before == after and len(before) == 6
 
 
-def test_equal_scores_rank_by_point_id_however_the_index_was_built(tmp_path, bm25_embedder):
+def test_equal_scores_rank_by_point_id_whatever_k(tmp_path, bm25_embedder):
     same = [item(f"i{n}", "guitar amp", day=n, position=n) for n in range(12)]
     store = tmp_path / "mem"
     with EpisodicMemory(store, embedder=bm25_embedder) as written:
-        written.add("alice", same)
-        from_writes = [h.item_id for h in written.search("alice", "guitar", k=12)]
+        written.add("alice", same[::-1])
+        everything = [h.item_id for h in written.search("alice", "guitar", k=12)]
+        for k in (1, 3, 5, 11):
+            assert [h.item_id for h in written.search("alice", "guitar", k=k)] == everything[:k]
     with EpisodicMemory(store, embedder=bm25_embedder) as reopened:
-        from_scroll = [h.item_id for h in reopened.search("alice", "guitar", k=12)]
-    assert from_writes == from_scroll == sorted(from_writes, key=lambda i: point_id("alice", i))
+        assert [h.item_id for h in reopened.search("alice", "guitar", k=12)] == everything
+    assert everything == sorted(everything, key=lambda i: point_id("alice", i))
 
 
-def test_concurrent_writers_and_readers_stay_consistent_with_qdrant(bm25_embedder):
+def test_memories_on_one_folder_share_one_store(tmp_path, bm25_embedder):
+    store = tmp_path / "mem"
+    with EpisodicMemory(store, embedder=bm25_embedder) as a, EpisodicMemory(store, embedder=bm25_embedder) as b:
+        assert a.store is b.store
+        a.add("u", [item("x", "guitar amp")])
+        b.add("u", [item("y", "drum sticks")])
+        assert [h.item_id for h in a.search("u", "drum")] == ["y"]
+        b.delete_user("u")
+        assert a.search("u", "guitar") == [] and a.count("u") == 0 and a.users() == []
+        b.add("u", [item("z", "piano keys")])
+        a.add("u", [item("w", "violin bow")])
+        assert {h.item_id for h in a.search("u", "piano keys violin bow", k=5)} == {"z", "w"}
+
+
+def test_open_shards_are_bounded_and_evicted_shards_reopen(tmp_path, bm25_embedder):
+    with EpisodicMemory(tmp_path / "mem", embedder=bm25_embedder) as mem:
+        mem.store.max_open = 2
+        for u in range(6):
+            mem.add(f"user{u}", [item("a", f"guitar amp owner{u}"), item("b", f"drum sticks owner{u}")])
+        assert len(mem.store._open) <= 2
+        for u in range(6):
+            assert [h.text for h in mem.search(f"user{u}", "guitar")] == [f"guitar amp owner{u}"]
+        assert mem.count() == 12 and mem.users() == [f"user{u}" for u in range(6)]
+        assert len(mem.store._open) <= 2
+
+
+def test_threads_search_while_one_writes(bm25_embedder):
     import threading
 
-    with EpisodicMemory(":memory:", embedder=bm25_embedder) as mem, \
-            EpisodicMemory(":memory:", embedder=bm25_embedder, local_index=False) as plain:
+    with EpisodicMemory(":memory:", embedder=bm25_embedder) as mem:
+        mem.add("alice", [item(f"s{n}", f"guitar amp seed {n}", day=n) for n in range(20)])
         errors: list[BaseException] = []
+        done = threading.Event()
+        seen_counts: list[list[int]] = [[] for _ in range(3)]  # one list per reader: each must only grow
 
-        def work(user: str) -> None:
+        def write() -> None:
             try:
-                for n in range(30):
-                    batch = [item(f"i{n % 7}", f"guitar amp take {n} {user}", day=n)]
-                    mem.add(user, batch)
-                    plain.add(user, batch)
-                    mem.search(user, "guitar amp", k=3)
+                for n in range(200):
+                    mem.add("alice", [item(f"w{n}", f"guitar amp written {n}", day=100 + n)])
+                    mem.add(f"other{n % 3}", [item(f"w{n}", f"drum sticks {n}")])
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
+            finally:
+                done.set()
 
-        threads = [threading.Thread(target=work, args=(f"u{t % 3}",)) for t in range(6)]
+        def read(seen: list[int]) -> None:
+            try:
+                while not done.is_set():
+                    hits = mem.search("alice", "guitar amp", k=10)
+                    assert len(hits) == 10 and all("guitar amp" in h.text for h in hits)
+                    seen.append(mem.count("alice"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write)]
+        threads += [threading.Thread(target=read, args=(seen,)) for seen in seen_counts]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
-        assert not errors
-        for u in range(3):
-            got = mem.search(f"u{u}", "guitar amp take", k=7)
-            want = plain.search(f"u{u}", "guitar amp take", k=7)
-            assert sorted(h.text for h in got) == sorted(h.text for h in want)
-            assert mem.count(f"u{u}") == 7
+            thread.join(timeout=120)
+        assert not errors, errors[:1]
+        assert all(len(seen) > 3 and seen == sorted(seen) for seen in seen_counts)
+        assert len(set(sum(seen_counts, []))) > 1  # the readers saw the writes arrive
+        assert mem.count("alice") == 220 and mem.count() == 220 + 200
+
+
+KILL_WRITER = """
+import sys
+from datetime import datetime
+from persona_dspy.data.records import HistoryItem
+from persona_dspy.data.tasks import get_task
+from persona_dspy.memory.episodic import EpisodicMemory
+spec = get_task("LaMP_3")
+mem = EpisodicMemory(sys.argv[1])
+n = 0
+while True:
+    batch = [HistoryItem.from_fields(spec, f"i{n}-{j}", datetime(2020, 1, 1), {"text": f"guitar amp {n} {j}",
+             "score": "4"}, n) for j in range(3)]
+    mem.add(f"user{n % 4}", batch)
+    print(n, flush=True)
+    n += 1
+"""
+
+
+def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path, bm25_embedder):
+    import os
+    import signal
+    import time
+
+    store = tmp_path / "mem"
+    child = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(store)], stdout=subprocess.PIPE, text=True)
+    acked: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(acked) < 150 and time.monotonic() < deadline:
+        line = child.stdout.readline()
+        if not line:
+            break
+        acked.append(int(line))
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    acked += [int(x) for x in child.stdout.read().split()]  # printed before the kill
+    assert len(acked) >= 150, "the writer did not get going"
+    with EpisodicMemory(store, embedder=bm25_embedder) as mem:  # opens: the lock died with the process
+        stored = {(u, p.item_id) for u in mem.users() for p in mem.items(u)}
+        missing = [n for n in acked if any((f"user{n % 4}", f"i{n}-{j}") not in stored for j in range(3))]
+        assert not missing, f"{len(missing)} acknowledged adds lost, e.g. {missing[:5]}"
+        assert mem.search("user0", "guitar amp 0", k=3)
+        mem.add("user0", [item("after", "written after the crash")])
+        assert mem.count("user0") >= 1 + 3 * len([n for n in acked if n % 4 == 0])
+
+
+def test_old_local_mode_layout_is_refused_with_the_way_out(tmp_path, bm25_embedder):
+    folder = tmp_path / "old"
+    client = QdrantClient(path=str(folder))
+    client.create_collection("persona_dspy__u_0123", vectors_config={})
+    client.close()
+    with pytest.raises(MemoryStoreError, match="local-mode layout.*persona-dspy memory copy --from"):
+        EpisodicMemory(folder, embedder=bm25_embedder)
+
+
+def test_a_shard_held_elsewhere_gives_a_clear_error(tmp_path, bm25_embedder):
+    """Edge's own WAL lock (a plain Exception saying WouldBlock) becomes a MemoryStoreError naming the folder."""
+    from qdrant_edge import EdgeShard
+
+    from persona_dspy.memory.edge import user_dir_name
+
+    store = tmp_path / "mem"
+    with EpisodicMemory(store, embedder=bm25_embedder) as mem:
+        mem.add("alice", [item("i0", "guitar amp")])
+    held = EdgeShard.load(str(store / "edge" / "persona_dspy" / user_dir_name("alice") / "shard"))
+    try:
+        with EpisodicMemory(store, embedder=bm25_embedder) as mem:
+            with pytest.raises(MemoryStoreError, match=f"memory folder {store} is in use by another process"):
+                mem.search("alice", "guitar")
+    finally:
+        held.close()
+    with EpisodicMemory(store, embedder=bm25_embedder) as mem:
+        assert [h.item_id for h in mem.search("alice", "guitar")] == ["i0"]
+
+
+def test_a_forgotten_temporary_memory_removes_its_folder(bm25_embedder):
+    import gc
+
+    mem = EpisodicMemory(":memory:", embedder=bm25_embedder)
+    mem.add("alice", [item("i0", "guitar amp")])
+    folder = mem.store.folder
+    assert folder.is_dir()
+    del mem
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_temporary_folders_of_killed_processes_are_removed(bm25_embedder):
+    import os
+    import signal
+
+    from persona_dspy.memory.episodic import _temporary_folder
+
+    script = "from persona_dspy.memory.episodic import EpisodicMemory\nm = EpisodicMemory(':memory:')\n" \
+             "print(m.store.folder, flush=True)\nimport time; time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    from pathlib import Path
+
+    abandoned = Path(child.stdout.readline().strip())
+    with EpisodicMemory(":memory:", embedder=bm25_embedder) as alive:
+        _temporary_folder(stale_after_s=0).rmdir()
+        assert abandoned.is_dir() and alive.store.folder.is_dir()  # held by live processes: kept
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        _temporary_folder(stale_after_s=0).rmdir()
+        assert not abandoned.exists() and alive.store.folder.is_dir()

@@ -9,5 +9,6 @@ __getattr__ = lazy_exports(__name__, {
     "EpisodicMemory": "episodic", "MemoryStoreError": "episodic", "Passage": "episodic", "SearchMode": "episodic",
     "default_memory_path": "episodic", "task_namespace": "episodic",
     "EmbeddingConfig": "embeddings", "EmbeddingModelError": "embeddings",
+    "MemoryStore": "store", "open_store": "episodic",
     "MemoryRetrieval": "retrieval", "memory_search_tool": "retrieval",
 })

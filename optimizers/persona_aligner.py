@@ -307,7 +307,8 @@ class PersonaAligner(Teleprompter):
             "input_fields": list(fields.inputs), "output_fields": list(fields.outputs),
             "persona_predictors": list(getattr(access, "names", [])) or "persona property",
             "guarded_start": start.intervened, "lm_usage": usage.snapshot(),
-            "fallbacks": {"loss": fallbacks["loss"], "update": fallbacks["update"]},
+            "fallbacks": {"answer": sum(bool(getattr(p, "unparsed", False)) for p, _ in cache.values()),
+                          "loss": fallbacks["loss"], "update": fallbacks["update"]},
             "seconds": round(time.perf_counter() - started, 3),
         }
         program.lm_calls = usage.calls

@@ -142,7 +142,7 @@ def test_a_free_text_answer_costs_one_call_and_keeps_the_models_words(lamp2n):
     with dspy.context(lm=lm):
         prediction = agent(**query_examples(histories[0])[0].inputs())
     assert engine.calls == 1 and prediction.raw_answer == "The category is Politics."
-    assert prediction.answer == "politics"
+    assert prediction.answer == "politics" and prediction.unparsed  # mapped, and said so for the counts
 
 
 def test_a_configured_adapter_is_respected(lamp2n):

@@ -330,7 +330,7 @@ def test_unparsable_loss_and_update_replies_fall_back_to_their_text_and_are_coun
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         aligned = PersonaAligner(dspy_metric(history.task), iterations=1, stop_when_perfect=False).compile(
             agent_for(history, memory), trainset=interaction_examples(history, 3))
-    assert aligned.alignment["fallbacks"] == {"loss": 3, "update": 1}
+    assert aligned.alignment["fallbacks"] == {"answer": 0, "loss": 3, "update": 1}
     assert all(FreeText.REPLY in step["feedback"] for step in aligned.persona_history[1:])
     assert FreeText.REPLY in aligned.persona_history[1]["persona"]  # the update's text, through the guard
 

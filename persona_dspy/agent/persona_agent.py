@@ -18,7 +18,8 @@ answer is kept and mapped onto the label set (``field_text_from_response`` then 
 asked again: unless an adapter is configured, the answer call runs without ChatAdapter's JSON retry, which would
 cost a second LM call and replace the model's own words with the retry's. Only the answer's parse failure is
 handled so; a ReAct tool step that cannot be parsed (after its JSON retry) leaves the question an invalid (empty)
-answer, marked ``invalid``, so one bad step costs one answer and not the run.
+answer, marked ``invalid``, so one bad step costs one answer and not the run. Either way the prediction says
+``unparsed=True``, and the aligner counts such answers in its ``fallbacks``.
 """
 
 from __future__ import annotations
@@ -246,9 +247,9 @@ class PersonaAgent(dspy.Module):
             # (empty) answer, which LaMP's rules score as such, instead of ending the whole run.
             logger.warning("%s: unparsable ReAct tool step (after dspy's JSON retry): answer scored invalid", self.task)
             return dspy.Prediction(answer="", raw_answer="", reasoning="", passages=passages,
-                                   invalid="unparsable tool step")
+                                   invalid="unparsable tool step", unparsed=True)
         # Small local models often answer "Politics." or "4 stars": keep their text and map it.
         raw = field_text_from_response(exc.lm_response, "answer")
         logger.debug("unparsable answer for %s mapped from %r", self.task, raw)
         return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning="",
-                               passages=passages)
+                               passages=passages, unparsed=True)

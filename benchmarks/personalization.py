@@ -83,16 +83,19 @@ def run_user(history, memory: EpisodicMemory, lm: dspy.LM) -> dict[str, Any]:  #
     none_agent = initial_agent(history, memory, mode="none")
     keep("non_personalized", *measured(lm, lambda: answer(none_agent, tests)))
 
-    persona, built, build_seconds = measured(lm, lambda: initial_persona(history))
-    start = initial_agent(history, memory, persona=persona)
-    rows, used, seconds = measured(lm, lambda: answer(start, tests))
-    keep("initial_persona", rows, _plus(built, used), round(build_seconds + seconds, 3))
-
-    aligned, aligning, align_seconds = measured(lm, lambda: align_user(history, memory, start=start))
-    rows, used, seconds = measured(lm, lambda: answer(aligned, tests))
-    keep("persona_aligner", rows, _plus(built, aligning, used), round(build_seconds + align_seconds + seconds, 3),
-         alignment={k: aligned.alignment[k] for k in ("start_score", "best_score", "improved", "steps_run",
-                                                       "fallbacks") if k in aligned.alignment})
+    try:  # a step that fails (e.g. a prompt over the server's context) fails that method for this user only
+        persona, built, build_seconds = measured(lm, lambda: initial_persona(history))
+        start = initial_agent(history, memory, persona=persona)
+        rows, used, seconds = measured(lm, lambda: answer(start, tests))
+        keep("initial_persona", rows, _plus(built, used), round(build_seconds + seconds, 3))
+        aligned, aligning, align_seconds = measured(lm, lambda: align_user(history, memory, start=start))
+        rows, used, seconds = measured(lm, lambda: answer(aligned, tests))
+        keep("persona_aligner", rows, _plus(built, aligning, used), round(build_seconds + align_seconds + seconds, 3),
+             alignment={k: aligned.alignment[k] for k in ("start_score", "best_score", "improved", "steps_run",
+                                                           "fallbacks") if k in aligned.alignment})
+    except Exception as exc:  # recorded: the table counts such users as failed, never as scored
+        record["failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(f"  {history.user_id}: {record['failed']}", file=sys.stderr)
 
     votes = [{"id": q.id, "prediction": predict_query(history, q, "bm25", 5, memory)[0] or "", "gold": q.gold}
              for q in history.queries]
@@ -110,7 +113,9 @@ def summarize(task: str, records: list[dict[str, Any]], rng: random.Random) -> l
     key, _ = primary_metric(task)
     rows = []
     for method in METHODS:
-        per_user = [(r["user_id"], r["methods"][method]) for r in records if method in r["methods"]]
+        # every method on the same users: those whose run completed (a failed user is counted, not scored)
+        per_user = [(r["user_id"], r["methods"][method]) for r in records if "failed" not in r]
+        failed = sum("failed" in r for r in records)
         if not per_user:
             continue
         pooled = [(u, p["prediction"], p["gold"]) for u, m in per_user for p in m["predictions"]]
@@ -122,7 +127,8 @@ def summarize(task: str, records: list[dict[str, Any]], rng: random.Random) -> l
             samples.append(aggregate_by_user(task, rows_b)["overall"][key])
         samples.sort()
         n = len(per_user)
-        rows.append({"task": task, "method": method, "users": n, "metric": key, "value": overall[key],
+        rows.append({"task": task, "method": method, "users": n, "failed_users": failed, "metric": key,
+                     "value": overall[key],
                      "ci_low": samples[int(0.025 * BOOTSTRAP)], "ci_high": samples[int(0.975 * BOOTSTRAP) - 1],
                      "metrics": overall, "errors": sum(m["errors"] for _, m in per_user),
                      "calls_per_user": sum(m["calls"] for _, m in per_user) / n,
@@ -177,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             summarize(task, [r for (t, _), r in done.items() if t == task], rng)]
     print(format_table(
         [{**r, "value (95% CI)": f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"} for r in rows],
-        ["task", "method", "users", "metric", "value (95% CI)", "errors", "calls_per_user", "prompt_tokens_per_user",
-         "completion_tokens_per_user", "seconds_per_user"], digits=1))
+        ["task", "method", "users", "failed_users", "metric", "value (95% CI)", "errors", "calls_per_user",
+         "prompt_tokens_per_user", "completion_tokens_per_user", "seconds_per_user"], digits=1))
     result = {"lm": describe_lm(lm), "bootstrap": BOOTSTRAP, "rows": rows,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "note": "SmolLM2-135M-Instruct on the CPU unless --lm says otherwise: the method's plumbing on a real "

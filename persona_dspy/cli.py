@@ -423,11 +423,12 @@ def _agent_factory(task: str, memory: EpisodicMemory | None, sources: dict[str, 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every user with their compiled program (else the initial persona); table and JSON report."""
     task, histories = _task_histories(args)
-    from persona_dspy.evaluation.evaluate import evaluate
-
     mode = args.mode or "rag"
     if args.vs_initial and (args.initial or mode == "none"):
         raise CLIError("--vs-initial compares compiled programs with the initial persona: drop --initial/--mode none")
+    lm = _build_lm(args)  # LM settings are checked before anything heavy is imported
+    from persona_dspy.evaluation.evaluate import evaluate
+
     sources = _program_sources(task, histories, args, mode)
     compiled = sum(source != "initial" for source in sources.values())
     where = _programs_dir(task, args)
@@ -435,7 +436,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "no persona (mode none)" if mode == "none" else
                                 f"{plural(compiled, 'compiled program')} from {where}, "
                                 f"the initial persona for {plural(len(sources) - compiled, 'other user')}"))
-    lm = _build_lm(args)
     options = dict(mode=mode, lm=lm, workers=args.workers, k=args.k, progress=_progress(args),
                    max_failures=args.max_failures or None)
     memory_cm = _open_memory(task, args) if mode != "none" else contextlib.nullcontext(None)

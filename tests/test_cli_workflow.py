@@ -41,6 +41,7 @@ FAST_PATHS = [
     ["compile", "--task", "LaMP_3", "--users", "nobody"],                           # an unknown user
     ["predict", "--task", "LaMP_3", "--user", USERS[0], "--query-id", "42"],        # an unknown query
     ["users", "--task", "LaMP_3", "--users", "nobody"],
+    ["eval", "--task", "LaMP_3", "--lm", "openai/m", "--api-base", "localhost:8000/v1"],  # a malformed LM setting
 ]
 
 

@@ -36,18 +36,26 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # dspy and litellm fetch a model-metadata map from GitHub on first use unless told not to; runs stay local.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import dspy  # noqa: E402
-from dspy.utils.callback import BaseCallback  # noqa: E402
-
-from optimizers.lm_usage import LMUsage  # noqa: E402, F401  (re-exported: reports and tests import it from here)
+if TYPE_CHECKING:  # dspy is imported where an LM is built: checking LM settings stays fast
+    import dspy
+    from dspy.utils.callback import BaseCallback
 
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """``LMUsage`` is re-exported from here (reports and tests import it so) without importing dspy up front."""
+    if name == "LMUsage":
+        from optimizers.lm_usage import LMUsage
+
+        return LMUsage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ENV_LM = "PERSONA_DSPY_LM"
 ENV_API_BASE = "PERSONA_DSPY_API_BASE"
@@ -234,6 +242,8 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
         _declare_response_schema(settings.model)
     if cache and settings.api_base:
         connection["extra_headers"] = {CACHE_SCOPE_HEADER: cache_scope(settings.api_base)}
+    import dspy
+
     lm = dspy.LM(settings.model, engine="litellm", temperature=temperature, max_tokens=max_tokens, timeout=timeout,
                  num_retries=num_retries, cache=cache, callbacks=callbacks, **connection)
     logger.info("built LM %s", describe_lm(lm))

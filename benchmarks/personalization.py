@@ -148,18 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "personalization.json")
     parser.add_argument("--resume", action="store_true", help="keep the users already in <out>.jsonl")
+    parser.add_argument("--report-only", action="store_true",
+                        help="build the table from <out>.jsonl without running any user (e.g. after a stopped run)")
     args = parser.parse_args(argv)
 
-    lm = build_lm(args.lm, args.api_base, max_tokens=args.max_tokens, server={"slots": 1})
     log = args.out.with_suffix(".jsonl")
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    if args.resume and log.exists():
+    if (args.resume or args.report_only) and log.exists():
         for line in log.read_text().splitlines():
             record = json.loads(line)
             done[(record["task"], record["user_id"])] = record
     elif log.exists():
         log.unlink()
     log.parent.mkdir(parents=True, exist_ok=True)
+    lm = None if args.report_only else build_lm(args.lm, args.api_base, max_tokens=args.max_tokens,
+                                                server={"slots": 1})
     started = time.perf_counter()
     users, memories = {}, {}
     for task in args.tasks:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [(task, i) for i in range(max(map(len, users.values()))) for task in args.tasks if i < len(users[task])]
     for task, i in order:
         history = users[task][i]
-        if (history.task, history.user_id) in done:
+        if lm is None or (history.task, history.user_id) in done:
             continue
         print(f"{task} user {i + 1}/{len(users[task])} {history.user_id}", file=sys.stderr, flush=True)
         record = run_user(history, memories[task], lm)
@@ -185,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         [{**r, "value (95% CI)": f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"} for r in rows],
         ["task", "method", "users", "failed_users", "metric", "value (95% CI)", "errors", "calls_per_user",
          "prompt_tokens_per_user", "completion_tokens_per_user", "seconds_per_user"], digits=1))
-    result = {"lm": describe_lm(lm), "bootstrap": BOOTSTRAP, "rows": rows,
+    totals = {task: len(histories) for task, histories in users.items()}
+    result = {"lm": describe_lm(lm) if lm is not None else args.lm, "bootstrap": BOOTSTRAP, "rows": rows,
+              "users_run": {task: sum(t == task for t, _ in done) for task in args.tasks}, "users_total": totals,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "note": "SmolLM2-135M-Instruct on the CPU unless --lm says otherwise: the method's plumbing on a real "
                       "model, not what PersonaAgent reaches with a 7B model"}

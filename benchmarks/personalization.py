@@ -93,6 +93,7 @@ def run_user(history, memory: EpisodicMemory, lm: dspy.LM) -> dict[str, Any]:  #
         keep("persona_aligner", rows, _plus(built, aligning, used), round(build_seconds + align_seconds + seconds, 3),
              alignment={k: aligned.alignment[k] for k in ("start_score", "best_score", "improved", "steps_run",
                                                            "fallbacks") if k in aligned.alignment})
+        record["personas"] = {"initial": start.persona, "aligned": aligned.persona}  # to explain answer changes
     except Exception as exc:  # recorded: the table counts such users as failed, never as scored
         record["failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(f"  {history.user_id}: {record['failed']}", file=sys.stderr)

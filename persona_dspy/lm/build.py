@@ -128,7 +128,12 @@ class LMSettings:
 
     @property
     def local(self) -> bool:
-        return self.model == LOCAL or self.model.startswith(LOCAL + "/")
+        return is_local(self.model)
+
+
+def is_local(model: str) -> bool:
+    """``local`` or ``local/<model>``: the embedded server, not a provider."""
+    return model == LOCAL or model.startswith(LOCAL + "/")
 
 
 def _env(name: str) -> str | None:
@@ -189,7 +194,7 @@ def resolve_lm_settings(model: str | None = None, api_base: str | None = None, a
     if name in _OFFLINE_NAMES:
         return LMSettings(OFFLINE_MODEL)
     base = api_base if api_base is not None and api_base.strip() else _env(env_api_base)
-    if name == LOCAL or name.startswith(LOCAL + "/"):
+    if is_local(name):
         if base:
             raise LMConfigError(f"{name!r} starts its own server on 127.0.0.1: drop the api_base {base!r}, or name "
                                 "the model that server serves (e.g. openai/<model>)")

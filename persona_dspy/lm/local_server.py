@@ -4,12 +4,13 @@ The package talks to it like to any other server (``openai/local`` at ``http://1
 default path and a GPU server (vLLM, SGLang, Ollama, llama-server) are the same code. The server serves from C++
 threads, so Python threads answering users in parallel are not held back by the GIL while a request runs.
 
-Defaults, measured on a 2-core machine with SmolLM2-135M (``benchmarks/local_model.py``): one llama.cpp thread
-per spare core, not all cores: with 2 threads on 2 cores generation fell ~10x as soon as anything else ran (OpenMP
-spin-waits), 1 thread held ~67 tokens/s under load. ``OMP_WAIT_POLICY=PASSIVE`` is set (unless set already) before
-llama.cpp loads, for the same reason. A slot per worker (``slots``); context per slot: the model's own (8192 for
-SmolLM2), so no prompt the tasks build is cut; a prompt that does not fit is refused by the server (HTTP 400) and
-never truncated silently.
+Defaults, measured on a 2-core machine with SmolLM2-135M: one llama.cpp thread per spare core, not all cores. On an
+idle machine 2 threads were 1.6x faster than 1 (``benchmarks/local_model.py``), but in a one-off measurement with
+another process busy on the second core, 2 threads fell to ~6 generated tokens/s (OpenMP spin-waits) while 1 thread
+held ~67 (not a committed benchmark: rerun it before changing the default). ``OMP_WAIT_POLICY=PASSIVE`` is set
+(unless set already) before llama.cpp loads, for the same reason. A slot per worker (``slots``); context per slot:
+the model's own (8192 for SmolLM2), so no prompt the tasks build is cut; a prompt that does not fit is refused by
+the server (HTTP 400) and never truncated silently.
 """
 
 from __future__ import annotations

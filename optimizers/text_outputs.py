@@ -24,6 +24,7 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from optimizers.output_budget import bounded_max_tokens
 from optimizers.output_validation import record, rejection
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ def predict_text(predictor: dspy.Module, field: str, *, step: str = "text", conf
     """Run ``predictor`` for one free-text output ``field``: read it even from an unparsable reply, validate it,
     retry a rejected one once (module docstring)."""
     config = dict(config or {})
+    signature = getattr(predictor, "signature", None)
+    cap = bounded_max_tokens(signature, dspy.settings.lm) if signature is not None else None
+    if cap is not None and "max_tokens" not in config:
+        config["max_tokens"] = cap  # sized to the output (optimizers.output_budget)
     sources = instructions_of(predictor)
     output = _predict_once(predictor, field, config, **inputs)
     for attempt in (1, 2):

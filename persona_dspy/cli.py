@@ -595,6 +595,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(report.table())
     for kind, path in report.save(out).items():
         print(f"{kind}: {path}")
+    _strict(report.output_totals, args)
     return 0
 
 
@@ -636,11 +637,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"best settings: {json.dumps(summary['best_settings'])}")
         print(f"best {summary['metric']}: {summary['best_metric_value']}  "
               f"LM calls per user: {summary['lm_calls_per_user']}")
+    from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
+
+    print(counts_line(summary["output_totals"]))
+    if invalid_warning(summary["output_totals"]):
+        print(f"WARNING: {invalid_warning(summary['output_totals'])}")
     if args.out is not None:
         write_atomically(args.out, (json.dumps(summary, indent=2, default=str) + "\n").encode("utf-8"))
         print(f"summary: {args.out}")
         if not summary.get("no_best_reason"):
             print(f"to compile with these settings: persona-dspy compile --task {task} --settings {args.out}")
+    _strict(summary["output_totals"], args)
     return 1 if summary.get("no_best_reason") else 0
 
 
@@ -732,7 +739,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")
     print(f"query: {where}")
-    print(f"answer: {prediction.answer}")
+    print(f"answer: {prediction.answer}" + (f"  (INVALID: {prediction.invalid})"
+                                            if getattr(prediction, "invalid", None) else ""))
     print(f"raw answer: {prediction.raw_answer}")
     if gold is not None:
         print(f"gold: {gold}")

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from optimizers.output_budget import bounded_max_tokens
 from optimizers.output_validation import answer_rejection, record
 from optimizers.persona_guard import PersonaGuard
 from optimizers.text_outputs import field_text_from_response
@@ -136,11 +137,19 @@ class PersonaReasoning(dspy.Module):
             instructions = text + self._tool_suffix if predictor is getattr(self.program, "react", None) else text
             predictor.signature = predictor.signature.with_instructions(instructions)
 
+    def _config(self) -> dict[str, Any]:
+        """The answer call's max_tokens, sized to its bounded output where the server enforces it (rag, none)."""
+        if self.mode == "react":
+            return {}
+        predictor = self.persona_predictors()[-1]
+        cap = bounded_max_tokens(predictor.signature, dspy.settings.lm)
+        return {"config": {"max_tokens": cap}} if cap is not None else {}
+
     def forward(self, query: str, context: str) -> dspy.Prediction:
-        return self.program(query=query, context=context)
+        return self.program(query=query, context=context, **self._config())
 
     async def aforward(self, query: str, context: str) -> dspy.Prediction:
-        return await self.program.acall(query=query, context=context)
+        return await self.program.acall(query=query, context=context, **self._config())
 
 
 class PersonaAgent(dspy.Module):

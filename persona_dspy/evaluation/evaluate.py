@@ -72,6 +72,8 @@ class PredictionRecord:
     passage_ids: tuple[str, ...] = ()
     invalid: str | None = None
     """Why the answer was invalid (rejected by validation, an unparsable tool step, a prompt that cannot fit)."""
+    context_fit: dict[str, Any] | None = None
+    """What was dropped or shortened of the retrieved passages to fit the model's context (``lm.budget``)."""
 
 
 @dataclass(frozen=True)
@@ -269,12 +271,14 @@ def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.L
                     raw_answer=answer if raw is None else str(raw), gold=str(example.answer),
                     score=per_example_score(task, answer, example.answer),
                     passage_ids=tuple(str(getattr(p, "item_id", "")) for p in passages),
-                    invalid=None if invalid is None else str(invalid)))
+                    invalid=None if invalid is None else str(invalid),
+                    context_fit=getattr(prediction, "context_fit", None)))
         return _UserOutcome(records, outputs=stats.snapshot())
     except Exception as exc:  # one user's failure must not stop the others: record it, scored nowhere
         logger.warning("user %s failed at %s: %s: %s", history.user_id, stage, type(exc).__name__, exc)
         logger.debug("user %s traceback", history.user_id, exc_info=True)
-        error = redact_text(str(exc) or repr(exc))  # reports are files: no credentials from URLs in the message
+        sizes = overflow_sizes(exc)  # the sizes are in the server's reply, not in the message litellm makes
+        error = redact_text((str(exc) or repr(exc)) + (f" ({sizes.partition(':')[0]})" if sizes else ""))
         failure = UserFailure(history.user_id, type(exc).__name__, error, stage, len(history.queries))
         return _UserOutcome(failure=failure, outputs=stats.snapshot())
 

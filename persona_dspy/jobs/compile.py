@@ -51,6 +51,7 @@ from persona_dspy.evaluation.runner import run_users
 from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user, persona_problem
 from persona_dspy.lm.adapters import default_adapter
+from persona_dspy.lm.budget import overflow_sizes
 from persona_dspy.lm.build import describe_lm, redact_text
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import (
@@ -191,6 +192,12 @@ class CompileSummary:
         return "\n".join(lines)
 
 
+def _sizes(exc: BaseException) -> str:
+    """The prompt and context sizes of a context overflow, which litellm leaves out of its message ("" if none)."""
+    sizes = overflow_sizes(exc)
+    return f" ({sizes.partition(':')[0]})" if sizes else ""
+
+
 def _current(path: Path, history: UserHistory, expected: dict[str, Any]) -> bool | None:
     """True: up to date; False: stale but loadable (warm start); None: compile afresh.
 
@@ -289,7 +296,7 @@ def compile_users(
             logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
             return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
                               seconds=round(time.perf_counter() - t0, 3),
-                              error=redact_text(f"{type(exc).__name__}: {exc}"), outputs=stats.snapshot())
+                              error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot())
 
     with progress_bar(len(selected), f"compile {task}", progress) as bar:
         def done(history: UserHistory, result: UserResult) -> None:

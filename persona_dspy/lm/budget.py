@@ -167,9 +167,26 @@ _OVERFLOW = re.compile(r"exceed_context_size|exceeds the available context size|
                        r"context length exceeded|ContextWindowExceeded|context window", re.IGNORECASE)
 
 
+def _error_text(exc: BaseException) -> str:
+    """An error's message with the server's own reply body and the errors it was raised from (litellm keeps the
+    sizes llama.cpp sends only in the response body and in the error it wraps)."""
+    parts, seen = [], 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        parts.append(f"{type(current).__name__}: {current}")
+        for extra in (getattr(current, "body", None), getattr(getattr(current, "response", None), "text", None)):
+            if extra:
+                parts.append(str(extra))
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return "\n".join(parts)
+
+
 def overflow_sizes(exc: BaseException) -> str | None:
     """For an error saying the prompt exceeded the server's context: a sentence naming both sizes; else None."""
-    text = f"{type(exc).__name__}: {exc}"
+    try:
+        text = _error_text(exc)
+    except Exception:  # a response whose body cannot be read: the message alone
+        text = f"{type(exc).__name__}: {exc}"
     if not _OVERFLOW.search(text):
         return None
     prompt, window = (m.group(1) if (m := pattern.search(text)) else None for pattern in _SIZES)

@@ -120,3 +120,19 @@ def test_overflow_messages_of_llama_cpp_and_vllm():
     vllm = RuntimeError("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens")
     assert "(5000 tokens) exceeds the server's context of 4096 tokens" in overflow_sizes(vllm)
     assert overflow_sizes(RuntimeError("connection refused")) is None
+
+
+def test_a_program_with_a_placeholder_persona_is_never_saved(sample_memory, tmp_path):
+    from persona_dspy.agent.persona_agent import PersonaAgent
+    from persona_dspy.programs import save_program
+    from signatures.persona import compose_persona
+
+    histories, memory = sample_memory("LaMP_3", 1)
+    agent = PersonaAgent("LaMP_3", memory, "rag", user_id=histories[0].user_id,
+                         persona=compose_persona("- Rates most products 4 or 5."))
+    path = save_program(agent, tmp_path / "user.json")
+    saved = path.read_bytes()
+    agent.persona = compose_persona("{'persona': {'persona': '{persona}'}}")
+    with pytest.raises(ValueError, match="failed validation"):
+        save_program(agent, path)
+    assert path.read_bytes() == saved and not (tmp_path / "user.json.versions").exists()

@@ -70,8 +70,9 @@ def fit_to_server(lm: Any, args: argparse.Namespace) -> None:
         args.workers = slots
 
 
-_REFUSED = re.compile(r"connection refused|connection error|connecterror|cannot connect|failed to establish|name or service not known|"
-                      r"nodename nor servname|no route to host|connection reset", re.IGNORECASE)
+_REFUSED = re.compile(r"connection refused|connection error|connecterror|cannot connect|failed to establish|"
+                      r"name or service not known|nodename nor servname|no route to host|connection reset",
+                      re.IGNORECASE)
 _TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
 _NO_MODEL = re.compile(r"model .{0,80}(not found|does not exist)|NotFoundError|404", re.IGNORECASE)
 

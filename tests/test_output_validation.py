@@ -136,3 +136,20 @@ def test_a_program_with_a_placeholder_persona_is_never_saved(sample_memory, tmp_
     with pytest.raises(ValueError, match="failed validation"):
         save_program(agent, path)
     assert path.read_bytes() == saved and not (tmp_path / "user.json.versions").exists()
+
+
+def test_gepa_proposals_that_are_placeholders_keep_the_current_instruction(monkeypatch):
+    import dspy
+    from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+
+    from optimizers.persona_guard import GuardedInstructionProposer, PersonaGuard
+    from signatures.persona import compose_persona
+
+    current = compose_persona("- Reads mostly about politics.")
+    monkeypatch.setattr(InstructionProposer, "__call__",
+                        lambda self, c, d, names: {n: "{new_instruction}" for n in names})  # what a weak model writes
+    stats = OutputStats()
+    with dspy.context(callbacks=[stats]):
+        out = GuardedInstructionProposer(PersonaGuard())({"answer": current}, {"answer": []}, ["answer"])
+    assert out == {"answer": current}
+    assert stats.snapshot()["invalid"]["update"] == stats.snapshot()["checked"]["update"] == 1

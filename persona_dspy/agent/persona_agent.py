@@ -270,6 +270,9 @@ class PersonaAgent(dspy.Module):
         return passages, context, settings
 
     def _answer(self, prediction: dspy.Prediction, passages: list, prompt: tuple[str, str]) -> dspy.Prediction:
+        steps = sum(key.startswith("tool_name_") for key in getattr(prediction, "trajectory", None) or {})
+        if steps:  # ReAct's tool steps that parsed, so that failed ones are counted out of all of them
+            record("tool_step", checked=steps)
         if isinstance(passages, _Fitted):
             return self._checked(str(prediction.answer), str(getattr(prediction, "reasoning", "") or ""),
                                  list(passages), prompt, context_fit=passages.fit)

@@ -9,7 +9,8 @@ prompt (``answer_rejection``). Callers count what they checked in ``OutputStats`
 * ``checked``/``invalid`` by step (``answer``, ``loss``, ``update``, ``summary``, ``tool_step``), ``retries`` and
   ``fallbacks`` (a reply read as raw text, see ``optimizers.text_outputs``), with the first reasons kept;
 * ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): as a dspy callback it sees
-  every LM call made while it is among ``dspy.settings.callbacks``.
+  every LM call made while it is among ``dspy.settings.callbacks``; the finish reason is read from the call's
+  history entry (with dspy's history disabled, truncations are not seen).
 
 ``record(...)`` adds to every ``OutputStats`` in the current callbacks (a run's and a user's, each once), so any
 code path counts without being handed the counter.

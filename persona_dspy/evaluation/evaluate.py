@@ -152,11 +152,15 @@ class EvalReport:
         counts: dict[str, int] = {}
         for record in self.predictions:
             counts[record.user_id] = counts.get(record.user_id, 0) + 1
-        rows = [{"user": user, "queries": counts.get(user, 0), **metrics} for user, metrics in self.per_user.items()]
+        invalid: dict[str, int] = {}
+        for record in self.predictions:
+            invalid[record.user_id] = invalid.get(record.user_id, 0) + (record.invalid is not None)
+        rows = [{"user": user, "queries": counts.get(user, 0), "invalid": invalid.get(user, 0), **metrics}
+                for user, metrics in self.per_user.items()]
         pooled = {"user": f"ALL ({plural(len(self.per_user), 'user')}, pooled)", "queries": self.n_scored,
-                  **self.overall}
-        table = format_table(rows, ["user", "queries", *keys], digits=4, missing="-", align_numbers_right=True,
-                             rule=True, footer=[pooled])
+                  "invalid": self.n_invalid, **self.overall}
+        table = format_table(rows, ["user", "queries", "invalid", *keys], digits=4, missing="-",
+                             align_numbers_right=True, rule=True, footer=[pooled])
         direction = "higher" if self.higher_is_better else "lower"
         out = [f"{self.task}  mode={self.mode}  k={self.k}  lm={self.lm.get('model')}"
                + (f" @ {self.lm['api_base']}" if self.lm.get("api_base") else "")

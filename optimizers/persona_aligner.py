@@ -46,9 +46,10 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from optimizers.lm_usage import LMUsage
+from optimizers.output_validation import record
 from optimizers.persona_guard import GuardResult, PersonaGuard, template_for
 from optimizers.persona_predictors import PersonaPredictors, PredictorChoice, describe_choice
-from optimizers.text_outputs import predict_text
+from optimizers.text_outputs import TextOutput, predict_text
 from optimizers.textual_loss import Metric, ProgramFields, TextualLossMetric, resolve_fields, score_of
 from signatures.persona import PersonaTemplate, PersonaUpdate
 
@@ -246,6 +247,7 @@ class PersonaAligner(Teleprompter):
         optimizer_lm = self.optimizer_lm or task_lm or own_lms[-1]
         cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (persona, example key) -> (prediction, score)
         fallbacks: Counter[str] = Counter()  # replies read as raw text, by step (see optimizers.text_outputs)
+        invalid: Counter[str] = Counter()  # outputs rejected by validation (after their retry), by step
         fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
         with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), usage]):
             current = self._evaluate(program, access, start_persona, valset, task_lm, cache)
@@ -263,10 +265,15 @@ class PersonaAligner(Teleprompter):
                     feedback = [loss.feedback_output(ex, pred, current.persona) for ex, (pred, _) in
                                 zip(batch, outputs, strict=True)]
                     fallbacks["loss"] += sum(f.fallback is not None for f in feedback)
-                    gradient = aggregate_feedback([(score, f.text) for (_, score), f in
-                                                   zip(outputs, feedback, strict=True)])
+                    invalid["loss"] += sum(f.invalid is not None for f in feedback)
+                    usable = [(score, f.text) for (_, score), f in zip(outputs, feedback, strict=True)
+                              if f.invalid is None]
+                    gradient = aggregate_feedback(usable) if usable else ""
                     current_summary = guard.summary(current.persona)
-                    proposals = self._propose(current_summary, gradient, guard.summary_budget(), fallbacks)
+                    proposals = (self._propose(current_summary, gradient, guard, fallbacks, invalid) if usable
+                                 else [])  # no feedback to act on: the persona stays as it is
+                    if not usable:
+                        logger.warning("step %d: every feedback was rejected; the persona is kept", iteration + 1)
                 step = AlignmentStep(iteration + 1, gradient)
                 step_best: _Evaluation | None = None
                 for proposal in proposals:
@@ -309,6 +316,9 @@ class PersonaAligner(Teleprompter):
             "guarded_start": start.intervened, "lm_usage": usage.snapshot(),
             "fallbacks": {"answer": sum(bool(getattr(p, "unparsed", False)) for p, _ in cache.values()),
                           "loss": fallbacks["loss"], "update": fallbacks["update"]},
+            "invalid": {"answer": sum(bool(getattr(p, "invalid", None)) for p, _ in cache.values()),
+                        "loss": invalid["loss"], "update": invalid["update"]},
+            "answers": len(cache),
             "seconds": round(time.perf_counter() - started, 3),
         }
         program.lm_calls = usage.calls
@@ -352,16 +362,26 @@ class PersonaAligner(Teleprompter):
         scores = [self._answer(program, access, persona, ex, lm, cache)[1] for ex in valset]
         return _Evaluation(persona, sum(scores) / len(scores))
 
-    def _propose(self, summary: str, feedback: str, max_words: int, fallbacks: Counter[str]) -> list[str]:
-        """New user summaries from the update LM: it sees and writes only the summary, never the role or rules."""
+    def _propose(self, summary: str, feedback: str, guard: PersonaGuard, fallbacks: Counter[str],
+                 invalid: Counter[str]) -> list[str]:
+        """New user summaries from the update LM: it sees and writes only the summary, never the role or rules.
+
+        A rewrite that fails validation (a placeholder, the prompt repeated, after its one retry) is no candidate."""
+        max_words = guard.summary_budget()
         proposals = []
         for i in range(self.candidates_per_step):
             config: dict[str, Any] = {}
             if i > 0:
                 config = {"temperature": self.candidate_temperature, "rollout_id": self.rng.randrange(1 << 30)}
-            output = predict_text(self.update, "new_persona", persona=summary, feedback=feedback or "- (no feedback)",
-                                  max_words=max_words, config=config)
+            output = predict_text(self.update, "new_persona", step="update", config=config, persona=summary,
+                                  feedback=feedback or "- (no feedback)", max_words=max_words)
+            if output.invalid is None and guard.check(output.text, summary_only=True).used_fallback:
+                output = TextOutput("", output.fallback, "empty after the guard")  # only rules or injections
+                record("update", invalid=output.invalid)
             fallbacks["update"] += output.fallback is not None
+            if output.invalid is not None:
+                invalid["update"] += 1
+                continue
             proposals.append(output.text)
         return proposals
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
+from optimizers.output_validation import record, rejection
 from signatures.persona import DEFAULT_TEMPLATE, EMPTY_SUMMARY, PLAIN_TEMPLATE, USER_SUMMARY_HEADER, PersonaTemplate
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,9 @@ class GuardedInstructionProposer(InstructionProposer):
     ``guard`` is one guard for every component, or one per component (``PersonaPredictors.guards``: each predictor
     keeps its own fixed part). ``components`` limits it to the named predictors (default: the guards' names, or all
     that GEPA updates): GEPA is asked for no proposal for any other predictor, so those keep their instructions.
-    ``interventions`` counts the proposals the guard had to change. Pass ``component_selector()`` to GEPA too, so
+    ``interventions`` counts the proposals the guard had to change. A proposal with nothing usable left after the
+    guard, or whose summary fails validation (a placeholder, an echo of the prompt), is counted invalid (step
+    ``update``) and the component keeps its current instruction. Pass ``component_selector()`` to GEPA too, so
     that its reflection turns never pick a predictor that does not carry the persona.
     """
 
@@ -262,6 +265,12 @@ class GuardedInstructionProposer(InstructionProposer):
             if result.intervened:
                 self.interventions += 1
                 logger.info("guard changed GEPA's proposal for %s (dropped %d lines)", name, len(result.dropped))
+            invalid = "empty after the guard" if result.used_fallback else rejection(result.summary)
+            record("update", checked=1, invalid=invalid)
+            if invalid is not None and name in candidate:  # a placeholder or an echo: the instruction stays
+                logger.warning("GEPA's proposal for %s rejected (%s): kept the current instruction", name, invalid)
+                guarded[name] = candidate[name]
+                continue
             guarded[name] = result.text
         return guarded
 

@@ -3,13 +3,20 @@
 Feedback, persona updates and persona summaries are free text. When a (small) model's reply does not follow the
 adapter's format, or is cut off by max_tokens, dspy raises ``AdapterParseError``; the reply usually still holds the
 text that was meant. ``predict_text`` keeps it (``fallback`` says so, for the diagnostics) instead of failing the
-whole alignment; a reply with nothing usable in it still raises.
+whole alignment.
+
+Whatever way it was read, the text is then validated (``optimizers.output_validation.rejection``: not empty, not a
+placeholder, not the prompt or the signature's instructions repeated). A rejected text is asked for once more (at a
+non-zero temperature, past the cache: the same request would get the same reply); when that is rejected too, the
+output comes back with ``invalid`` set and no text, and the caller keeps what it had. Each check, rejection, retry
+and fallback is counted for the step (``summary``, ``loss``, ``update``) in the active ``OutputStats``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,17 +24,25 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from optimizers.output_budget import bounded_max_tokens
+from optimizers.output_validation import record, rejection
+
 logger = logging.getLogger(__name__)
 
 FALLBACK_UNPARSED = "unparsed reply: kept the field's text from the raw reply"
+RETRY_TEMPERATURE = 0.7
 
 
 @dataclass(frozen=True)
 class TextOutput:
-    """One free-text output, and how it was obtained (``fallback`` is None when the adapter parsed the reply)."""
+    """One free-text output, and how it was obtained (``fallback`` is None when the adapter parsed the reply).
+
+    ``invalid`` says why the text was rejected (then ``text`` is empty and must not be kept).
+    """
 
     text: str
     fallback: str | None = None
+    invalid: str | None = None
 
 
 def _chat_field(text: str, field: str) -> str | None:
@@ -62,13 +77,47 @@ def field_text_from_response(response: object, field: str) -> str:
     return text.strip()
 
 
-def predict_text(predictor: dspy.Module, field: str, **inputs: Any) -> TextOutput:
-    """Run ``predictor`` for one free-text output ``field``, keeping the raw reply's text when it cannot be parsed."""
+def _predict_once(predictor: dspy.Module, field: str, config: dict[str, Any], **inputs: Any) -> TextOutput:
     try:
-        return TextOutput(str(getattr(predictor(**inputs), field)).strip())
+        return TextOutput(str(getattr(predictor(**inputs, config=config), field)).strip())
     except AdapterParseError as exc:
         text = field_text_from_response(exc.lm_response, field)
         if not text:
-            raise
+            return TextOutput("", FALLBACK_UNPARSED, "an unparsable reply with no text in it")
         logger.info("unparsable reply for %s: kept its text (%d chars)", field, len(text))
         return TextOutput(text, FALLBACK_UNPARSED)
+
+
+def instructions_of(predictor: Any) -> str:
+    """The prompt text a reply must not merely repeat: the signature's instructions and field descriptions."""
+    signature = getattr(predictor, "signature", None)
+    if signature is None:
+        return ""
+    fields = {**signature.input_fields, **signature.output_fields}
+    descriptions = [str((f.json_schema_extra or {}).get("desc", "")) for f in fields.values()]
+    return "\n".join([signature.instructions, *descriptions])
+
+
+def predict_text(predictor: dspy.Module, field: str, *, step: str = "text", config: dict[str, Any] | None = None,
+                 **inputs: Any) -> TextOutput:
+    """Run ``predictor`` for one free-text output ``field``: read it even from an unparsable reply, validate it,
+    retry a rejected one once (module docstring)."""
+    config = dict(config or {})
+    signature = getattr(predictor, "signature", None)
+    cap = bounded_max_tokens(signature, dspy.settings.lm) if signature is not None else None
+    if cap is not None and "max_tokens" not in config:
+        config["max_tokens"] = cap  # sized to the output (optimizers.output_budget)
+    sources = instructions_of(predictor)
+    output = _predict_once(predictor, field, config, **inputs)
+    for attempt in (1, 2):
+        reason = output.invalid or rejection(output.text, instructions=sources)
+        record(step, checked=1, invalid=reason, fallback=output.fallback is not None, retry=reason is not None
+               and attempt == 1)
+        if reason is None:
+            return output
+        logger.warning("%s output rejected (attempt %d of 2): %s", step, attempt, reason)
+        if attempt == 1:
+            retry = {**config, "temperature": max(RETRY_TEMPERATURE, float(config.get("temperature") or 0.0)),
+                     "rollout_id": random.randrange(1 << 30)}
+            output = _predict_once(predictor, field, retry, **inputs)
+    return TextOutput("", output.fallback, reason)

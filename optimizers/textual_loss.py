@@ -150,14 +150,15 @@ class TextualLossMetric:
                 "produced_outputs": produced, "persona": persona}
 
     def feedback(self, example: dspy.Example, prediction: Any, persona: str) -> str:
-        """One LM call: what the persona missed about this user on this item."""
-        return self.feedback_output(example, prediction, persona).text
+        """One LM call: what the persona missed about this user on this item (a note when the reply was rejected)."""
+        output = self.feedback_output(example, prediction, persona)
+        return output.text or f"(no usable feedback: {output.invalid})"
 
     def feedback_output(self, example: dspy.Example, prediction: Any, persona: str) -> TextOutput:
         """``feedback``, saying whether the reply had to be read as raw text (see ``text_outputs``)."""
         inputs = self.loss_inputs(example, prediction, persona)
         with dspy.context(lm=self.lm) if self.lm is not None else nullcontext():
-            return predict_text(self.loss, "feedback", **inputs)
+            return predict_text(self.loss, "feedback", step="loss", **inputs)
 
     def __call__(self, gold: dspy.Example, pred: Any, trace: Any = None, pred_name: str | None = None,
                  pred_trace: Any = None) -> float | dspy.Prediction:

@@ -93,6 +93,11 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
                              "for one CPU)")
     parser.add_argument("--retries", type=_non_negative, default=3,
                         help="retries of a failed LM request, with backoff (default 3)")
+    parser.add_argument("--context-tokens", type=_positive(int), default=None,
+                        help="the model's context size in tokens, for a server that does not report it (llama.cpp "
+                             "reports it at /props, vLLM at /v1/models); prompts are fitted to it")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail (exit 2) when most of the model's outputs were invalid, instead of a warning")
     _add_server_args(parser)
 
 
@@ -324,6 +329,9 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
         import litellm
 
         litellm.suppress_debug_info = True  # its "Give Feedback / Get Help" banner is noise next to our one-line errors
+    from persona_dspy.lm.server_fit import fit_to_server
+
+    fit_to_server(lm, args)
     return lm
 
 
@@ -336,11 +344,20 @@ def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
                               timeout=args.timeout, num_retries=args.retries, server=_server_options(args))
 
 
-def _lm_hint(lm: dspy.LM) -> str:
-    from persona_dspy.lm.build import describe_lm
+def _lm_hint(lm: dspy.LM, error: object = "") -> str:
+    """What the error says happened at the server (refused, timed out while busy, context overflow...)."""
+    from persona_dspy.lm.server_fit import explain_lm_error
 
-    base = describe_lm(lm).get("api_base")
-    return f" (is the LM server at {base} running and serving {lm.model.partition('/')[2]!r}?)" if base else ""
+    return explain_lm_error(str(error), lm)
+
+
+def _strict(totals: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--strict``: a run whose outputs were mostly invalid is an error (exit 2), not a result."""
+    from persona_dspy.evaluation.output_counts import strict_failure
+
+    message = strict_failure(totals, getattr(args, "strict", False))
+    if message:
+        raise CLIError(message)
 
 
 def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
@@ -467,7 +484,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         first = report.failures[0] if report.failures else None
         cause = f"; first: user {first.user_id} at {first.stage}: {first.error_type}: {first.error}" if first else ""
         raise CLIError(f"no user could be evaluated ({len(report.failures)} failed, {len(report.skipped_users)} "
-                       f"skipped){cause}{_lm_hint(lm)}")
+                       f"skipped){cause}{_lm_hint(lm, first.error if first else '')}")
+    _strict(report.output_totals, args)
     if not report.complete:
         print(f"persona-dspy: warning: {plural(len(report.failures), 'user')} failed and "
               f"{len(report.skipped_users)} skipped; the metrics cover the other "
@@ -509,7 +527,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 130
     failed = summary.count("failed")
     if failed and failed == len(summary.results):
-        raise CLIError(f"no user could be compiled; first: {summary.results[0].error}{_lm_hint(lm)}")
+        first = summary.results[0].error
+        raise CLIError(f"no user could be compiled; first: {first}{_lm_hint(lm, first)}")
+    _strict(summary.output_totals(), args)
     if summary.summary_error:
         print(f"persona-dspy: warning: {summary.summary_error}", file=sys.stderr)
     return 1 if failed or summary.summary_error else 0
@@ -575,6 +595,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(report.table())
     for kind, path in report.save(out).items():
         print(f"{kind}: {path}")
+    _strict(report.output_totals, args)
     return 0
 
 
@@ -616,11 +637,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"best settings: {json.dumps(summary['best_settings'])}")
         print(f"best {summary['metric']}: {summary['best_metric_value']}  "
               f"LM calls per user: {summary['lm_calls_per_user']}")
+    from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
+
+    print(counts_line(summary["output_totals"]))
+    if invalid_warning(summary["output_totals"]):
+        print(f"WARNING: {invalid_warning(summary['output_totals'])}")
     if args.out is not None:
         write_atomically(args.out, (json.dumps(summary, indent=2, default=str) + "\n").encode("utf-8"))
         print(f"summary: {args.out}")
         if not summary.get("no_best_reason"):
             print(f"to compile with these settings: persona-dspy compile --task {task} --settings {args.out}")
+    _strict(summary["output_totals"], args)
     return 1 if summary.get("no_best_reason") else 0
 
 
@@ -705,14 +732,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 memory.add_histories([history])
                 prediction = answer(memory)
     except LMError as exc:
-        raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm)}") from exc
+        raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm, exc)}") from exc
 
     print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {lm.model}")
     print(f"program: {used}")
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")
     print(f"query: {where}")
-    print(f"answer: {prediction.answer}")
+    print(f"answer: {prediction.answer}" + (f"  (INVALID: {prediction.invalid})"
+                                            if getattr(prediction, "invalid", None) else ""))
     print(f"raw answer: {prediction.raw_answer}")
     if gold is not None:
         print(f"gold: {gold}")

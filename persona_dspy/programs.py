@@ -40,6 +40,7 @@ from typing import Any
 import dspy
 
 import persona_dspy
+from optimizers.output_validation import rejection
 from optimizers.persona_guard import PersonaGuard, word_count
 from persona_dspy.agent.persona_agent import MODES, PersonaAgent
 from persona_dspy.data.tasks import get_task
@@ -240,10 +241,16 @@ def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: di
 
     ``metadata`` adds the caller's facts (optimizer and settings, dev scores, ...) next to the fixed ones; a key that
     contradicts a fixed one raises ValueError. ``lm`` is the LM that produced the program (default: dspy's current).
-    The persona is guarded first (``guard_persona``: on ``agent`` itself), so no file holds an unguarded persona.
+    The persona is guarded first (``guard_persona``: on ``agent`` itself), so no file holds an unguarded persona,
+    and validated (``optimizers.output_validation.rejection``): a summary that is a placeholder or an echo of a
+    prompt raises ValueError and nothing is written, so a file already at ``path`` stays as it was.
     """
     path = Path(path)
     guard_persona(agent, f"saving {path}")
+    if agent.mode != "none":
+        reason = rejection(agent.persona_summary)
+        if reason is not None:
+            raise ValueError(f"not saving {path}: the persona's user summary failed validation ({reason})")
     document = program_document(agent, metadata, lm=lm)
     try:
         data = (json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 import dspy
 
+# Length bounds of the free-text outputs, in characters. Under a JSON schema the server's grammar ends the string
+# there (``persona_dspy.lm.adapters.BoundedJSONAdapter``), so a model that rambles cannot run the reply to max_tokens
+# and leave the JSON cut mid-way. Generous: a 300-word persona is ~2,000 characters, the guard caps words anyway.
+SUMMARY_MAX_CHARS = 2000
+FEEDBACK_MAX_CHARS = 800
+UPDATE_MAX_CHARS = 2400
+
 
 class PersonaSummary(dspy.Signature):
     """Summarize this user's history into a persona: a compact profile for answering as this user would.
@@ -21,7 +28,8 @@ class PersonaSummary(dspy.Signature):
 
     history: str = dspy.InputField(desc="The user's past items, one per line, with the answer they gave when known.")
     max_words: int = dspy.InputField(desc="Upper bound on the persona's length in words.")
-    persona: str = dspy.OutputField(desc="The persona: short bullet lines under 'Preferences' and 'Style'.")
+    persona: str = dspy.OutputField(desc="The persona: short bullet lines under 'Preferences' and 'Style'.",
+                                    max_length=SUMMARY_MAX_CHARS)
 
 
 class TextualLoss(dspy.Signature):
@@ -36,7 +44,8 @@ class TextualLoss(dspy.Signature):
     expected_outputs: str = dspy.InputField(desc="What this user actually answered: one 'name: value' per output.")
     produced_outputs: str = dspy.InputField(desc="What the assistant produced using the persona, the same fields.")
     persona: str = dspy.InputField(desc="The persona the assistant used.")
-    feedback: str = dspy.OutputField(desc="What the persona missed about this user, in one to three sentences.")
+    feedback: str = dspy.OutputField(desc="What the persona missed about this user, in one to three sentences.",
+                                     max_length=FEEDBACK_MAX_CHARS)
 
 
 class PersonaUpdate(dspy.Signature):
@@ -52,7 +61,8 @@ class PersonaUpdate(dspy.Signature):
     persona: str = dspy.InputField(desc="The current user summary (the persona's only revisable part).")
     feedback: str = dspy.InputField(desc="Aggregated feedback from recent wrong answers, one item per line.")
     max_words: int = dspy.InputField(desc="Hard upper bound on the new summary's length in words.")
-    new_persona: str = dspy.OutputField(desc="The revised user summary, same format as the current one.")
+    new_persona: str = dspy.OutputField(desc="The revised user summary, same format as the current one.",
+                                        max_length=UPDATE_MAX_CHARS)
 
 
 # The persona as PersonaAgent's initial system prompt: role, then the user summary (semantic memory),

@@ -5,14 +5,16 @@ completion text comes from ``persona_dspy.testing.offline_lm.answer_messages`` a
 same stand-in answers over HTTP as in process. It binds 127.0.0.1 only and exits on its own after --max-seconds.
 
 Run: ``python tests/loopback_server.py [--port 0] [--latency S] [--fail-first N] [--retry-after S]
-[--echo-injections] [--constant-label L]``; it prints ``LOOPBACK READY <port>`` once listening.
+[--echo-injections] [--constant-label L] [--reply-mode MODE] [--n-ctx N]``; it prints ``LOOPBACK READY <port>``
+once listening.
 
 Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), POST /api/chat
 (Ollama's native chat, as LiteLLM's ``ollama_chat/`` provider calls it, non-streaming), GET /v1/models,
-GET /_stats (counters and the last requests, each with the id of the answer it got), POST /_reset (zero the
-counters; a request still in flight from before a reset is never counted after it, so one test's slow or timed-out
-calls cannot land in the next test's counts), POST /_script
-(``{"fail_next": N, "latency": S, "retry_after": S, "echo_injections": bool, "constant_label": L | null}`` changes
+GET /props (with ``n_ctx``), GET /_stats (counters and the last requests, each with the id of the answer it got),
+POST /_reset (zero the counters; a request still in flight from before a reset is never counted after it, so one
+test's slow or timed-out calls cannot land in the next test's counts), POST /_script
+(``{"fail_next": N, "latency": S, "retry_after": S, "echo_injections": bool, "constant_label": L | null,
+"reply_mode": MODE | null, "n_ctx": N | null}`` changes
 the behaviour of the following calls).
 
 Adversarial modes, for the guard's tests (a model that copies a user's history into what it writes):
@@ -22,6 +24,20 @@ Adversarial modes, for the guard's tests (a model that copies a user's history i
   ``INJECTIONS`` that appear anywhere in the prompt appended, verbatim, the "Rules:" block included;
 * ``constant_label``: every label (Literal) output is this label when it is one of the options, so no persona
   rewrite can score better than the start and the starting persona is what gets saved.
+
+A weak model, for the output-validation tests (``reply_mode``; ``/_stats`` counts ``truncated`` and ``overflowed``):
+
+* ``echo``: the reply is the prompt itself (system and user messages), cut to ``max_tokens`` words with
+  ``finish_reason: length`` when longer, as a small model that only repeats its prompt;
+* ``placeholder``: every text field is a template placeholder (``{persona}``, ``{feedback}``; a persona field gets
+  a nested object ``{"persona": {"persona": "{persona}"}}``), labels the first option (a schema's grammar forces
+  one), in the format asked for;
+* ``truncate``: the stand-in's reply cut to half its length, ``finish_reason: length``;
+* ``junk_tool``: a ReAct tool step (a prompt asking for ``next_tool_name``) gets prose no adapter can parse.
+
+``n_ctx`` (tokens, counted as characters / 4): GET /props reports it as llama.cpp does
+(``default_generation_settings.n_ctx``, ``total_slots``), and a longer prompt gets llama.cpp's HTTP 400
+``exceed_context_size_error`` naming both sizes. Without it, /props is 404 (as on servers that have none).
 
 Tests use ``LoopbackServer`` (a context manager that starts the subprocess and waits until it answers) or
 ``loopback_fixture(...)``, which turns it into a pytest fixture.
@@ -55,14 +71,54 @@ INJECTIONS: tuple[tuple[str, str], ...] = (
 )
 """(marker found in the prompt, the text echoed): the lines a hostile user history carries."""
 _ECHOED_FIELD = ("persona", "feedback", "instruction")
+REPLY_MODES = ("echo", "placeholder", "truncate", "junk_tool")
+JUNK_TOOL_STEP = "I think I should look at something, maybe. Let me consider the options carefully."
+
+
+def prompt_tokens_of(messages: list[dict[str, Any]]) -> int:
+    """The server's token count of a prompt: characters / 4 (what ``n_ctx`` is compared with)."""
+    return sum(len(str(m.get("content") or "")) for m in messages) // 4
+
+
+def _weak_answer(mode: str, messages: list[dict[str, Any]], json_mode: bool,
+                 max_tokens: int | None) -> tuple[str, bool]:
+    """(the reply of a weak model in ``mode``, whether it was cut by max_tokens); see the module docstring."""
+    from persona_dspy.testing.offline_lm import answer_fields, answer_messages, parse_prompt, render
+
+    if mode == "echo":
+        words = "\n".join(str(m.get("content") or "") for m in messages).split(" ")
+        cut = max_tokens is not None and len(words) > max_tokens
+        return " ".join(words[:max_tokens] if cut else words), cut
+    prompt = parse_prompt(messages, json_mode=json_mode)
+    if mode == "truncate":
+        text = answer_messages(messages, json_mode=json_mode)
+        return text[:max(1, len(text) // 2)], True
+    names = {out.name for out in prompt.outputs}
+    if mode == "junk_tool":
+        if "next_tool_name" in names:
+            return JUNK_TOOL_STEP, False
+        return answer_messages(messages, json_mode=json_mode), False
+    if prompt.fmt == "plain":
+        return "{answer}", False
+    values = answer_fields(prompt)
+    for out in prompt.outputs:
+        if out.kind == "literal" and out.options:
+            values[out.name] = out.options[0]
+        elif out.kind == "str" and "persona" in out.name.lower():
+            values[out.name] = {out.name: {out.name: "{" + out.name + "}"}}
+        elif out.kind == "str":
+            values[out.name] = "{" + out.name + "}"
+    return render(prompt, values), False
 
 
 class _State:
     """Counters and the failure/latency script, shared by the handler threads."""
 
     def __init__(self, latency: float, fail_first: int, retry_after: float, echo_injections: bool = False,
-                 constant_label: str | None = None) -> None:
+                 constant_label: str | None = None, reply_mode: str | None = None, n_ctx: int | None = None) -> None:
         self.lock = threading.Lock()
+        self.reply_mode = reply_mode
+        self.n_ctx = n_ctx
         self.latency = latency
         self.fail_next = fail_first
         self.retry_after = retry_after
@@ -79,6 +135,8 @@ class _State:
         self.failures = 0
         self.model_requests = 0
         self.echoed = 0
+        self.truncated = 0
+        self.overflowed = 0
         self.log: deque[dict[str, Any]] = deque(maxlen=20)
 
     def stats(self) -> dict[str, Any]:
@@ -86,7 +144,8 @@ class _State:
                 "served": self.served,
                 "model_requests": self.model_requests, "fail_next": self.fail_next, "latency": self.latency,
                 "echo_injections": self.echo_injections, "constant_label": self.constant_label,
-                "echoed": self.echoed, "requests": list(self.log)}
+                "echoed": self.echoed, "reply_mode": self.reply_mode, "n_ctx": self.n_ctx,
+                "truncated": self.truncated, "overflowed": self.overflowed, "requests": list(self.log)}
 
 
 def _adversarial_answer(messages: list[dict[str, Any]], json_mode: bool, echo: bool,
@@ -144,6 +203,13 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.model_requests += 1
                 self._send(200, {"object": "list", "data": [{"id": "test-model", "object": "model",
                                                              "owned_by": "loopback"}]})
+            elif self.path.rstrip("/") in ("/props", "/v1/props"):
+                with state.lock:
+                    n_ctx = state.n_ctx
+                if n_ctx is None:
+                    self._send(404, {"error": {"message": "File Not Found", "type": "not_found_error"}})
+                else:
+                    self._send(200, {"default_generation_settings": {"n_ctx": n_ctx}, "total_slots": 1})
             elif self.path == "/_stats":
                 with state.lock:
                     self._send(200, state.stats())
@@ -172,6 +238,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.retry_after = float(body.get("retry_after", state.retry_after))
                     state.echo_injections = bool(body.get("echo_injections", state.echo_injections))
                     state.constant_label = body.get("constant_label", state.constant_label)
+                    state.reply_mode = body.get("reply_mode", state.reply_mode)
+                    state.n_ctx = body.get("n_ctx", state.n_ctx)
                 self._send(200, {"ok": True})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
@@ -186,6 +254,7 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.failures += 1
                 latency, retry_after = state.latency, state.retry_after
                 echo, label = state.echo_injections, state.constant_label
+                mode, n_ctx = state.reply_mode, state.n_ctx
                 entry = {"path": self.path, "model": body.get("model"), "messages": body.get("messages"),
                          "failed": fail, "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
                          "response_format": body.get("response_format"), "stream": body.get("stream"), "id": None}
@@ -198,7 +267,22 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 return
             messages = body.get("messages") or []
             json_mode = body.get("response_format") is not None
-            if echo or label is not None:
+            n_prompt = prompt_tokens_of(messages)
+            if n_ctx is not None and n_prompt > n_ctx:  # llama.cpp's answer, word for word
+                with state.lock:
+                    state.overflowed += 1
+                self._send(400, {"error": {"code": 400, "message": "the request exceeds the available context size, "
+                                           "try increasing it", "type": "exceed_context_size_error",
+                                           "n_prompt_tokens": n_prompt, "n_ctx": n_ctx}})
+                return
+            finish = "stop"
+            if mode is not None:
+                text, cut = _weak_answer(mode, messages, json_mode, body.get("max_tokens"))
+                if cut:
+                    finish = "length"
+                    with state.lock:
+                        state.truncated += 1
+            elif echo or label is not None:
                 text, echoed = _adversarial_answer(messages, json_mode, echo, label)
                 if echoed:
                     with state.lock:
@@ -225,7 +309,7 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 return
             self._send(200, {"id": ident, "object": "chat.completion", "created": created, "model": model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": "stop"}],
+                                          "finish_reason": finish}],
                              "usage": usage})
 
         def _stream(self, ident: str, created: int, model: str, text: str, usage: dict[str, int]) -> None:
@@ -252,10 +336,11 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(port: int = 0, latency: float = 0.0, fail_first: int = 0, retry_after: float = 0.0,
-          max_seconds: float = 300.0, echo_injections: bool = False, constant_label: str | None = None) -> None:
+          max_seconds: float = 300.0, echo_injections: bool = False, constant_label: str | None = None,
+          reply_mode: str | None = None, n_ctx: int | None = None) -> None:
     """Serve on 127.0.0.1 until terminated or max_seconds pass (an orphaned server never lingers)."""
     server = _Server((HOST, port), _make_handler(_State(latency, fail_first, retry_after, echo_injections,
-                                                        constant_label)))
+                                                        constant_label, reply_mode, n_ctx)))
     lifetime = threading.Timer(max_seconds, server.shutdown)
     lifetime.daemon = True
     lifetime.start()
@@ -276,9 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--echo-injections", action="store_true", help="copy INJECTIONS from the prompt into "
                         "every persona, feedback and instruction answer")
     parser.add_argument("--constant-label", default=None, help="answer every label output with this label")
+    parser.add_argument("--reply-mode", choices=REPLY_MODES, default=None, help="answer as a weak model would")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context tokens (/props; longer prompts get 400)")
     args = parser.parse_args(argv)
     serve(args.port, args.latency, args.fail_first, args.retry_after, args.max_seconds, args.echo_injections,
-          args.constant_label)
+          args.constant_label, args.reply_mode, args.n_ctx)
 
 
 # --------------------------------------------------------------------------- the test-side handle
@@ -292,9 +379,13 @@ class LoopbackServer:
 
     def __init__(self, *, latency: float = 0.0, fail_first: int = 0, retry_after: float = 0.0,
                  startup_timeout: float = 20.0, max_seconds: float = 300.0, echo_injections: bool = False,
-                 constant_label: str | None = None) -> None:
+                 constant_label: str | None = None, reply_mode: str | None = None, n_ctx: int | None = None) -> None:
         self.options: dict[str, Any] = {"--latency": latency, "--fail-first": fail_first,
                                         "--retry-after": retry_after, "--max-seconds": max_seconds}
+        if reply_mode is not None:
+            self.options["--reply-mode"] = reply_mode
+        if n_ctx is not None:
+            self.options["--n-ctx"] = n_ctx
         self.flags = ["--echo-injections"] if echo_injections else []
         if constant_label is not None:
             self.options["--constant-label"] = constant_label
@@ -361,11 +452,13 @@ class LoopbackServer:
         return self.get("/_stats")
 
     def reset(self, *, fail_next: int = 0, latency: float = 0.0, retry_after: float = 0.0,
-              echo_injections: bool = False, constant_label: str | None = None) -> None:
+              echo_injections: bool = False, constant_label: str | None = None, reply_mode: str | None = None,
+              n_ctx: int | None = None) -> None:
         """Zero the counters and set the script for the following calls."""
         self.post("/_reset")
         self.post("/_script", {"fail_next": fail_next, "latency": latency, "retry_after": retry_after,
-                               "echo_injections": echo_injections, "constant_label": constant_label})
+                               "echo_injections": echo_injections, "constant_label": constant_label,
+                               "reply_mode": reply_mode, "n_ctx": n_ctx})
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -235,3 +235,20 @@ def test_real_model_reloaded_program_answers_identically(local_lm, sample_memory
     with dspy.context(lm=local_lm, adapter=default_adapter()):
         first, second = agent(**inputs), reloaded(**inputs)
     assert (first.answer, first.reasoning) == (second.answer, second.reasoning)
+
+
+def test_real_model_output_counts_are_consistent(local_lm, sample_memory):
+    """The counts a report shows for a real model add up: calls, truncations and invalid outputs per user and in all."""
+    from optimizers.output_validation import STEPS
+    from persona_dspy.evaluation.evaluate import evaluate
+
+    histories, memory = sample_memory("LaMP_2N", 1)
+    report = evaluate(histories, memory=memory, lm=local_lm, workers=1, progress=False)
+    totals, [user] = report.output_totals, report.outputs.values()
+    retried = totals["retries"]["summary"]  # a rejected summary is asked once more
+    assert totals == user and totals["lm_calls"] == report.calls == 1 + retried + report.n_queries
+    assert totals["checked"]["answer"] == report.n_queries and totals["checked"]["summary"] >= 1
+    assert totals["invalid"]["answer"] == sum(p.invalid is not None for p in report.predictions)
+    assert all(totals["invalid"][s] <= totals["checked"][s] and totals["retries"][s] <= totals["invalid"][s]
+               for s in STEPS)
+    assert 0 <= totals["truncations"] <= totals["lm_calls"]

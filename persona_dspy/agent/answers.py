@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from optimizers.output_validation import PROMPT_ECHO
 from persona_dspy.data.tasks import TaskKind, get_task
 
 # Below this difflib ratio two label keys are not considered the same word: 0.8 accepts "scifi", "politic",
@@ -136,6 +137,9 @@ def _contained(span_key: str, keys: dict[str, str]) -> str | None:
 def map_to_label(text: str | None, labels: Sequence[str]) -> str | None:
     """The label in ``labels`` that ``text`` means, or None when it names none of them.
 
+    A text that repeats the prompt's format ("1. `query` (str)", "Literal['1', '2', ...]", field markers) means no
+    label, whatever digits or label words it holds: None.
+
     Tried in order: exact; exact after normalisation (case, punctuation, quotes, markdown, "[1]" ~ "1") of the
     whole text or of the span after "Answer:"/"The category is"; for integer label sets a stated number
     ("4 stars", "4/5", "4.0"); a label contained as a whole phrase; the nearest label by difflib ratio.
@@ -145,7 +149,7 @@ def map_to_label(text: str | None, labels: Sequence[str]) -> str | None:
     raw = str(text).strip()
     if raw in labels:
         return raw
-    if not raw:
+    if not raw or PROMPT_ECHO.search(raw):
         return None
     keys: dict[str, str] = {}
     for label in labels:

@@ -20,6 +20,11 @@ cost a second LM call and replace the model's own words with the retry's. Only t
 handled so; a ReAct tool step that cannot be parsed (after its JSON retry) leaves the question an invalid (empty)
 answer, marked ``invalid``, so one bad step costs one answer and not the run. Either way the prediction says
 ``unparsed=True``, and the aligner counts such answers in its ``fallbacks``.
+
+An answer is validated before it is mapped (``optimizers.output_validation.answer_rejection``): a placeholder or a
+reply that repeats the prompt ("1. `query` (str)", "Literal['1', ...") is no answer, so no digit or label is read out
+of it. It becomes the empty answer LaMP scores as invalid, with ``invalid`` saying why; every answer checked and
+rejected is counted (step ``answer``, ReAct's failed steps as ``tool_step``) in the active ``OutputStats``.
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from optimizers.output_budget import bounded_max_tokens
+from optimizers.output_validation import answer_rejection, record
 from optimizers.persona_guard import PersonaGuard
 from optimizers.text_outputs import field_text_from_response
 from persona_dspy.agent.answers import normalize_answer
 from persona_dspy.data.scope import MemoryScope
 from persona_dspy.data.tasks import get_task
 from persona_dspy.lm.adapters import STRUCTURED, StructuredAdapter
+from persona_dspy.lm.budget import context_window, fit_passages, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
-from persona_dspy.memory.retrieval import MemoryRetrieval, memory_scope, memory_search_tool
+from persona_dspy.memory.retrieval import MemoryRetrieval, memory_scope, memory_search_tool, render_passages
 from signatures import task_signature
 
 logger = logging.getLogger(__name__)
@@ -86,6 +94,14 @@ REASONING_MAX_CHARS = 400
 itself cannot run every answer to max_tokens and leave the JSON unfinished; other adapters show it as a hint."""
 
 
+class _Fitted(list):
+    """Passages after ``fit_passages`` shortened or dropped some, with what it did (the answer's ``context_fit``)."""
+
+    def __init__(self, passages: list, fit: dict[str, Any]) -> None:
+        super().__init__(passages)
+        self.fit = fit
+
+
 class PersonaReasoning(dspy.Module):
     """The persona-conditioned predictor(s) that answer the task; the persona is their instruction text."""
 
@@ -121,11 +137,19 @@ class PersonaReasoning(dspy.Module):
             instructions = text + self._tool_suffix if predictor is getattr(self.program, "react", None) else text
             predictor.signature = predictor.signature.with_instructions(instructions)
 
+    def _config(self) -> dict[str, Any]:
+        """The answer call's max_tokens, sized to its bounded output where the server enforces it (rag, none)."""
+        if self.mode == "react":
+            return {}
+        predictor = self.persona_predictors()[-1]
+        cap = bounded_max_tokens(predictor.signature, dspy.settings.lm)
+        return {"config": {"max_tokens": cap}} if cap is not None else {}
+
     def forward(self, query: str, context: str) -> dspy.Prediction:
-        return self.program(query=query, context=context)
+        return self.program(query=query, context=context, **self._config())
 
     async def aforward(self, query: str, context: str) -> dspy.Prediction:
-        return await self.program.acall(query=query, context=context)
+        return await self.program.acall(query=query, context=context, **self._config())
 
 
 class PersonaAgent(dspy.Module):
@@ -200,8 +224,8 @@ class PersonaAgent(dspy.Module):
             with settings():
                 prediction = self.reason(query=query, context=context)
         except AdapterParseError as exc:
-            return self._unparsed(exc, passages)
-        return self._answer(prediction, passages)
+            return self._unparsed(exc, passages, (query, context))
+        return self._answer(prediction, passages, (query, context))
 
     async def aforward(self, query: str, scope: MemoryScope | None = None) -> dspy.Prediction:
         """``forward`` for asyncio (``acall``, ``dspy.asyncify``, ``streamify``): the LM call is awaited."""
@@ -210,8 +234,8 @@ class PersonaAgent(dspy.Module):
             with settings():
                 prediction = await self.reason.acall(query=query, context=context)
         except AdapterParseError as exc:
-            return self._unparsed(exc, passages)
-        return self._answer(prediction, passages)
+            return self._unparsed(exc, passages, (query, context))
+        return self._answer(prediction, passages, (query, context))
 
     def _prepare(self, query: str, scope: MemoryScope | None) -> tuple[list, str, Callable[[], ExitStack]]:
         """Passages and context for one question, and the settings its answer call runs under."""
@@ -223,6 +247,15 @@ class PersonaAgent(dspy.Module):
         if self.mode == "rag":
             retrieved = self.retrieve(query=self.spec.query_text(query) or query, scope=scope)
             passages, context = retrieved.passages, retrieved.context
+            lm = dspy.settings.lm
+            window = context_window(lm) if lm is not None else None
+            if window:  # retrieved text shrinks to the model's context (persona_dspy.lm.budget)
+                passages, fit = fit_passages(passages, render_passages, fixed_text=f"{self.persona}\n{query}",
+                                             window=window, reserve=reply_reserve(lm))
+                if fit["passages_dropped"] or fit["passages_shortened"]:
+                    logger.info("passages fitted to a %d-token context: %s", window, fit)
+                    context = render_passages(passages)
+                    passages = _Fitted(passages, fit)
         else:
             context = REACT_CONTEXT if self.mode == "react" else NO_CONTEXT
 
@@ -236,20 +269,38 @@ class PersonaAgent(dspy.Module):
 
         return passages, context, settings
 
-    def _answer(self, prediction: dspy.Prediction, passages: list) -> dspy.Prediction:
+    def _answer(self, prediction: dspy.Prediction, passages: list, prompt: tuple[str, str]) -> dspy.Prediction:
+        steps = sum(key.startswith("tool_name_") for key in getattr(prediction, "trajectory", None) or {})
+        if steps:  # ReAct's tool steps that parsed, so that failed ones are counted out of all of them
+            record("tool_step", checked=steps)
+        if isinstance(passages, _Fitted):
+            return self._checked(str(prediction.answer), str(getattr(prediction, "reasoning", "") or ""),
+                                 list(passages), prompt, context_fit=passages.fit)
         raw, reasoning = str(prediction.answer), str(getattr(prediction, "reasoning", "") or "")
-        return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning=reasoning,
-                               passages=passages)
+        return self._checked(raw, reasoning, passages, prompt)
 
-    def _unparsed(self, exc: AdapterParseError, passages: list) -> dspy.Prediction:
+    def _checked(self, raw: str, reasoning: str, passages: list, prompt: tuple[str, str],
+                 **flags: Any) -> dspy.Prediction:
+        """The answer, mapped onto the labels, unless validation rejects it (then the invalid empty answer)."""
+        reason = answer_rejection(raw, prompt=(self.persona, *prompt))
+        record("answer", checked=1, invalid=reason, fallback=bool(flags.get("unparsed")))
+        if reason is not None:
+            logger.warning("%s: answer rejected (%s): scored invalid", self.task, reason)
+            return dspy.Prediction(answer="", raw_answer=raw, reasoning=reasoning, passages=passages,
+                                   invalid=f"answer rejected: {reason}", **flags)
+        return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning=reasoning,
+                               passages=passages, **flags)
+
+    def _unparsed(self, exc: AdapterParseError, passages: list, prompt: tuple[str, str]) -> dspy.Prediction:
         if not is_answer_signature(exc.signature):
             # A ReAct tool step, not the answer: its text means nothing as a label. The question gets an invalid
             # (empty) answer, which LaMP's rules score as such, instead of ending the whole run.
             logger.warning("%s: unparsable ReAct tool step (after dspy's JSON retry): answer scored invalid", self.task)
+            record("tool_step", checked=1, invalid="unparsable tool step")
+            record("answer", checked=1, invalid="no answer: a tool step before it could not be parsed")
             return dspy.Prediction(answer="", raw_answer="", reasoning="", passages=passages,
                                    invalid="unparsable tool step", unparsed=True)
-        # Small local models often answer "Politics." or "4 stars": keep their text and map it.
+        # Small local models often answer "Politics." or "4 stars": keep their text and map it (if it is one).
         raw = field_text_from_response(exc.lm_response, "answer")
-        logger.debug("unparsable answer for %s mapped from %r", self.task, raw)
-        return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning="",
-                               passages=passages, unparsed=True)
+        logger.debug("unparsable answer for %s read as %r", self.task, raw)
+        return self._checked(raw, "", passages, prompt, unparsed=True)

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 import dspy
 
+from optimizers.output_validation import record
 from optimizers.persona_guard import PersonaGuard
-from optimizers.text_outputs import predict_text
+from optimizers.text_outputs import TextOutput, predict_text
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.data.records import HistoryItem, UserHistory
+from persona_dspy.lm.budget import context_window, fit_lines, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory
 from signatures import PersonaSummary
 
@@ -47,16 +49,31 @@ class PersonaSummarizer(dspy.Module):
         self.summarize = dspy.Predict(PersonaSummary)
 
     def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
-        output = predict_text(self.summarize, "persona", history=render_history(items, self.max_items),
-                              max_words=self.max_words)
-        if output.fallback:
+        """``invalid`` says why the LM's summary was rejected (twice): the persona then holds the empty summary."""
+        history = render_history(items, self.max_items)
+        lm = dspy.settings.lm
+        window = context_window(lm) if lm is not None else None
+        if window:  # the oldest items go first when the history does not fit the model's context
+            lines, dropped = fit_lines(history.splitlines(), fixed_text=self.summarize.signature.instructions,
+                                       window=window, reserve=reply_reserve(lm))
+            if dropped:
+                logger.info("persona summary: %d oldest history item(s) dropped to fit a %d-token context",
+                            dropped, window)
+                history = "\n".join(lines) or "(no history fits the model's context)"
+        output = predict_text(self.summarize, "persona", step="summary", history=history, max_words=self.max_words)
+        if output.invalid:
+            logger.warning("persona summary rejected: %s; the persona starts from the empty summary", output.invalid)
+        elif output.fallback:
             logger.warning("persona summary: %s", output.fallback)
         result = self.guard.check(output.text, summary_only=True)
+        if output.invalid is None and result.used_fallback:  # all of it was rules, injections or template lines
+            record("summary", invalid="empty after the guard")
+            output = TextOutput("", output.fallback, "empty after the guard")
         if result.dropped:
             logger.warning("the initial summary carried %d line(s) that read as rules or instructions; dropped",
                            len(result.dropped))
         return dspy.Prediction(persona=result.text, summary=result.summary, raw_summary=output.text,
-                               fallback=output.fallback)
+                               fallback=output.fallback, invalid=output.invalid)
 
 
 def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:

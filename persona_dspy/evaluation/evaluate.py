@@ -6,6 +6,13 @@ with ``dspy.context`` (``dspy.configure`` belongs to the first thread only) and 
 the run counts calls and tokens across threads. A user whose agent raises is recorded as a failure and scored
 nowhere (the metrics cover completed users only), so one bad user never costs the others their results.
 
+Every user also gets an ``OutputStats`` (``optimizers.output_validation``): LM calls, truncations, and the outputs
+checked and rejected by step. An answer rejected by validation (a placeholder, the prompt repeated) is scored as
+LaMP scores an invalid answer and marked ``invalid`` in its record; the report has the counts per user
+(``outputs``) and in total (``output_totals``), and its table says in words when most outputs were invalid. A
+query whose prompt cannot fit the model's context (``persona_dspy.lm.budget``) fails that query only, with the
+sizes named: it is scored invalid and counted, the user goes on.
+
 Numbers from the offline stand-in LM are plumbing checks, never a model's score; reports say so.
 """
 
@@ -25,16 +32,20 @@ from typing import Any
 
 import dspy
 
+from optimizers.output_validation import OutputStats
+from optimizers.output_validation import record as record_output
 from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import MODES, AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.data.examples import query_examples
 from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
+from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
 from persona_dspy.evaluation.runner import run_users
 from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
 from persona_dspy.lm.adapters import default_adapter
+from persona_dspy.lm.budget import PromptTooLong, overflow_sizes
 from persona_dspy.lm.build import LMUsage, describe_lm, is_offline, redact_text
 from persona_dspy.memory.episodic import EpisodicMemory
 
@@ -59,6 +70,10 @@ class PredictionRecord:
     gold: str
     score: float
     passage_ids: tuple[str, ...] = ()
+    invalid: str | None = None
+    """Why the answer was invalid (rejected by validation, an unparsable tool step, a prompt that cannot fit)."""
+    context_fit: dict[str, Any] | None = None
+    """What was dropped or shortened of the retrieved passages to fit the model's context (``lm.budget``)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,14 @@ class EvalReport:
     """Per user, what answered: ``"initial"`` (persona summarised now) or the compiled program file's path."""
     vs_initial: dict[str, Any] | None = None
     """The same users answered with the initial persona (``eval --vs-initial``): overall, per_user, calls."""
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per user: LM calls, truncations, outputs checked/invalid/retried/read as raw text by step (OutputStats)."""
+    output_totals: dict[str, Any] = field(default_factory=dict)
+    """The same counts over every user."""
+
+    @property
+    def n_invalid(self) -> int:
+        return sum(r.invalid is not None for r in self.predictions)
 
     @property
     def n_scored(self) -> int:
@@ -129,11 +152,15 @@ class EvalReport:
         counts: dict[str, int] = {}
         for record in self.predictions:
             counts[record.user_id] = counts.get(record.user_id, 0) + 1
-        rows = [{"user": user, "queries": counts.get(user, 0), **metrics} for user, metrics in self.per_user.items()]
+        invalid: dict[str, int] = {}
+        for record in self.predictions:
+            invalid[record.user_id] = invalid.get(record.user_id, 0) + (record.invalid is not None)
+        rows = [{"user": user, "queries": counts.get(user, 0), "invalid": invalid.get(user, 0), **metrics}
+                for user, metrics in self.per_user.items()]
         pooled = {"user": f"ALL ({plural(len(self.per_user), 'user')}, pooled)", "queries": self.n_scored,
-                  **self.overall}
-        table = format_table(rows, ["user", "queries", *keys], digits=4, missing="-", align_numbers_right=True,
-                             rule=True, footer=[pooled])
+                  "invalid": self.n_invalid, **self.overall}
+        table = format_table(rows, ["user", "queries", "invalid", *keys], digits=4, missing="-",
+                             align_numbers_right=True, rule=True, footer=[pooled])
         direction = "higher" if self.higher_is_better else "lower"
         out = [f"{self.task}  mode={self.mode}  k={self.k}  lm={self.lm.get('model')}"
                + (f" @ {self.lm['api_base']}" if self.lm.get("api_base") else "")
@@ -146,13 +173,19 @@ class EvalReport:
         if self.skipped_users:
             why = "interrupted" if self.interrupted else f"after {plural(len(self.failures), 'failure')}"
             out.append(f"SKIPPED {plural(len(self.skipped_users), 'user')} ({why})")
-        out.append(f"{self.n_scored}/{self.n_queries} queries of {plural(self.n_users, 'user')} scored; "
+        invalid = f" ({self.n_invalid} of them invalid answers, scored as LaMP scores them)" if self.n_invalid else ""
+        out.append(f"{self.n_scored}/{self.n_queries} queries of {plural(self.n_users, 'user')} scored{invalid}; "
                    f"{self.calls} LM calls, "
                    f"{self.tokens.get('total_tokens', 0)} tokens ({self.tokens.get('prompt_tokens', 0)} prompt, "
                    f"{self.tokens.get('completion_tokens', 0)} completion"
                    + (f", {self.tokens['unmetered_calls']} calls unmetered" if self.tokens.get("unmetered_calls")
                       else "")
                    + f"); {self.wall_seconds:.2f} s with {self.workers} workers")
+        if self.output_totals:
+            out.append(counts_line(self.output_totals))
+            warning = invalid_warning(self.output_totals)
+            if warning:
+                out.append(f"WARNING: {warning}")
         if self.agents:
             compiled = sum(source != "initial" for source in self.agents.values())
             out.append(f"answered by: {plural(compiled, 'compiled program')}, "
@@ -204,34 +237,54 @@ def default_agent_factory(memory: EpisodicMemory | None, mode: AgentMode, k: int
 class _UserOutcome:
     records: list[PredictionRecord] = field(default_factory=list)
     failure: UserFailure | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def _answer_one(agent: Any, example: dspy.Example) -> dspy.Prediction:
+    """The agent's answer; a prompt that cannot fit the context is that query's invalid answer, not the user's end."""
+    try:
+        return agent(**example.inputs())
+    except Exception as exc:
+        sizes = exc.describe() if isinstance(exc, PromptTooLong) else overflow_sizes(exc)
+        if sizes is None:
+            raise
+        logger.warning("query %s: %s", example.example_id, sizes)
+        record_output("answer", checked=1, invalid=sizes)
+        return dspy.Prediction(answer="", raw_answer="", passages=[], invalid=sizes)
 
 
 def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.LM, usage: LMUsage) -> _UserOutcome:
     """One user, start to end, in a worker thread; an exception becomes a recorded failure."""
     stage = "persona"
+    stats = OutputStats()
     try:
         examples = query_examples(history)
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
+        callbacks = [*(dspy.settings.callbacks or []), usage, stats]
+        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
             agent = factory(history)
             records = []
             for example in examples:
                 stage = f"query {example.example_id}"
-                prediction = agent(**example.inputs())
+                prediction = _answer_one(agent, example)
                 answer = "" if prediction.answer is None else str(prediction.answer)
                 raw = getattr(prediction, "raw_answer", None)
                 passages = getattr(prediction, "passages", None) or []
+                invalid = getattr(prediction, "invalid", None)
                 records.append(PredictionRecord(
                     user_id=history.user_id, query_id=str(example.example_id), prediction=answer,
                     raw_answer=answer if raw is None else str(raw), gold=str(example.answer),
                     score=per_example_score(task, answer, example.answer),
-                    passage_ids=tuple(str(getattr(p, "item_id", "")) for p in passages)))
-        return _UserOutcome(records)
+                    passage_ids=tuple(str(getattr(p, "item_id", "")) for p in passages),
+                    invalid=None if invalid is None else str(invalid),
+                    context_fit=getattr(prediction, "context_fit", None)))
+        return _UserOutcome(records, outputs=stats.snapshot())
     except Exception as exc:  # one user's failure must not stop the others: record it, scored nowhere
         logger.warning("user %s failed at %s: %s: %s", history.user_id, stage, type(exc).__name__, exc)
         logger.debug("user %s traceback", history.user_id, exc_info=True)
-        error = redact_text(str(exc) or repr(exc))  # reports are files: no credentials from URLs in the message
+        sizes = overflow_sizes(exc)  # the sizes are in the server's reply, not in the message litellm makes
+        error = redact_text((str(exc) or repr(exc)) + (f" ({sizes.partition(':')[0]})" if sizes else ""))
         failure = UserFailure(history.user_id, type(exc).__name__, error, stage, len(history.queries))
-        return _UserOutcome(failure=failure)
+        return _UserOutcome(failure=failure, outputs=stats.snapshot())
 
 
 def evaluate(
@@ -311,6 +364,10 @@ def evaluate(
     else:
         overall, per_user = {}, {}
     snap = usage.snapshot()
+    outputs = {h.user_id: outcomes[h.user_id].outputs for h in histories if h.user_id in outcomes}
+    totals = OutputStats()
+    for counts in outputs.values():
+        totals.merge(counts)
     offline = is_offline(lm)
     key, higher = primary_metric(task)
     return EvalReport(
@@ -322,4 +379,5 @@ def evaluate(
         wall_seconds=round(wall, 3), workers=workers, n_users=len(histories), n_queries=n_queries,
         primary_metric=key, higher_is_better=higher, versions=versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"), interrupted=ran.interrupted,
+        outputs=outputs, output_totals=totals.snapshot(),
     )

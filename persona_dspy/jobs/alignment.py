@@ -1,6 +1,7 @@
 """Aligning one user end to end: initial persona from semantic memory, then PersonaAligner on recent interactions.
 
-The many-user compile, the optimizer comparison and the tuning objective all align users this way.
+The many-user compile, the optimizer comparison and the tuning objective all align users this way, and check the
+result the same way (``persona_problem``) before anything keeps it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 import dspy
 
+from optimizers.output_validation import rejection
 from optimizers.persona_aligner import PersonaAligner
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
@@ -30,3 +32,26 @@ def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode 
     student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
     aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)
     return aligner.compile(student, trainset=trainset)
+
+
+def persona_problem(aligned: PersonaAgent, outputs: dict[str, Any], *, warm_start: bool = False) -> str | None:
+    """Why an aligned program must not be kept (None: it may): its persona failed validation, or nothing in it
+    came from a valid output, or the scores it was chosen on were all computed on invalid answers.
+
+    ``outputs`` is the user's ``OutputStats.snapshot()``; ``warm_start``: the persona came from a saved program.
+    """
+    summary = aligned.persona_summary
+    reason = rejection(summary, instructions=aligned.persona_guard.template.compose(""))
+    if reason is not None:
+        return f"the persona failed validation ({reason})"
+    report = getattr(aligned, "alignment", {}) or {}
+    invalid = outputs.get("invalid") or {}
+    if invalid.get("summary") and not warm_start and not report.get("improved"):
+        first = next((r for r in outputs.get("reasons", []) if r.startswith("summary")), "summary: rejected")
+        return (f"the persona summary was rejected ({first.partition(': ')[2]}) and no valid update improved on "
+                "it, so the persona holds nothing learned about this user")
+    answers = int(report.get("answers") or 0)
+    bad = int((report.get("invalid") or {}).get("answer") or 0)
+    if answers and bad == answers:
+        return f"all {answers} answers it was scored on were invalid, so its scores mean nothing"
+    return None

@@ -16,7 +16,12 @@ Output problems surface before any LM call: the programs folder must be creatabl
 some free space (``UnwritableOutputError``). A save that fails later fails that user with its reason;
 the summary is still returned (``summary_error`` says why it could not be written). A user whose
 alignment could not answer an item (``AlignmentError``, after retries) fails too: a persona scored on
-missing answers is never saved, so the next run compiles that user again.
+missing answers is never saved, so the next run compiles that user again. Nor is one whose persona failed
+validation or rests on invalid outputs only (``alignment.persona_problem``: a placeholder, an echo of the prompt, a
+rejected summary that no update improved on, every answer invalid): the user fails with that reason and their
+previous program file, if any, stays as it was. Every user's output counts (``OutputStats``: LM calls,
+truncations, outputs checked and rejected by step, retries, raw-text fallbacks) are in their result, in the
+program file's metadata and summed in the summary (``output_totals``).
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ from typing import Any
 import dspy
 
 from optimizers.lm_usage import LMUsage
+from optimizers.output_validation import OutputStats
 from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import AgentMode
 from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
+from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
 from persona_dspy.evaluation.runner import run_users
 from persona_dspy.files import check_writable_dir, write_atomically
-from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
+from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user, persona_problem
 from persona_dspy.lm.adapters import default_adapter
+from persona_dspy.lm.budget import overflow_sizes
 from persona_dspy.lm.build import describe_lm, redact_text
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import (
@@ -81,6 +89,11 @@ class UserResult:
     error: str | None = None
     fallbacks: dict[str, int] = field(default_factory=dict)  # replies read as raw text, by step
     run: str | None = None  # the ``created`` time of the run that produced this result
+    outputs: dict[str, Any] = field(default_factory=dict)  # OutputStats.snapshot() of this user's calls
+
+
+class PersonaRejected(ValueError):
+    """An aligned program that must not be saved (``alignment.persona_problem`` says why)."""
 
 
 @dataclass
@@ -117,9 +130,16 @@ class CompileSummary:
                 total[step] = total.get(step, 0) + n
         return total
 
+    def output_totals(self) -> dict[str, Any]:
+        """Every user's output counts of this run, summed."""
+        totals = OutputStats()
+        for result in self.results:
+            totals.merge(result.outputs)
+        return totals.snapshot()
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "compiled": self.count("compiled"), "realigned": self.count("realigned"),
-                "fallbacks": self.fallbacks(),
+                "fallbacks": self.fallbacks(), "output_totals": self.output_totals(),
                 "skipped": self.count("skipped"), "failed": self.count("failed"),
                 "users_per_minute": round(self.users_per_minute, 2)}
 
@@ -156,6 +176,11 @@ class CompileSummary:
         if any(fallbacks.values()):
             kept = ", ".join(f"{step} {n}" for step, n in fallbacks.items())
             lines.append(f"  unparsable replies kept as raw text: {kept}")
+        totals = self.output_totals()
+        lines.append(f"  {counts_line(totals)}")
+        warning = invalid_warning(totals)
+        if warning:
+            lines.append(f"  WARNING: {warning}")
         for r in self.results:
             if r.status == "failed":
                 lines.append(f"  FAILED {r.user_id}: {r.error}")
@@ -165,6 +190,12 @@ class CompileSummary:
             lines.append(f"  INTERRUPTED: {plural(len(self.not_done), 'user')} not done; a rerun continues with "
                          "them (finished users are skipped)")
         return "\n".join(lines)
+
+
+def _sizes(exc: BaseException) -> str:
+    """The prompt and context sizes of a context overflow, which litellm leaves out of its message ("" if none)."""
+    sizes = overflow_sizes(exc)
+    return f" ({sizes.partition(':')[0]})" if sizes else ""
 
 
 def _current(path: Path, history: UserHistory, expected: dict[str, Any]) -> bool | None:
@@ -235,29 +266,37 @@ def compile_users(
             return UserResult(history.user_id, "skipped", str(path))
         t0 = time.perf_counter()
         calls = LMUsage()
+        stats = OutputStats()
         try:
-            with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*dspy.settings.get("callbacks", []), calls]):
+            callbacks = [*dspy.settings.get("callbacks", []), calls, stats]
+            with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
                 start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
                 aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
                                      start=start, **aligner_settings)
             report = aligned.alignment
+            problem = persona_problem(aligned, stats.snapshot(), warm_start=start is not None)
+            if problem is not None:
+                kept = " (the previous program file is kept)" if path.exists() else ""
+                raise PersonaRejected(f"not saved: {problem}{kept}")
             started_from = ({"program_created": start.program_metadata["created"], "persona": start.persona}
                             if start is not None else {"initial_persona": aligned.persona_history[0]["persona"]})
             try:
                 save_program(aligned, path, {
                     **expected, "optimizer": "PersonaAligner", "alignment": report, "started_from": started_from,
+                    "outputs": stats.snapshot(),
                     "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
                 }, lm=lm)
             except OSError as exc:
                 raise OSError(f"cannot save the program to {path}: {exc.strerror or exc}") from exc
             return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
                               report["start_score"], report["best_score"], calls.calls,
-                              round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})))
+                              round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})),
+                              outputs=stats.snapshot())
         except Exception as exc:  # one user's failure must not stop the others
             logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
             return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
                               seconds=round(time.perf_counter() - t0, 3),
-                              error=redact_text(f"{type(exc).__name__}: {exc}"))
+                              error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot())
 
     with progress_bar(len(selected), f"compile {task}", progress) as bar:
         def done(history: UserHistory, result: UserResult) -> None:

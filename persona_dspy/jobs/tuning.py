@@ -31,6 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizers.lm_usage import LMUsage
+from optimizers.output_validation import OutputStats
 from optimizers.tuning import (
     Algorithm,
     AlignerSearchSpace,
@@ -99,8 +100,8 @@ def check_batch_bounds(space: AlignerSearchSpace, n_recent: int) -> None:
 def summarise_initial_personas(histories: Sequence[UserHistory], lm: dspy.LM, *,
                                workers: int = 4) -> tuple[dict[str, str], dict[str, Any]]:
     """Each user's initial persona (one LM call each), and the usage of those calls."""
-    usage = LMUsage()
-    callbacks = [*dspy.settings.get("callbacks", []), usage]
+    usage, outputs = LMUsage(), OutputStats()
+    callbacks = [*dspy.settings.get("callbacks", []), usage, outputs]
 
     def summarise(history: UserHistory) -> tuple[str, str]:
         with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
@@ -111,7 +112,7 @@ def summarise_initial_personas(histories: Sequence[UserHistory], lm: dspy.LM, *,
         # each user runs in its own copy of the caller's context (taken here, in the caller's thread)
         contexts = [contextvars.copy_context() for _ in histories]
         personas = dict(pool.map(lambda ctx, h: ctx.run(summarise, h), contexts, histories))
-    return personas, usage.snapshot()
+    return personas, {**usage.snapshot(), "outputs": outputs.snapshot()}
 
 
 def aligner_objective(
@@ -176,7 +177,8 @@ def aligner_objective(
             details={"task": task, "metric": metric, "metric_value": value, "higher_is_better": higher_is_better,
                      "overall": report.overall, "n_users": len(users), "n_queries": report.n_queries,
                      "lm_calls": report.calls, "tokens": report.tokens, "seconds": report.wall_seconds,
-                     "offline": report.offline, "initial_persona_usage": persona_usage},
+                     "offline": report.offline, "initial_persona_usage": persona_usage,
+                     "outputs": report.output_totals, "outputs_per_user": report.outputs},
         )
 
     return objective
@@ -287,12 +289,20 @@ def tuning_summary(study: optuna.Study, *, task: str, lm: dspy.LM, n_trials: int
                        best_metric_value=row.get("details", {}).get("metric_value"),
                        lm_calls_per_user=row["lm_calls_per_user"], best_trial=best.number)
     budget = max_lm_calls_per_user
+    rows = list(map(trial_summary, completed_trials(study)))
     summary["trials"] = [
         {"number": row["number"], "settings": row["settings"], "score": row["score"],
          "lm_calls_per_user": row["lm_calls_per_user"],
-         "feasible": budget is None or row["lm_calls_per_user"] <= budget}
-        for row in map(trial_summary, completed_trials(study))
+         "feasible": budget is None or row["lm_calls_per_user"] <= budget,
+         "invalid_outputs": sum(((row.get("details") or {}).get("outputs") or {}).get("invalid", {}).values())}
+        for row in rows
     ]
+    totals = OutputStats()  # every completed trial's outputs, and the initial personas' (summarised once)
+    for row in rows:
+        totals.merge((row.get("details") or {}).get("outputs") or {})
+    initial = next(((row.get("details") or {}).get("initial_persona_usage") for row in rows), None) or {}
+    totals.merge(initial.get("outputs") or {})
+    summary["output_totals"] = totals.snapshot()
     if len(study.directions) > 1:
         summary["pareto_front"] = [
             {key: value for key, value in trial_summary(t).items() if key != "details"} for t in pareto_front(study)

@@ -42,10 +42,16 @@ class BoundedJSONAdapter(dspy.JSONAdapter):
         model.model_json_schema = lambda *args, **kwargs: schema
 
 
+CHAT_STOP = ("[[ ## completed ## ]]",)
+"""Where a chat-format reply ends: a small model that goes on past it only writes what nobody reads (to max_tokens).
+The parser needs no closing marker."""
+
+
 class StructuredAdapter(dspy.ChatAdapter):
     """ChatAdapter, except that LMs that decode under a JSON schema get dspy's JSONAdapter.
 
-    ``chat`` formats the calls of schema-less LMs (default: a plain ChatAdapter, with its JSON retry).
+    ``chat`` formats the calls of schema-less LMs (default: a plain ChatAdapter, with its JSON retry), which stop at
+    ChatAdapter's closing marker (``CHAT_STOP``; the JSON retry sends it too, which a JSON reply never contains).
     """
 
     def __init__(self, chat: dspy.ChatAdapter | None = None) -> None:
@@ -53,16 +59,21 @@ class StructuredAdapter(dspy.ChatAdapter):
         self.chat = chat or dspy.ChatAdapter()
         self.json = BoundedJSONAdapter()
 
-    def _pick(self, lm: Any) -> dspy.Adapter:
-        return self.json if decodes_under_schema(lm) else self.chat
+    def _pick(self, lm: Any, lm_kwargs: dict[str, Any]) -> tuple[dspy.Adapter, dict[str, Any]]:
+        """The adapter, and the call's settings: chat-format replies stop at ChatAdapter's closing marker."""
+        if decodes_under_schema(lm):
+            return self.json, lm_kwargs
+        return self.chat, {"stop": list(CHAT_STOP), **lm_kwargs}
 
     def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: list[dict[str, Any]],
                  inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        return self._pick(lm)(lm, lm_kwargs, signature, demos, inputs)
+        adapter, lm_kwargs = self._pick(lm, lm_kwargs)
+        return adapter(lm, lm_kwargs, signature, demos, inputs)
 
     async def acall(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: list[dict[str, Any]],
                     inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self._pick(lm).acall(lm, lm_kwargs, signature, demos, inputs)
+        adapter, lm_kwargs = self._pick(lm, lm_kwargs)
+        return await adapter.acall(lm, lm_kwargs, signature, demos, inputs)
 
 
 STRUCTURED = StructuredAdapter()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import dspy
 
 from optimizers.lm_usage import LMUsage
+from optimizers.output_validation import OutputStats
 from optimizers.textual_loss import Metric
 from persona_dspy import progress_bar
 from persona_dspy.agent.persona_agent import PersonaAgent
@@ -74,8 +75,9 @@ def _quiet(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _counted(lm: dspy.LM, usage: LMUsage) -> Iterator[None]:
-    with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.get("callbacks") or []), usage]):
+def _counted(lm: dspy.LM, *counters: Any) -> Iterator[None]:
+    with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.get("callbacks") or []),
+                                                                   *counters]):
         yield
 
 
@@ -92,6 +94,8 @@ def _answer(program: dspy.Module, examples: Sequence[dspy.Example], task: str,
         try:
             prediction = program(**example.inputs())
             answer = "" if prediction.answer is None else str(prediction.answer)
+            invalid = getattr(prediction, "invalid", None)
+            error = None if invalid is None else f"invalid answer: {invalid}"
         except Exception as exc:  # one bad answer costs its score, not the user's whole run
             errors += 1
             answer, error = "", f"{type(exc).__name__}: {exc}"
@@ -141,12 +145,12 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
     train = _copies(trainset)
     val = list(train)  # the same objects: optimizers that cache answers per example share them (as the aligner)
     run = UserRun(spec.name, history.user_id, "ok", _ids(train), _ids(val), _ids(tests))
-    compile_usage, eval_usage = LMUsage(), LMUsage()
+    compile_usage, eval_usage, stats = LMUsage(), LMUsage(), OutputStats()
     stage = "compile"
     started = time.perf_counter()
     try:
         inputs = CompileInputs(history, base.deepcopy(), train, val, metric, lm, optimizer_lm, seed)
-        with _quiet(quiet), _counted(lm, compile_usage):
+        with _quiet(quiet), _counted(lm, compile_usage, stats):
             program = spec.compile(inputs)
         run.compile_seconds = round(time.perf_counter() - started, 3)
         run.guard_interventions = guard_result(program, base)
@@ -157,7 +161,7 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
         if isinstance(getattr(program, "comparison_details", None), dict):
             run.details = dict(program.comparison_details)
         started = time.perf_counter()
-        with _quiet(quiet), _counted(lm, eval_usage):
+        with _quiet(quiet), _counted(lm, eval_usage, stats):
             stage = "test"
             run.test_predictions, test_errors = _answer(program, tests, task, history.user_id)
             if tests and test_errors == len(tests):
@@ -177,7 +181,7 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
         run.status, run.stage, run.error_type, run.error = "failed", stage, type(exc).__name__, str(exc) or repr(exc)
         logger.warning("%s failed on %s at %s: %s: %s", spec.name, history.user_id, stage, run.error_type, run.error)
         logger.debug("%s on %s traceback", spec.name, history.user_id, exc_info=True)
-    run.compile_usage, run.eval_usage = compile_usage.snapshot(), eval_usage.snapshot()
+    run.compile_usage, run.eval_usage, run.outputs = compile_usage.snapshot(), eval_usage.snapshot(), stats.snapshot()
     return run
 
 
@@ -208,8 +212,16 @@ def _summarize(spec_name: str, settings: dict[str, Any], error: str | None, task
         compile_seconds=round(sum(u.compile_seconds for u in runs), 3),
         eval_seconds=round(sum(u.eval_seconds for u in runs), 3),
         prediction_errors=sum(u.prediction_errors for u in runs), failures=failures, users=runs,
-        guard_interventions=sum(u.guard_interventions for u in runs),
+        guard_interventions=sum(u.guard_interventions for u in runs), outputs=_merged(u.outputs for u in runs),
     )
+
+
+def _merged(snapshots: Any) -> dict[str, Any]:
+    """Output counts (``OutputStats.snapshot()``) summed."""
+    total = OutputStats()
+    for snapshot in snapshots:
+        total.merge(snapshot)
+    return total.snapshot()
 
 
 def _resolve(optimizers: Sequence[str | OptimizerSpec]) -> list[tuple[str, OptimizerSpec | None, str | None]]:
@@ -274,9 +286,9 @@ def compare_optimizers(
             starts: dict[Start, dspy.Module | None] = {"none": initial_agent(history, memory, mode="none", k=k),
                                                        "initial": None}
             if any(spec.start == "initial" for _, spec in runnable):
-                own = LMUsage()
+                own, own_outputs = LMUsage(), OutputStats()
                 try:  # once per user, shared by every optimizer starting from it
-                    with _counted(lm, persona_usage), _counted(lm, own):
+                    with _counted(lm, persona_usage, own, own_outputs):
                         persona = initial_persona(history)
                     starts["initial"] = initial_agent(history, memory, mode="rag", k=k, persona=persona)
                     info["initial_persona"] = persona
@@ -284,6 +296,7 @@ def compare_optimizers(
                     info["initial_persona_error"] = f"{type(exc).__name__}: {exc}"
                     logger.warning("initial persona failed for %s: %s", history.user_id, info["initial_persona_error"])
                 info["initial_persona_usage"] = own.snapshot()
+                info["initial_persona_outputs"] = own_outputs.snapshot()
             for name, spec in runnable:
                 bar.set_postfix_str(f"{history.user_id} {name}", refresh=False)
                 base = starts[spec.start]
@@ -307,6 +320,8 @@ def compare_optimizers(
         optimizer_lm=describe_lm(optimizer_lm) if optimizer_lm is not None else None, offline=offline,
         note=OFFLINE_NOTE if offline else None, n_recent=n_recent, k=k, seed=seed, user_ids=ids, users=users,
         persona_usage=persona_usage.snapshot(), results=results,
+        output_totals=_merged([*(r.outputs for r in results),
+                               *(u.get("initial_persona_outputs") or {} for u in users.values())]),
         wall_seconds=round(time.perf_counter() - started, 3),
         notes=[VALIDATION_NOTE, GUARD_NOTE, FAILED_PREDICTION_NOTE],
         versions=versions(), created=datetime.now(UTC).isoformat(timespec="seconds"),

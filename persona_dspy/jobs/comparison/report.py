@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
 from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
 
@@ -56,6 +57,8 @@ class UserRun:
     n_demos: int = 0
     guard_interventions: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """OutputStats.snapshot() of the compile and the scoring (calls, truncations, invalid outputs by step)."""
 
     @property
     def compile_calls(self) -> int:
@@ -88,6 +91,12 @@ class OptimizerResult:
     failures: list[dict[str, Any]]
     users: list[UserRun]
     guard_interventions: int = 0
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """Every user's output counts for this optimizer, summed."""
+
+    @property
+    def invalid_outputs(self) -> int:
+        return sum((self.outputs.get("invalid") or {}).values())
 
     @property
     def wall_seconds(self) -> float:
@@ -129,6 +138,8 @@ class ComparisonReport:
     notes: list[str]
     versions: dict[str, str]
     created: str
+    output_totals: dict[str, Any] = field(default_factory=dict)
+    """Output counts over every optimizer and user, the initial personas included."""
 
     def result(self, name: str) -> OptimizerResult:
         for result in self.results:
@@ -219,13 +230,13 @@ class ComparisonReport:
         direction = "higher" if self.higher_is_better else "lower"
         header = ["optimizer", "users", *(f"test {k}" for k in self.metric_keys),
                   *(f"val {k}" for k in self.metric_keys), "compile/user", "eval/user", "tokens", "seconds", "guarded",
-                  "status"]
+                  "invalid", "status"]
         rows = [{"optimizer": r.name, "users": f"{r.n_users_scored}/{r.n_users}",
                  **{f"test {k}": r.test.get(k) for k in self.metric_keys},
                  **{f"val {k}": r.val.get(k) for k in self.metric_keys},
                  "compile/user": r.compile_calls_per_user, "eval/user": r.eval_calls_per_user,
                  "tokens": r.compile_tokens + r.eval_tokens, "seconds": r.wall_seconds,
-                 "guarded": r.guard_interventions, "status": r.status}
+                 "guarded": r.guard_interventions, "invalid": r.invalid_outputs, "status": r.status}
                 for r in self.results]
         table = format_table(rows, header, digits=4, formats={"compile/user": ".1f", "eval/user": ".1f",
                                                               "seconds": ".2f"},
@@ -242,7 +253,12 @@ class ComparisonReport:
         out.append(f"LM calls per user: compile and eval (test + validation) counted apart; the initial persona "
                    f"({self.persona_usage.get('calls', 0)} calls in all) is shared by every optimizer starting from "
                    "it and counted in neither. Scores pool the users that completed. guarded: personas the guard "
-                   "had to change (injected lines, rules, length).")
+                   "had to change (injected lines, rules, length); invalid: model outputs rejected by validation.")
+        if self.output_totals:
+            out.append(counts_line(self.output_totals))
+            warning = invalid_warning(self.output_totals)
+            if warning:
+                out.append(f"WARNING: {warning}")
         for r in self.results:
             if r.error:
                 out.append(f"FAILED {r.name}: {r.error}")

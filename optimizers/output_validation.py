@@ -1,0 +1,199 @@
+"""What an LM wrote is checked before anything keeps it, and every check is counted.
+
+A weak model answers under the adapter's format and still says nothing: it repeats its prompt, fills in the
+template's placeholder (``{persona}``, ``{'persona': {'persona': ...}}``) or copies the signature's own
+instructions. Such text parses, so the adapter cannot tell; ``rejection`` can. A persona, a feedback or an update is
+kept only when it is text of its own (``rejection`` returns None); an answer only when it is not an echo of the
+prompt (``answer_rejection``). Callers count what they checked in ``OutputStats``:
+
+* ``checked``/``invalid`` by step (``answer``, ``loss``, ``update``, ``summary``, ``tool_step``), ``retries`` and
+  ``fallbacks`` (a reply read as raw text, see ``optimizers.text_outputs``), with the first reasons kept;
+* ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): as a dspy callback it sees
+  every LM call made while it is among ``dspy.settings.callbacks``; the finish reason is read from the call's
+  history entry (with dspy's history disabled, truncations are not seen).
+
+``record(...)`` adds to every ``OutputStats`` in the current callbacks (a run's and a user's, each once), so any
+code path counts without being handed the counter.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+from typing import Any
+
+import dspy
+from dspy.utils.callback import BaseCallback
+
+STEPS = ("answer", "loss", "update", "summary", "tool_step")
+MAX_REASONS = 5
+ECHO_WORDS = 10
+"""Consecutive words shared with the prompt's instructions that make a text an echo of them."""
+
+_PLACEHOLDER = re.compile(r"^[\s\"'`]*\{+\s*['\"]?[\w .-]{0,40}['\"]?\s*\}+[\s\"'`.]*$")
+_OBJECT = re.compile(r"^\s*[\[{]\s*['\"]?\w+['\"]?\s*:", re.S)
+_PLACEHOLDER_TOKEN = re.compile(r"\{\s*\w+\s*\}")
+PROMPT_ECHO = re.compile(
+    r"\[\[\s*##\s*\w+\s*##\s*\]\]|Your (?:input|output) fields are|All interactions will be structured"
+    r"|Respond with (?:the corresponding output fields|a JSON object)|In adhering to this structure"
+    r"|Literal\[|^\s*\d+\.\s+`\w+`\s+\(|\(must be formatted as a valid Python|# note: the value you produce",
+    re.IGNORECASE | re.MULTILINE,
+)
+"""The adapters' own prompt text (field lists, format notes, markers): a reply holding it repeats its prompt."""
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def _shares_run(text: str, source: str, n: int = ECHO_WORDS) -> bool:
+    """Whether ``text`` repeats ``n`` consecutive words of ``source``."""
+    words, seen = _words(text), _words(source)
+    if len(words) < n or len(seen) < n:
+        return False
+    grams = {tuple(seen[i:i + n]) for i in range(len(seen) - n + 1)}
+    return any(tuple(words[i:i + n]) in grams for i in range(len(words) - n + 1))
+
+
+def rejection(text: str | None, *, instructions: str | tuple[str, ...] = ()) -> str | None:
+    """Why ``text`` is not a free text of its own (a persona, summary, feedback or update), or None when it is.
+
+    ``instructions``: the signature's instructions (and any fixed persona text) it must not merely repeat.
+    """
+    body = "" if text is None else str(text).strip()
+    if not body:
+        return "empty"
+    if _PLACEHOLDER.match(body):
+        return f"a template placeholder ({body[:40]!r})"
+    if _OBJECT.match(body):
+        return f"a structured object, not text ({body[:40]!r})"
+    tokens = _PLACEHOLDER_TOKEN.findall(body)
+    if tokens and len(" ".join(tokens)) * 2 >= len(body):
+        return f"mostly template placeholders ({', '.join(tokens[:3])})"
+    if PROMPT_ECHO.search(body):
+        return "an echo of the prompt's format (field lists or markers)"
+    for source in (instructions,) if isinstance(instructions, str) else instructions:
+        if source and _shares_run(body, source):
+            return "a copy of the signature's own instructions"
+    return None
+
+
+def answer_rejection(text: str | None, *, prompt: tuple[str, ...] = ()) -> str | None:
+    """Why an answer text read from a reply cannot be an answer (an echo, a placeholder), or None.
+
+    An empty answer is not rejected here: it is already what LaMP scores as invalid.
+    """
+    body = "" if text is None else str(text).strip()
+    if not body:
+        return None
+    if _PLACEHOLDER.match(body) or (_PLACEHOLDER_TOKEN.search(body) and len(body) < 60):
+        return f"a template placeholder ({body[:40]!r})"
+    if PROMPT_ECHO.search(body):
+        return "an echo of the prompt's format (field lists or markers)"
+    if any(source and _shares_run(body, source) for source in prompt):
+        return "an echo of the prompt"
+    return None
+
+
+def _value(record: Any, name: str) -> Any:
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+
+def finish_reasons(response: Any) -> list[str]:
+    """The ``finish_reason`` of every choice of a response (litellm's object, a dict, or dspy's own result)."""
+    choices = _value(response, "choices") or []
+    reasons = [str(_value(choice, "finish_reason")) for choice in choices]
+    own = _value(response, "finish_reason")
+    return reasons or ([str(own)] if own is not None else [])
+
+
+class OutputStats(BaseCallback):
+    """Counts of LM calls, truncations and validated outputs, across threads (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._active: dict[str, Any] = {}
+        self.calls = 0
+        self.truncations = 0
+        self.checked: Counter[str] = Counter()
+        self.invalid: Counter[str] = Counter()
+        self.retries: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+        self.reasons: list[str] = []
+
+    # -- the dspy callback: every LM call ---------------------------------------------------------
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        with self._lock:  # registered globally and on the LM, a call is still one call
+            self.calls += call_id not in self._active
+            self._active.setdefault(call_id, instance)
+
+    def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        with self._lock:
+            instance = self._active.pop(call_id, None)
+        if instance is None or exception is not None:
+            return
+        for entry in reversed((getattr(instance, "history", None) or [])[-64:]):
+            if entry.get("outputs") is outputs:
+                if "length" in finish_reasons(entry.get("response")):
+                    with self._lock:
+                        self.truncations += 1
+                return
+
+    # -- what callers record ----------------------------------------------------------------------
+    def add(self, step: str, *, checked: int = 0, invalid: str | None = None, retry: bool = False,
+            fallback: bool = False) -> None:
+        with self._lock:
+            self.checked[step] += checked
+            if invalid is not None:
+                self.invalid[step] += 1
+                reason = f"{step}: {invalid}"
+                if len(self.reasons) < MAX_REASONS and reason not in self.reasons:
+                    self.reasons.append(reason)
+            self.retries[step] += int(retry)
+            self.fallbacks[step] += int(fallback)
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another snapshot's counts (a user's, into a run's total)."""
+        with self._lock:
+            self.calls += int(other.get("lm_calls", 0))
+            self.truncations += int(other.get("truncations", 0))
+            for name in ("checked", "invalid", "retries", "fallbacks"):
+                getattr(self, name).update({k: int(v) for k, v in (other.get(name) or {}).items()})
+            for reason in other.get("reasons") or []:
+                if len(self.reasons) < MAX_REASONS and reason not in self.reasons:
+                    self.reasons.append(reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as plain data, every step named (zeros included), for reports."""
+        with self._lock:
+            def steps(counter: Counter[str]) -> dict[str, int]:
+                return {step: int(counter.get(step, 0)) for step in (*STEPS, *sorted(set(counter) - set(STEPS)))}
+
+            return {"lm_calls": self.calls, "truncations": self.truncations, "checked": steps(self.checked),
+                    "invalid": steps(self.invalid), "retries": steps(self.retries),
+                    "fallbacks": steps(self.fallbacks), "reasons": list(self.reasons)}
+
+
+def mostly_invalid(snapshot: dict[str, Any]) -> bool:
+    """Whether more than half of the outputs checked were rejected."""
+    checked = sum((snapshot.get("checked") or {}).values())
+    invalid = sum((snapshot.get("invalid") or {}).values())
+    return checked > 0 and invalid * 2 > checked
+
+
+def active_stats() -> list[OutputStats]:
+    """Every OutputStats among the current dspy callbacks, each once."""
+    found: dict[int, OutputStats] = {}
+    for callback in dspy.settings.get("callbacks", None) or []:
+        if isinstance(callback, OutputStats):
+            found.setdefault(id(callback), callback)
+    return list(found.values())
+
+
+def record(step: str, *, checked: int = 0, invalid: str | None = None, retry: bool = False,
+           fallback: bool = False) -> None:
+    """Count one validation outcome in every active OutputStats (see the module docstring)."""
+    for stats in active_stats():
+        stats.add(step, checked=checked, invalid=invalid, retry=retry, fallback=fallback)

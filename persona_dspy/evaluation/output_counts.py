@@ -1,0 +1,48 @@
+"""How reports and the CLI say what the model's outputs were worth: counts in one line, a warning in words.
+
+The counts are ``OutputStats.snapshot()`` dicts (``optimizers.output_validation``), per user or summed over users.
+``--strict`` turns the warning into an error (exit 2, the CLI's rule for problems the user can fix): a run whose
+outputs were mostly rejected produced scores that mean nothing, and a script should not take it for a result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from optimizers.output_validation import STEPS, mostly_invalid
+
+
+def _by_step(counts: Mapping[str, int] | None) -> str:
+    parts = [f"{step} {int(n)}" for step, n in (counts or {}).items() if n]
+    return ", ".join(parts) if parts else "none"
+
+
+def counts_line(totals: Mapping[str, Any]) -> str:
+    """One line: LM calls, invalid outputs by step (of those checked), retries, raw-text fallbacks, truncations."""
+    checked = sum((totals.get("checked") or {}).values())
+    invalid = sum((totals.get("invalid") or {}).values())
+    return (f"outputs: {totals.get('lm_calls', 0)} LM calls; {invalid} of {checked} checked outputs invalid "
+            f"({_by_step(totals.get('invalid'))}); retries: {_by_step(totals.get('retries'))}; "
+            f"read as raw text: {_by_step(totals.get('fallbacks'))}; "
+            f"truncated (finish_reason=length): {totals.get('truncations', 0)}")
+
+
+def invalid_warning(totals: Mapping[str, Any]) -> str | None:
+    """A sentence saying most outputs were invalid (and the first reasons), or None when they were not."""
+    if not mostly_invalid(totals):
+        return None
+    checked = sum((totals.get("checked") or {}).values())
+    invalid = sum((totals.get("invalid") or {}).values())
+    worst = [step for step in STEPS if (totals.get("invalid") or {}).get(step)]
+    reasons = "; ".join(totals.get("reasons") or [])
+    return (f"most of the model's outputs were invalid ({invalid} of {checked}: {', '.join(worst)}), so these "
+            f"results do not show what the method does with a working model"
+            + (f"; first reasons: {reasons}" if reasons else "")
+            + ". Check the model and the server (a larger or instruction-tuned model, the chat template).")
+
+
+def strict_failure(totals: Mapping[str, Any], strict: bool) -> str | None:
+    """Under ``--strict``, the error message for a run whose outputs were mostly invalid (None: nothing to fail)."""
+    warning = invalid_warning(totals)
+    return f"--strict: {warning}" if strict and warning else None

@@ -687,7 +687,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
         nonlocal mode
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
+        with dspy.context(lm=lm, adapter=default_adapter()), usage.counting():
             if program is not None:
                 from persona_dspy.programs import load_program
 

@@ -79,7 +79,7 @@ class _State:
         self.failures = 0
         self.model_requests = 0
         self.echoed = 0
-        self.log: deque[dict[str, Any]] = deque(maxlen=20)
+        self.log: deque[dict[str, Any]] = deque(maxlen=64)
 
     def stats(self) -> dict[str, Any]:
         return {"chat_requests": self.chat_requests, "answered": self.answered, "failures": self.failures,
@@ -188,7 +188,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 echo, label = state.echo_injections, state.constant_label
                 entry = {"path": self.path, "model": body.get("model"), "messages": body.get("messages"),
                          "failed": fail, "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
-                         "response_format": body.get("response_format"), "stream": body.get("stream"), "id": None}
+                         "response_format": body.get("response_format"), "stream": body.get("stream"), "id": None,
+                         "fields": sorted(body), "headers": {k.lower(): v for k, v in self.headers.items()}}
                 state.log.append(entry)
             if latency > 0:
                 time.sleep(latency)

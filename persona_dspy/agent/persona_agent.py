@@ -86,6 +86,10 @@ REASONING_MAX_CHARS = 400
 itself cannot run every answer to max_tokens and leave the JSON unfinished; other adapters show it as a hint."""
 
 
+MAX_BUILT_SIGNATURES = 256
+"""Signatures a PersonaReasoning keeps for reuse (an alignment scores ~10 personas on ~2 predictors)."""
+
+
 class PersonaReasoning(dspy.Module):
     """The persona-conditioned predictor(s) that answer the task; the persona is their instruction text."""
 
@@ -93,6 +97,8 @@ class PersonaReasoning(dspy.Module):
                  reasoning: bool = True) -> None:
         super().__init__()
         self.mode = mode
+        self._built: dict[tuple[int, str], type] = {}  # (id of a base signature, instructions) -> signature
+        self._base: dict[int, tuple[type, type]] = {}  # id of a signature built here -> (it, its base)
         signature = task_signature(task)
         if mode == "react":
             self.program = dspy.ReAct(signature.with_instructions(persona), tools=list(tools), max_iters=max_iters)
@@ -119,7 +125,25 @@ class PersonaReasoning(dspy.Module):
             raise ValueError("a persona must be a non-empty text")
         for predictor in self.persona_predictors():
             instructions = text + self._tool_suffix if predictor is getattr(self.program, "react", None) else text
-            predictor.signature = predictor.signature.with_instructions(instructions)
+            predictor.signature = self._with_instructions(predictor.signature, instructions)
+
+    def _with_instructions(self, signature: type, instructions: str) -> type:
+        """``signature.with_instructions(instructions)``, built once per persona text and reused.
+
+        The aligner sets the persona before every answer, and building a signature builds a pydantic model (~5% of
+        a compile's client CPU). A signature built here differs from its base only in its instructions, so the one
+        built from the base with these instructions is the same signature; one set from outside is a new base.
+        """
+        entry = self._base.get(id(signature))
+        base = entry[1] if entry is not None and entry[0] is signature else signature
+        built = self._built.get((id(base), instructions))
+        if built is None:
+            if len(self._built) >= MAX_BUILT_SIGNATURES:  # an app setting ever new personas: start over
+                self._built.clear()
+                self._base.clear()
+            built = self._built[(id(base), instructions)] = base.with_instructions(instructions)
+            self._base[id(built)] = (built, base)  # keeps both alive, so no id is reused while it is a key
+        return built
 
     def forward(self, query: str, context: str) -> dspy.Prediction:
         return self.program(query=query, context=context)

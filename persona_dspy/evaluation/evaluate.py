@@ -211,7 +211,7 @@ def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.L
     stage = "persona"
     try:
         examples = query_examples(history)
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
+        with dspy.context(lm=lm, adapter=default_adapter()), usage.counting():
             agent = factory(history)
             records = []
             for example in examples:

@@ -236,7 +236,7 @@ def compile_users(
         t0 = time.perf_counter()
         calls = LMUsage()
         try:
-            with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*dspy.settings.get("callbacks", []), calls]):
+            with dspy.context(lm=lm, adapter=default_adapter()), calls.counting():
                 start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
                 aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
                                      start=start, **aligner_settings)

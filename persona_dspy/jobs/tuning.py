@@ -100,10 +100,9 @@ def summarise_initial_personas(histories: Sequence[UserHistory], lm: dspy.LM, *,
                                workers: int = 4) -> tuple[dict[str, str], dict[str, Any]]:
     """Each user's initial persona (one LM call each), and the usage of those calls."""
     usage = LMUsage()
-    callbacks = [*dspy.settings.get("callbacks", []), usage]
 
     def summarise(history: UserHistory) -> tuple[str, str]:
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
+        with dspy.context(lm=lm, adapter=default_adapter()), usage.counting():
             return history.user_id, initial_persona(history)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(histories))),

@@ -74,8 +74,8 @@ def _quiet(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _counted(lm: dspy.LM, usage: LMUsage) -> Iterator[None]:
-    with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.get("callbacks") or []), usage]):
+def _counted(lm: dspy.LM, usage: LMUsage, *others: dspy.LM) -> Iterator[None]:
+    with dspy.context(lm=lm, adapter=default_adapter()), usage.counting(*others):
         yield
 
 
@@ -146,7 +146,7 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
     started = time.perf_counter()
     try:
         inputs = CompileInputs(history, base.deepcopy(), train, val, metric, lm, optimizer_lm, seed)
-        with _quiet(quiet), _counted(lm, compile_usage):
+        with _quiet(quiet), _counted(lm, compile_usage, optimizer_lm):
             program = spec.compile(inputs)
         run.compile_seconds = round(time.perf_counter() - started, 3)
         run.guard_interventions = guard_result(program, base)

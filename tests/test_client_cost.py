@@ -1,7 +1,8 @@
 """The client's work per LM call: counted on the LM, nothing redone per iteration, the same answers as before.
 
 "Before" is emulated in the same run: LiteLLM instead of the native engine (``PERSONA_DSPY_ENGINE=litellm``), a
-search per answer instead of one per interaction, a signature built per persona assignment. A compile must send the
+search per answer instead of one per interaction, a signature built per persona assignment and an answer program
+built from scratch per agent. A compile must send the
 scripted server exactly the same requests both ways, and end with the same personas and scores.
 """
 
@@ -35,6 +36,13 @@ def lamp3(sample_memory):
     return sample_memory("LaMP_3")
 
 
+def fresh_answer_program(task: str, reasoning: bool) -> dspy.Module:
+    """The answer program built from scratch for every agent, as before."""
+    rationale = dspy.OutputField(desc="${reasoning}", max_length=persona_agent.REASONING_MAX_CHARS)
+    signature = task_signature(task)
+    return dspy.ChainOfThought(signature, rationale_field=rationale) if reasoning else dspy.Predict(signature)
+
+
 def _align(history, memory, lm):
     with dspy.context(lm=lm, adapter=default_adapter()):
         return align_user(history, memory, stop_when_perfect=False)
@@ -52,6 +60,10 @@ def test_a_compile_sends_the_same_requests_as_before(lamp3, server, monkeypatch)
     monkeypatch.setattr(alignment, "searches_reused", contextlib.nullcontext)
     monkeypatch.setattr(persona_agent.PersonaReasoning, "_with_instructions",
                         lambda self, signature, instructions: signature.with_instructions(instructions))
+    monkeypatch.setattr(persona_agent, "_answer_program", fresh_answer_program)
+    monkeypatch.setattr(PersonaAgent, "retrieve_ahead", lambda self, questions: None)
+    monkeypatch.setattr(PersonaAgent, "_guard", lambda self, text: self.persona_guard.apply(
+        text, fallback=self.persona_guard.summary(self.reason.persona)))
     server.reset()
     before = _align(history, memory, build_lm("openai/test-model", api_base=server.api_base, num_retries=0))
     sent_before = [(r["messages"], r["max_tokens"]) for r in server.stats()["requests"]]

@@ -30,5 +30,6 @@ def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode 
         raise ValueError(f"user {history.user_id!r} has no history before their first query to align on")
     student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
     aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)
-    with searches_reused():  # every iteration answers the same interactions: each is retrieved once
+    with searches_reused():  # every iteration answers the same interactions: each is retrieved once, up front
+        student.retrieve_ahead(example.inputs() for example in trainset)
         return aligner.compile(student, trainset=trainset)

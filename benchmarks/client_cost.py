@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -43,15 +42,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-os.environ.setdefault("PERSONA_DSPY_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
+for name, value in {"PERSONA_DSPY_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}.items():
+    os.environ.setdefault(name, value)  # nothing fetched; the SDK child imports neither dspy nor the package
 
 VARIANTS = ("openai-sdk", "dspy-native", "dspy-litellm", "compile-before", "compile-after")
 MODEL = "bench-model"
-SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO.parent / "shared"))
 
 
 # --------------------------------------------------------------------------- child side: one variant, one process
@@ -145,11 +141,10 @@ def _switch_back_to_before() -> None:
 
 
 def _histories(task: str, n: int) -> list:
-    from persona_dspy.data.lamp import dataset_dir, load_dataset
+    """The compile benchmark's users: n distinct users cycled from the task's dev users."""
+    from compile import dev_histories, replicate  # benchmarks/compile.py (it imports the package: compile runs only)
 
-    folder = SHARED / "lamp" / task
-    base = load_dataset(folder if folder.is_dir() else dataset_dir(task))
-    return [dataclasses.replace(base[i % len(base)], user_id=f"{base[i % len(base)].user_id}#{i}") for i in range(n)]
+    return replicate(dev_histories(task), n)
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,9 +175,20 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         before, cpu, wall = _answered(api_base), time.process_time(), time.perf_counter()
         _in_threads(args.workers, args.calls_each, call)
         cpu, wall, calls = time.process_time() - cpu, time.perf_counter() - wall, _answered(api_base) - before
-    result.update(calls=calls, cpu_s=round(cpu, 3), wall_s=round(wall, 3),
-                  rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    result.update(calls=calls, cpu_s=round(cpu, 3), wall_s=round(wall, 3), rss_mb=_peak_rss_mb())
     return result
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Not ``ru_maxrss``: Linux carries it over from the parent across fork and exec, so
+    every child would report at least the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # --------------------------------------------------------------------------- parent side: server, rounds, table

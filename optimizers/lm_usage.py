@@ -19,6 +19,7 @@ from typing import Any
 
 import dspy
 from dspy.utils.callback import BaseCallback
+from dspy.utils.callback_context import ACTIVE_CALL_ID
 
 ACTIVE_KEY = "persona_dspy_lm_usage"
 """The dspy context setting holding the counters active for the calls of a ``with counting(...)`` block."""
@@ -46,13 +47,15 @@ class LMUsage(BaseCallback):
     Make it active with ``usage.counting()`` (the calls made in the block, by any metered LM), or register it on an
     LM (``callbacks=[usage]``: that LM's calls) or globally; a call seen twice (several places) counts once.
     Tokens come from the call's history entry, matched by identity of the outputs dspy hands to on_lm_end; with
-    history disabled, a cache hit, or a server that reports no usage, the call is counted as unmetered.
+    history disabled, a cache hit, or a server that reports no usage, the call is counted as unmetered. An LM that
+    calls other LMs (a router over servers) counts as the calls it makes, each once, not as one more.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._active: dict[str, Any] = {}
+        self._delegated: set[str] = set()  # active calls made through inner LM calls (those are what count)
         self.reset()
 
     def reset(self) -> None:
@@ -65,17 +68,29 @@ class LMUsage(BaseCallback):
             self.by_model: dict[str, int] = {}
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        outer = ACTIVE_CALL_ID.get()  # dspy sets it to the enclosing call's id while that call runs
         with self._lock:
             if call_id in self._active:
                 return
+            if outer in self._active and outer not in self._delegated:  # an LM calling an LM: the inner one counts
+                self._delegated.add(outer)
+                self._count(self._active[outer], -1)
             self._active[call_id] = instance
-            self.calls += 1
-            model = str(getattr(instance, "model", "?"))
-            self.by_model[model] = self.by_model.get(model, 0) + 1
+            self._count(instance, 1)
+
+    def _count(self, instance: Any, step: int) -> None:
+        self.calls += step
+        model = str(getattr(instance, "model", "?"))
+        self.by_model[model] = self.by_model.get(model, 0) + step
+        if not self.by_model[model]:
+            del self.by_model[model]
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         with self._lock:
             instance = self._active.pop(call_id, None)
+            if call_id in self._delegated:  # its inner calls recorded their own tokens and errors
+                self._delegated.discard(call_id)
+                return
         if instance is None:
             return
         numbers = None if exception is not None else self._tokens(instance, outputs)

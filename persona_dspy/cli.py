@@ -670,7 +670,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.data.examples import query_examples
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
     from persona_dspy.lm.adapters import default_adapter
-    from persona_dspy.lm.build import LMUsage, is_offline
+    from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
 
     program, used = _predict_program(task, history.user_id, args)
     mode = args.mode or "rag"
@@ -707,7 +707,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except LMError as exc:
         raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm)}") from exc
 
-    print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {lm.model}")
+    print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {describe_lm(lm)['model']}")
     print(f"program: {used}")
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")

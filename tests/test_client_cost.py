@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -143,3 +144,19 @@ def test_a_call_seen_twice_counts_once_and_errors_count():
     with dspy.context(lm=broken), usage.counting(), pytest.raises(LMError, match="no model here"):
         dspy.Predict(task_signature("LaMP_3"))(query="x", context="score: 3")
     assert usage.calls == 2 and usage.errors == 1 and METER in broken.callbacks
+
+
+def test_an_lm_that_calls_another_lm_counts_as_the_calls_it_makes():
+    """A router LM over servers (an engine that calls one LM per server) is not one call more than it makes."""
+    inner = build_lm("offline")
+
+    class Router:
+        def complete(self, request):  # noqa: ANN001
+            return inner(dataclasses.replace(request, model=inner.model))
+
+    router = dspy.LM("offline/router", engine=Router(), cache=False, num_retries=0)
+    usage = LMUsage()
+    with dspy.context(lm=router), usage.counting():
+        assert dspy.Predict(task_signature("LaMP_3"))(query="x", context="score: 4").answer == "4"
+    assert usage.snapshot()["by_model"] == {"offline/stand-in": 1}
+    assert (usage.calls, usage.errors, usage.completion_tokens) == (1, 0, 11)

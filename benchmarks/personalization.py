@@ -65,7 +65,7 @@ def measured(lm: dspy.LM, step):  # noqa: ANN001
     """Run ``step()`` under ``lm`` with a fresh usage counter; returns (its result, usage snapshot, seconds)."""
     usage = LMUsage()
     started = time.perf_counter()
-    with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
+    with dspy.context(lm=lm, adapter=default_adapter()), usage.counting():
         result = step()
     return result, usage.snapshot(), round(time.perf_counter() - started, 3)
 

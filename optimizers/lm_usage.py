@@ -1,14 +1,28 @@
 """Counting LM calls and tokens across threads, for optimizer diagnostics and reports.
 
-dspy's ``track_usage`` is per context and is lost across worker threads; a callback sees every call.
+dspy's ``track_usage`` is per context and is lost across worker threads. A counter installed as a dspy callback in
+the context (``dspy.context(callbacks=[usage])``) sees every LM call, but dspy then wakes every callback on every
+module, predictor, adapter and tool call too (it binds each call's arguments to hand them over), which cost ~8% of a
+compile's client CPU. So counting lives on the LM instead: every LM the package builds carries ``METER``, one
+callback that dspy runs for that LM's calls only, and ``counting(...)`` makes counters active for the calls made in
+a ``with`` block, in this thread and in worker threads that copy the context (the counters travel in dspy's
+context settings, like ``lm`` and ``adapter``). ``counting`` meters the context's LM and any LM passed to it, so LMs
+built elsewhere are counted too.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import dspy
 from dspy.utils.callback import BaseCallback
+from dspy.utils.callback_context import ACTIVE_CALL_ID
+
+ACTIVE_KEY = "persona_dspy_lm_usage"
+"""The dspy context setting holding the counters active for the calls of a ``with counting(...)`` block."""
 
 
 def _usage_numbers(usage: Any) -> tuple[int, int] | None:
@@ -30,15 +44,18 @@ def _usage_numbers(usage: Any) -> tuple[int, int] | None:
 class LMUsage(BaseCallback):
     """Counts LM calls and tokens across threads (dspy's track_usage is per-context; this sees every call).
 
-    Register it on the LM (``callbacks=[usage]``) or globally; a call seen twice (both places) counts once.
+    Make it active with ``usage.counting()`` (the calls made in the block, by any metered LM), or register it on an
+    LM (``callbacks=[usage]``: that LM's calls) or globally; a call seen twice (several places) counts once.
     Tokens come from the call's history entry, matched by identity of the outputs dspy hands to on_lm_end; with
-    history disabled, a cache hit, or a server that reports no usage, the call is counted as unmetered.
+    history disabled, a cache hit, or a server that reports no usage, the call is counted as unmetered. An LM that
+    calls other LMs (a router over servers) counts as the calls it makes, each once, not as one more.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._active: dict[str, Any] = {}
+        self._delegated: set[str] = set()  # active calls made through inner LM calls (those are what count)
         self.reset()
 
     def reset(self) -> None:
@@ -51,17 +68,29 @@ class LMUsage(BaseCallback):
             self.by_model: dict[str, int] = {}
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        outer = ACTIVE_CALL_ID.get()  # dspy sets it to the enclosing call's id while that call runs
         with self._lock:
             if call_id in self._active:
                 return
+            if outer in self._active and outer not in self._delegated:  # an LM calling an LM: the inner one counts
+                self._delegated.add(outer)
+                self._count(self._active[outer], -1)
             self._active[call_id] = instance
-            self.calls += 1
-            model = str(getattr(instance, "model", "?"))
-            self.by_model[model] = self.by_model.get(model, 0) + 1
+            self._count(instance, 1)
+
+    def _count(self, instance: Any, step: int) -> None:
+        self.calls += step
+        model = str(getattr(instance, "model", "?"))
+        self.by_model[model] = self.by_model.get(model, 0) + step
+        if not self.by_model[model]:
+            del self.by_model[model]
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         with self._lock:
             instance = self._active.pop(call_id, None)
+            if call_id in self._delegated:  # its inner calls recorded their own tokens and errors
+                self._delegated.discard(call_id)
+                return
         if instance is None:
             return
         numbers = None if exception is not None else self._tokens(instance, outputs)
@@ -100,3 +129,48 @@ class LMUsage(BaseCallback):
                 "unmetered_calls": self.unmetered_calls,
                 "by_model": dict(self.by_model),
             }
+
+    def counting(self, *lms: Any) -> Any:
+        """``with usage.counting(*lms):`` counts the LM calls made in the block (see ``counting``)."""
+        return counting(self, lms=lms)
+
+
+class _Meter(BaseCallback):
+    """The one callback an LM carries: hands its calls to the counters active in the caller's context."""
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        for usage in dspy.settings.get(ACTIVE_KEY) or ():
+            usage.on_lm_start(call_id, instance, inputs)
+
+    def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        for usage in dspy.settings.get(ACTIVE_KEY) or ():  # a counter that never saw the start ignores the end
+            usage.on_lm_end(call_id, outputs, exception)
+
+
+METER = _Meter()
+"""Put on every LM the package builds (``metered``); it costs nothing when no counter is active."""
+
+
+def metered(lm: Any) -> Any:
+    """``lm`` carrying ``METER`` (added once, in place; ``lm.copy()`` keeps it). Returns ``lm``."""
+    callbacks = getattr(lm, "callbacks", None)
+    if isinstance(callbacks, list) and not any(c is METER for c in callbacks):
+        callbacks.append(METER)
+    return lm
+
+
+@contextmanager
+def counting(*usages: BaseCallback, lms: tuple[Any, ...] = ()) -> Iterator[None]:
+    """Count, on each of ``usages`` (``LMUsage``, or any callback counting LM calls), the LM calls made in this block
+    (and in threads that copy its context).
+
+    Counters already active stay active (nested blocks count into every enclosing counter). The context's LM and
+    ``lms`` get ``METER``; an LM that carries neither it nor the counter itself is not seen.
+    """
+    for lm in (dspy.settings.get("lm"), *lms):
+        if lm is not None:
+            metered(lm)
+    active = tuple(dspy.settings.get(ACTIVE_KEY) or ())
+    added = tuple(u for u in dict.fromkeys(usages) if all(u is not a for a in active))
+    with dspy.context(**{ACTIVE_KEY: active + added}):
+        yield

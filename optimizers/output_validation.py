@@ -8,12 +8,13 @@ prompt (``answer_rejection``). Callers count what they checked in ``OutputStats`
 
 * ``checked``/``invalid`` by step (``answer``, ``loss``, ``update``, ``summary``, ``tool_step``), ``retries`` and
   ``fallbacks`` (a reply read as raw text, see ``optimizers.text_outputs``), with the first reasons kept;
-* ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): as a dspy callback it sees
-  every LM call made while it is among ``dspy.settings.callbacks``; the finish reason is read from the call's
-  history entry (with dspy's history disabled, truncations are not seen).
+* ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): it sees every LM call made
+  while it is active, the way ``LMUsage`` is (``with counting(usage, stats):``, see ``optimizers.lm_usage``; being
+  among ``dspy.settings.callbacks`` works too, at the cost of dspy waking it for every module); the finish reason
+  is read from the call's history entry (with dspy's history disabled, truncations are not seen).
 
-``record(...)`` adds to every ``OutputStats`` in the current callbacks (a run's and a user's, each once), so any
-code path counts without being handed the counter.
+``record(...)`` adds to every ``OutputStats`` active here (a run's and a user's, each once), so any code path
+counts without being handed the counter.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 import dspy
 from dspy.utils.callback import BaseCallback
+
+from optimizers.lm_usage import ACTIVE_KEY
 
 STEPS = ("answer", "loss", "update", "summary", "tool_step")
 MAX_REASONS = 5
@@ -184,9 +187,9 @@ def mostly_invalid(snapshot: dict[str, Any]) -> bool:
 
 
 def active_stats() -> list[OutputStats]:
-    """Every OutputStats among the current dspy callbacks, each once."""
+    """Every OutputStats active here (``counting(stats)`` or among the dspy callbacks), each once."""
     found: dict[int, OutputStats] = {}
-    for callback in dspy.settings.get("callbacks", None) or []:
+    for callback in [*(dspy.settings.get(ACTIVE_KEY, None) or []), *(dspy.settings.get("callbacks", None) or [])]:
         if isinstance(callback, OutputStats):
             found.setdefault(id(callback), callback)
     return list(found.values())

@@ -249,7 +249,7 @@ class PersonaAligner(Teleprompter):
         fallbacks: Counter[str] = Counter()  # replies read as raw text, by step (see optimizers.text_outputs)
         invalid: Counter[str] = Counter()  # outputs rejected by validation (after their retry), by step
         fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
-        with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), usage]):
+        with usage.counting(*[lm for lm in (task_lm, optimizer_lm) if lm is not None], *own_lms):
             current = self._evaluate(program, access, start_persona, valset, task_lm, cache)
             best = current
             seen: dict[str, float] = {start_persona: current.score}

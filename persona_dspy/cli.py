@@ -697,7 +697,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.data.examples import query_examples
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
     from persona_dspy.lm.adapters import default_adapter
-    from persona_dspy.lm.build import LMUsage, is_offline
+    from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
 
     program, used = _predict_program(task, history.user_id, args)
     mode = args.mode or "rag"
@@ -714,7 +714,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
         nonlocal mode
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.callbacks or []), usage]):
+        with dspy.context(lm=lm, adapter=default_adapter()), usage.counting():
             if program is not None:
                 from persona_dspy.programs import load_program
 
@@ -734,7 +734,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except LMError as exc:
         raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm, exc)}") from exc
 
-    print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {lm.model}")
+    print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {describe_lm(lm)['model']}")
     print(f"program: {used}")
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")

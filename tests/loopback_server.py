@@ -137,7 +137,7 @@ class _State:
         self.echoed = 0
         self.truncated = 0
         self.overflowed = 0
-        self.log: deque[dict[str, Any]] = deque(maxlen=20)
+        self.log: deque[dict[str, Any]] = deque(maxlen=64)
 
     def stats(self) -> dict[str, Any]:
         return {"chat_requests": self.chat_requests, "answered": self.answered, "failures": self.failures,
@@ -257,7 +257,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 mode, n_ctx = state.reply_mode, state.n_ctx
                 entry = {"path": self.path, "model": body.get("model"), "messages": body.get("messages"),
                          "failed": fail, "max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
-                         "response_format": body.get("response_format"), "stream": body.get("stream"), "id": None}
+                         "response_format": body.get("response_format"), "stream": body.get("stream"), "id": None,
+                         "fields": sorted(body), "headers": {k.lower(): v for k, v in self.headers.items()}}
                 state.log.append(entry)
             if latency > 0:
                 time.sleep(latency)

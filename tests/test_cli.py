@@ -92,7 +92,7 @@ def test_eval_over_http_records_the_model_and_server(capsys, tmp_path, server):
     assert code == 0, stderr
     report = json.loads(out.read_text())
     assert report["lm"]["model"] == "openai/test-model" and report["lm"]["api_base"] == server.api_base
-    assert report["lm"]["engine"] == "litellm" and report["offline"] is False and report["note"] is None
+    assert report["lm"]["engine"] == "lm15" and report["offline"] is False and report["note"] is None
     assert "NOTE" not in stdout and "api_key" not in json.dumps(report["lm"])
     stats = server.stats()
     assert stats["answered"] == report["calls"] == 6 + 18  # one persona summary per user, one call per query

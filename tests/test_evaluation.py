@@ -208,7 +208,8 @@ def test_summary_table_lines_up_numbers_and_sets_the_pooled_row_apart():
     lines = report.summary_table().splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("user "))
     header, rule, first, second, rule_again, pooled = lines[at:at + 6]
-    assert header.split() == ["user", "queries", "invalid", "mae", "rmse"] and set(rule) == set(rule_again) == {"-", " "}
+    assert header.split() == ["user", "queries", "invalid", "mae", "rmse"]
+    assert set(rule) == set(rule_again) == {"-", " "}
     assert first.startswith(histories[0].user_id) and second.startswith(histories[1].user_id)
     assert pooled.startswith("ALL (2 users, pooled)") and f"{report.overall['mae']:.4f}" in pooled
     assert len({len(line) for line in (header, rule, first, second, pooled)}) == 1  # right-aligned numbers end even

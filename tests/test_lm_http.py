@@ -85,19 +85,20 @@ def test_malformed_api_base_is_a_clear_error(api_base):
 def test_local_server_settings():
     lm = build_lm("openai/qwen", api_base="http://127.0.0.1:8000/v1/", temperature=0.2, max_tokens=64, timeout=5,
                   num_retries=1)
-    assert lm.model == "openai/qwen" and lm.engine == "litellm"
+    assert lm.model == "openai-compatible/qwen" and lm.engine == "lm15"  # dspy's native engine, max_tokens dialect
     assert lm.kwargs["api_base"] == "http://127.0.0.1:8000/v1" and lm.kwargs["api_key"] == "local"
     assert lm.kwargs["max_tokens"] == 64 and "max_completion_tokens" not in lm.kwargs
     info = describe_lm(lm)
-    assert info == {"model": "openai/qwen", "engine": "litellm", "offline": False,
+    assert info == {"model": "openai/qwen", "engine": "lm15", "offline": False,
                     "api_base": "http://127.0.0.1:8000/v1", "temperature": 0.2, "max_tokens": 64, "timeout": 5,
                     "num_retries": 1, "cache": False}
 
 
 def test_provider_variants():
-    assert build_lm("qwen", api_base="http://127.0.0.1:8080/v1").model == "openai/qwen"  # llama.cpp style
+    assert describe_lm(build_lm("qwen", api_base="http://127.0.0.1:8080/v1"))["model"] == "openai/qwen"  # llama.cpp
     vllm = build_lm("hosted_vllm/meta-llama/Llama-3.1-8B", api_base="http://127.0.0.1:8000/v1")
-    assert vllm.model == "hosted_vllm/meta-llama/Llama-3.1-8B"
+    assert describe_lm(vllm)["model"] == "hosted_vllm/meta-llama/Llama-3.1-8B"
+    assert vllm.model == "openai-compatible/meta-llama/Llama-3.1-8B" and vllm.engine == "lm15"
     ollama = build_lm("ollama_chat/llama3.1", api_base="http://127.0.0.1:11434/v1")
     assert ollama.kwargs["api_base"] == "http://127.0.0.1:11434"  # Ollama's native API is at the root
     assert "api_base" not in build_lm("ollama_chat/llama3.1").kwargs
@@ -108,10 +109,10 @@ def test_env_settings_and_argument_precedence(monkeypatch):
     monkeypatch.setenv("PERSONA_DSPY_API_BASE", "http://127.0.0.1:8001/v1")
     monkeypatch.setenv("PERSONA_DSPY_API_KEY", "sk-env")
     lm = build_lm()
-    assert (lm.model, lm.kwargs["api_base"], lm.kwargs["api_key"]) == ("openai/env-model", "http://127.0.0.1:8001/v1",
+    assert (lm.served_as, lm.kwargs["api_base"], lm.kwargs["api_key"]) == ("openai/env-model", "http://127.0.0.1:8001/v1",
                                                                        "sk-env")
     lm = build_lm("openai/arg-model", "http://127.0.0.1:8002/v1", api_key="sk-arg")
-    assert (lm.model, lm.kwargs["api_base"], lm.kwargs["api_key"]) == ("openai/arg-model", "http://127.0.0.1:8002/v1",
+    assert (lm.served_as, lm.kwargs["api_base"], lm.kwargs["api_key"]) == ("openai/arg-model", "http://127.0.0.1:8002/v1",
                                                                        "sk-arg")
     assert "api_key" not in describe_lm(lm) and "sk-arg" not in repr(describe_lm(lm))
 
@@ -121,11 +122,11 @@ def test_optimizer_lm_falls_back_to_the_task_lm(monkeypatch):
     assert build_optimizer_lm(task_lm=task) is task
     monkeypatch.setenv("PERSONA_DSPY_LM", "openai/task")
     monkeypatch.setenv("PERSONA_DSPY_API_BASE", "http://127.0.0.1:8001/v1")
-    assert build_optimizer_lm().model == "openai/task"
+    assert build_optimizer_lm().served_as == "openai/task"
     monkeypatch.setenv("PERSONA_DSPY_OPTIMIZER_LM", "openai/big")
     monkeypatch.setenv("PERSONA_DSPY_OPTIMIZER_API_BASE", "http://127.0.0.1:8003/v1")
     opt = build_optimizer_lm(task_lm=task, temperature=0.7)
-    assert (opt.model, opt.kwargs["api_base"], opt.kwargs["temperature"]) == ("openai/big", "http://127.0.0.1:8003/v1",
+    assert (opt.served_as, opt.kwargs["api_base"], opt.kwargs["temperature"]) == ("openai/big", "http://127.0.0.1:8003/v1",
                                                                               0.7)
     monkeypatch.delenv("PERSONA_DSPY_OPTIMIZER_API_BASE")
     assert "api_base" not in build_optimizer_lm().kwargs  # never silently sent to the task's server
@@ -181,6 +182,33 @@ def test_json_adapter_over_http(server, loopback_only):
         pred = dspy.ChainOfThought(task_signature("LaMP_2N"))(query="x", context="category: sports, sports")
     assert pred.answer == "sports"
     assert server.stats()["requests"][0]["response_format"] is not None
+
+
+@pytest.mark.parametrize("engine", ["native", "litellm"])
+def test_the_fields_on_the_wire(server, loopback_only, monkeypatch, engine):
+    """What llama.cpp needs on both engines: max_tokens (it ignores max_completion_tokens), the schema, the key."""
+    monkeypatch.setenv(lm_module.ENV_ENGINE, engine)
+    server.reset()
+    lm = build_lm("openai/test-model", api_base=server.api_base, max_tokens=77, num_retries=0)
+    assert lm.engine == ("lm15" if engine == "native" else "litellm")
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        assert dspy.Predict(task_signature("LaMP_3"))(query="x", context="score: 4").answer == "4"
+    request = server.stats()["requests"][0]
+    assert {"max_tokens", "messages", "model", "response_format", "temperature"} <= set(request["fields"])
+    assert "max_completion_tokens" not in request["fields"] and request["max_tokens"] == 77
+    schema = request["response_format"]["json_schema"]["schema"]
+    assert request["response_format"]["type"] == "json_schema" and schema["properties"]["answer"]["enum"] == list(
+        LAMP_3_LABELS)
+    assert request["headers"]["authorization"] == "Bearer local" and request["model"] == "test-model"
+
+
+def test_the_engine_switch_is_checked(monkeypatch):
+    monkeypatch.setenv(lm_module.ENV_ENGINE, "fast")
+    with pytest.raises(LMConfigError, match="PERSONA_DSPY_ENGINE"):
+        build_lm("openai/m", api_base="http://127.0.0.1:8000/v1")
+    monkeypatch.delenv(lm_module.ENV_ENGINE)
+    assert build_lm("ollama_chat/llama3.1").engine == "litellm"  # Ollama stays on LiteLLM
+    assert build_lm("openai/m", api_base="http://127.0.0.1:8000/v1", cache=True).engine == "litellm"
 
 
 def test_server_errors_are_retried(flaky_server, loopback_only):

@@ -174,6 +174,14 @@ def test_real_model_answers_a_label_under_the_json_schema(local_lm, sample_memor
     assert schema["properties"]["reasoning"]["maxLength"] > 0
 
 
+def test_real_server_on_the_native_engine_stops_at_max_tokens(local_lm):
+    short = local_lm.copy(max_tokens=6)
+    assert short.engine == "lm15" and short.kwargs["max_tokens"] == 6
+    short("Write a long story about a cat and a dog.")
+    usage = short.history[-1]["usage"]
+    assert 0 < usage["completion_tokens"] <= 6 and usage["prompt_tokens"] > 0
+
+
 def cli(capsys, *argv):
     from persona_dspy.cli import main
 

@@ -13,7 +13,7 @@ from loopback_server import loopback_fixture
 
 from persona_dspy.cli import main
 from persona_dspy.lm import build as lm_module
-from persona_dspy.lm.build import LMConfigError, build_lm
+from persona_dspy.lm.build import LMConfigError, build_lm, describe_lm
 from signatures.tasks import task_signature
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,9 @@ def ask(lm: dspy.LM) -> str:
     (f"hosted_vllm/{HF_ID}", f"hosted_vllm/{HF_ID}"),
 ])
 def test_a_pasted_model_id_with_an_api_base_means_an_openai_compatible_server(model, litellm_model):
-    assert build_lm(model, api_base="http://127.0.0.1:8000/v1").model == litellm_model
+    lm = build_lm(model, api_base="http://127.0.0.1:8000/v1")
+    assert describe_lm(lm)["model"] == litellm_model  # as named; sent through the native openai-compatible route
+    assert lm.model == f"openai-compatible/{litellm_model.partition('/')[2]}" and lm.engine == "lm15"
 
 
 def test_without_an_api_base_an_unknown_provider_is_a_clear_error():

@@ -30,7 +30,8 @@ rejected is counted (step ``answer``, ReAct's failed steps as ``tool_step``) in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any, Literal
 
@@ -102,6 +103,32 @@ class _Fitted(list):
         self.fit = fit
 
 
+_PROGRAMS: dict[tuple[str, bool], dspy.Module] = {}
+
+
+def _answer_program(task: str, reasoning: bool) -> dspy.Module:
+    """A new answer program for the task (chain of thought, or one prediction), with the task's own instructions.
+
+    Adding the reasoning field builds a pydantic model (~10% of a compile's client CPU when every user's agent did
+    it); it is built once per task here, and each agent gets a copy that shares the signature (signatures are never
+    changed in place, only replaced).
+    """
+    prototype = _PROGRAMS.get((task, reasoning))
+    if prototype is None:
+        signature = task_signature(task)
+        rationale = dspy.OutputField(desc="${reasoning}", max_length=REASONING_MAX_CHARS)
+        prototype = dspy.ChainOfThought(signature, rationale_field=rationale) if reasoning else dspy.Predict(signature)
+        prototype = _PROGRAMS.setdefault((task, reasoning), prototype)
+    program = prototype.deepcopy()
+    for predictor in program.predictors():
+        predictor.stage = random.randbytes(8).hex()  # dspy's own per-predictor id, as a new predictor gets
+    return program
+
+
+MAX_BUILT_SIGNATURES = 256
+"""Signatures a PersonaReasoning keeps for reuse (an alignment scores ~10 personas on ~2 predictors)."""
+
+
 class PersonaReasoning(dspy.Module):
     """The persona-conditioned predictor(s) that answer the task; the persona is their instruction text."""
 
@@ -109,15 +136,18 @@ class PersonaReasoning(dspy.Module):
                  reasoning: bool = True) -> None:
         super().__init__()
         self.mode = mode
+        self._built: dict[tuple[int, str], type] = {}  # (id of a base signature, instructions) -> signature
+        self._base: dict[int, tuple[type, type]] = {}  # id of a signature built here -> (it, its base)
         signature = task_signature(task)
         if mode == "react":
             self.program = dspy.ReAct(signature.with_instructions(persona), tools=list(tools), max_iters=max_iters)
             full = self.program.react.signature.instructions
             self._tool_suffix = full[len(persona):] if full.startswith(persona) else "\n" + full
         else:  # PersonaAgent validated the mode; "none" keeps the task signature's own instructions
-            sig = signature.with_instructions(persona) if mode == "rag" else signature
-            rationale = dspy.OutputField(desc="${reasoning}", max_length=REASONING_MAX_CHARS)
-            self.program = dspy.ChainOfThought(sig, rationale_field=rationale) if reasoning else dspy.Predict(sig)
+            self.program = _answer_program(task, reasoning)
+            if mode == "rag":
+                predictor = self.persona_predictors()[0]
+                predictor.signature = self._with_instructions(predictor.signature, persona)
 
     def persona_predictors(self) -> list[dspy.Predict]:
         """The predictors whose instructions are the persona (ReAct's tool-use step adds its tool list after it)."""
@@ -135,7 +165,25 @@ class PersonaReasoning(dspy.Module):
             raise ValueError("a persona must be a non-empty text")
         for predictor in self.persona_predictors():
             instructions = text + self._tool_suffix if predictor is getattr(self.program, "react", None) else text
-            predictor.signature = predictor.signature.with_instructions(instructions)
+            predictor.signature = self._with_instructions(predictor.signature, instructions)
+
+    def _with_instructions(self, signature: type, instructions: str) -> type:
+        """``signature.with_instructions(instructions)``, built once per persona text and reused.
+
+        The aligner sets the persona before every answer, and building a signature builds a pydantic model (~5% of
+        a compile's client CPU). A signature built here differs from its base only in its instructions, so the one
+        built from the base with these instructions is the same signature; one set from outside is a new base.
+        """
+        entry = self._base.get(id(signature))
+        base = entry[1] if entry is not None and entry[0] is signature else signature
+        built = self._built.get((id(base), instructions))
+        if built is None:
+            if len(self._built) >= MAX_BUILT_SIGNATURES:  # an app setting ever new personas: start over
+                self._built.clear()
+                self._base.clear()
+            built = self._built[(id(base), instructions)] = base.with_instructions(instructions)
+            self._base[id(built)] = (built, base)  # keeps both alive, so no id is reused while it is a key
+        return built
 
     def _config(self) -> dict[str, Any]:
         """The answer call's max_tokens, sized to its bounded output where the server enforces it (rag, none)."""
@@ -192,6 +240,7 @@ class PersonaAgent(dspy.Module):
         start = self.persona_guard.apply(persona, fallback=DEFAULT_SUMMARY) if persona and persona.strip() else \
             self.persona_guard.compose(DEFAULT_SUMMARY)
         self.reason = PersonaReasoning(self.task, start, mode, all_tools, max_iters=max_iters, reasoning=reasoning)
+        self._guarded: dict[tuple[int, str, str], tuple[PersonaGuard, str]] = {}  # (guard, text, current) -> result
 
     @property
     def persona(self) -> str:
@@ -204,11 +253,24 @@ class PersonaAgent(dspy.Module):
         if self.mode == "none":
             self.reason.persona = text
             return
-        result = self.persona_guard.check(text, fallback=self.persona_guard.summary(self.reason.persona))
+        self.reason.persona = self._guard(text)
+
+    def _guard(self, text: str) -> str:
+        """The guarded persona for ``text``, kept per (guard, text, current persona): the aligner sets the same
+        persona before every answer, and the guard's result depends on nothing else."""
+        current = self.reason.persona
+        key = (id(self.persona_guard), text, current)
+        known = self._guarded.get(key)
+        if known is not None and known[0] is self.persona_guard:
+            return known[1]
+        result = self.persona_guard.check(text, fallback=self.persona_guard.summary(current))
         if result.dropped:
             logger.warning("persona for %s: the guard dropped %d line(s) that read as rules or instructions",
                            self.user_id or "this agent", len(result.dropped))
-        self.reason.persona = result.text
+        if len(self._guarded) >= MAX_BUILT_SIGNATURES:
+            self._guarded.clear()
+        self._guarded[key] = (self.persona_guard, result.text)  # keeps the guard alive: its id names no other
+        return result.text
 
     @property
     def persona_summary(self) -> str:
@@ -217,6 +279,17 @@ class PersonaAgent(dspy.Module):
 
     def persona_predictors(self) -> list[dspy.Predict]:
         return self.reason.persona_predictors()
+
+    def retrieve_ahead(self, questions: Iterable[Mapping[str, Any]]) -> None:
+        """Run now the retrieval these questions' answers will run (``rag``; other modes retrieve nothing first).
+
+        Inside ``memory.retrieval.searches_reused()`` the answers then reuse it: a user's searches run back to back
+        while their memory is open, instead of reopening it between LM calls when many users share the store's open
+        shards (the aligner answers each recent interaction in every iteration).
+        """
+        if self.mode == "rag":
+            for question in questions:
+                self._prepare(question["query"], question.get("scope"))
 
     def forward(self, query: str, scope: MemoryScope | None = None) -> dspy.Prediction:
         passages, context, settings = self._prepare(query, scope)

@@ -32,6 +32,7 @@ from typing import Any
 
 import dspy
 
+from optimizers.lm_usage import counting
 from optimizers.output_validation import OutputStats
 from optimizers.output_validation import record as record_output
 from persona_dspy import plural, progress_bar
@@ -259,8 +260,7 @@ def _run_user(history: UserHistory, task: str, factory: AgentFactory, lm: dspy.L
     stats = OutputStats()
     try:
         examples = query_examples(history)
-        callbacks = [*(dspy.settings.callbacks or []), usage, stats]
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
+        with dspy.context(lm=lm, adapter=default_adapter()), counting(usage, stats):
             agent = factory(history)
             records = []
             for example in examples:

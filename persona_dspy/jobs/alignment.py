@@ -18,6 +18,7 @@ from persona_dspy.data.examples import interaction_examples
 from persona_dspy.data.records import UserHistory
 from persona_dspy.evaluation.metrics import dspy_metric
 from persona_dspy.memory.episodic import EpisodicMemory
+from persona_dspy.memory.retrieval import searches_reused
 
 DEFAULT_RECENT = 3
 
@@ -31,7 +32,9 @@ def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode 
         raise ValueError(f"user {history.user_id!r} has no history before their first query to align on")
     student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
     aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)
-    return aligner.compile(student, trainset=trainset)
+    with searches_reused():  # every iteration answers the same interactions: each is retrieved once, up front
+        student.retrieve_ahead(example.inputs() for example in trainset)
+        return aligner.compile(student, trainset=trainset)
 
 
 def persona_problem(aligned: PersonaAgent, outputs: dict[str, Any], *, warm_start: bool = False) -> str | None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import dspy
 
-from optimizers.lm_usage import LMUsage
+from optimizers.lm_usage import LMUsage, counting
 from optimizers.output_validation import OutputStats
 from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import AgentMode
@@ -268,8 +268,7 @@ def compile_users(
         calls = LMUsage()
         stats = OutputStats()
         try:
-            callbacks = [*dspy.settings.get("callbacks", []), calls, stats]
-            with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
+            with dspy.context(lm=lm, adapter=default_adapter()), counting(calls, stats):
                 start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
                 aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
                                      start=start, **aligner_settings)

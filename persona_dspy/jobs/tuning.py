@@ -30,7 +30,7 @@ import dspy
 import optuna
 from optuna.trial import TrialState
 
-from optimizers.lm_usage import LMUsage
+from optimizers.lm_usage import LMUsage, counting
 from optimizers.output_validation import OutputStats
 from optimizers.tuning import (
     Algorithm,
@@ -101,10 +101,9 @@ def summarise_initial_personas(histories: Sequence[UserHistory], lm: dspy.LM, *,
                                workers: int = 4) -> tuple[dict[str, str], dict[str, Any]]:
     """Each user's initial persona (one LM call each), and the usage of those calls."""
     usage, outputs = LMUsage(), OutputStats()
-    callbacks = [*dspy.settings.get("callbacks", []), usage, outputs]
 
     def summarise(history: UserHistory) -> tuple[str, str]:
-        with dspy.context(lm=lm, adapter=default_adapter(), callbacks=callbacks):
+        with dspy.context(lm=lm, adapter=default_adapter()), counting(usage, outputs):
             return history.user_id, initial_persona(history)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(histories))),

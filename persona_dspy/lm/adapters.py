@@ -9,6 +9,7 @@ ChatAdapter as before.
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import dspy
 
@@ -26,9 +27,33 @@ class BoundedJSONAdapter(dspy.JSONAdapter):
 
     dspy builds the schema from the fields' types alone, so a bound declared on a field never reaches the server;
     under a schema that carries it, the server's grammar ends the string there.
+
+    dspy also rebuilds the schema (a pydantic model) and the system message on every call, ~1 ms of client CPU per
+    call; both depend on the signature alone, so each is built once per signature (and, for the schema, per what the
+    LM takes) and reused while the signature lives.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._formats: WeakKeyDictionary[type, dict[tuple[bool, bool], Any]] = WeakKeyDictionary()
+        self._system: WeakKeyDictionary[type, str] = WeakKeyDictionary()
+
+    def format_system_message(self, signature: Any) -> str:
+        message = self._system.get(signature)
+        if message is None:
+            message = self._system[signature] = super().format_system_message(signature)
+        return message
+
     def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
+        takes = ("response_format" in lm.supported_params, bool(lm.supports_response_schema))
+        known = self._formats.setdefault(signature, {})
+        if takes not in known:
+            self._bounded_response_format(lm, lm_kwargs, signature)
+            known[takes] = lm_kwargs.get("response_format")
+        if known[takes] is not None:
+            lm_kwargs["response_format"] = known[takes]
+
+    def _bounded_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
         super()._prepare_response_format(lm, lm_kwargs, signature)
         model = lm_kwargs.get("response_format")
         if not (isinstance(model, type) and hasattr(model, "model_json_schema")):

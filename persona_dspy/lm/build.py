@@ -1,7 +1,11 @@
 """The one place that builds persona-dspy's LMs, describes them for reports, and meters their use.
 
-Local OpenAI-compatible servers are reached through LiteLLM (``engine="litellm"``): dspy's default engine sends
-``max_completion_tokens``, which llama.cpp ignores, while LiteLLM sends ``max_tokens``. Model strings:
+Which engine: OpenAI-compatible servers (``openai/<model>`` or ``hosted_vllm/<model>`` with an api_base, and the
+embedded server) run on dspy's native engine through ``lm.native`` (``max_tokens`` and the JSON schema on the wire,
+a fraction of LiteLLM's client CPU per call); LiteLLM (``engine="litellm"``) stays for Ollama, providers without an
+api_base, and ``cache=True`` (the per-server cache header is a setting only LiteLLM carries).
+``PERSONA_DSPY_ENGINE=litellm`` sends everything through LiteLLM, as before (a switch for comparisons). Every LM
+built here carries the LM-call meter (``optimizers.lm_usage.METER``). Model strings:
 
 * ``local`` (the default when no model is named): the embedded llama.cpp server (``lm.local_server``) started on
   127.0.0.1 with the default model (SmolLM2-135M-Instruct, fetched once into the cache, see ``lm.models``);
@@ -18,9 +22,9 @@ share answers): see ``CACHE_SCOPE_HEADER``. Whatever describes an LM in a file o
 ``describe_lm``/``redact_lm_state``, which drop credentials from URLs and headers.
 
 Structured outputs: OpenAI-compatible servers (the embedded one, llama.cpp, vLLM, SGLang) decode under a JSON schema
-(``response_format``), so labels are always one of the task's labels. LiteLLM only sends a schema for models it
-knows support one, so ``_build`` declares it for those LMs (``structured=False`` turns it off for a server that
-rejects schemas); ``lm.adapters`` then picks dspy's JSONAdapter for them.
+(``response_format``), so labels are always one of the task's labels. The native ``ServerLM`` says so itself; LiteLLM
+only sends a schema for models it knows support one, so ``_build`` declares it for those LMs (``structured=False``
+turns it off for a server that rejects schemas); ``lm.adapters`` then picks dspy's JSONAdapter for them.
 
 Settings come from arguments first, then the environment: PERSONA_DSPY_LM, PERSONA_DSPY_API_BASE,
 PERSONA_DSPY_API_KEY, and for an optional separate loss/update LM PERSONA_DSPY_OPTIMIZER_LM,
@@ -63,6 +67,8 @@ ENV_API_KEY = "PERSONA_DSPY_API_KEY"
 ENV_OPTIMIZER_LM = "PERSONA_DSPY_OPTIMIZER_LM"
 ENV_OPTIMIZER_API_BASE = "PERSONA_DSPY_OPTIMIZER_API_BASE"
 ENV_OPTIMIZER_API_KEY = "PERSONA_DSPY_OPTIMIZER_API_KEY"
+ENV_ENGINE = "PERSONA_DSPY_ENGINE"
+"""``litellm`` sends every LM through LiteLLM (the engine before the native path); unset or ``native``: per provider."""
 
 LOCAL_API_KEY = "local"
 """Sent when a server is named but no key is: local servers ignore it, but LiteLLM's OpenAI client wants one."""
@@ -230,6 +236,9 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
         raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
     if num_retries < 0:
         raise LMConfigError(f"num_retries must be >= 0, got {num_retries}")
+    from optimizers.lm_usage import METER
+
+    callbacks = [*(callbacks or []), METER]
     if settings.offline:
         # The stand-in is test support, loaded only when asked for by name. A custom engine owns its connection:
         # dspy refuses api_base/api_key/timeout with one, so drop them.
@@ -238,6 +247,14 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
         return offline_lm(temperature=temperature, max_tokens=max_tokens, cache=cache, callbacks=callbacks)
     if settings.local:
         settings = _start_local(settings, server or {})
+    if _native(settings, cache):
+        from persona_dspy.lm.native import ServerLM, native_model
+
+        lm = ServerLM(str(native_model(settings.model)), served_as=settings.model, structured=structured,
+                      temperature=temperature, max_tokens=max_tokens, timeout=timeout, num_retries=num_retries,
+                      cache=cache, callbacks=callbacks, api_base=settings.api_base, api_key=settings.api_key)
+        logger.info("built LM %s", describe_lm(lm))
+        return lm
     connection: dict[str, Any] = {}
     if settings.api_base:
         connection["api_base"] = settings.api_base
@@ -256,6 +273,16 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
 
 
 _SCHEMA_PROVIDERS = {"openai", "hosted_vllm"}
+
+
+def _native(settings: LMSettings, cache: bool) -> bool:
+    """Whether this LM runs on dspy's native engine (see the module docstring for the choice per provider)."""
+    engine = (_env(ENV_ENGINE) or "native").lower()
+    if engine not in ("native", "litellm"):
+        raise LMConfigError(f"{ENV_ENGINE}={engine!r}: use 'native' (the default) or 'litellm'")
+    from persona_dspy.lm.native import native_model
+
+    return engine == "native" and bool(settings.api_base) and not cache and native_model(settings.model) is not None
 
 
 def _declare_response_schema(model: str) -> None:
@@ -402,7 +429,7 @@ def describe_lm(lm: Any) -> dict[str, Any]:
     """What reports and saved programs record about the LM that produced them (never the key)."""
     kwargs = dict(getattr(lm, "kwargs", {}) or {})
     return {
-        "model": getattr(lm, "model", None),
+        "model": getattr(lm, "served_as", None) or getattr(lm, "model", None),
         "engine": engine_kind(lm),
         "offline": is_offline(lm),
         "api_base": redact_url(kwargs.get("api_base") or kwargs.get("base_url")),

@@ -1,7 +1,9 @@
 """Retrieval from a user's episodic memory: a DSPy module and a plain tool function for agents.
 
 Every search goes through a ``MemoryScope`` (``persona_dspy.data.scope``), so no question sees beyond what the
-leakage rules allow it.
+leakage rules allow it. Within ``searches_reused()`` (one user's alignment) a search repeated with the same memory,
+scope, query, k and mode returns the passages the first one found: the aligner answers the same interactions again
+in every iteration, and their retrieval does not depend on the persona.
 """
 
 from __future__ import annotations
@@ -15,12 +17,35 @@ import dspy
 from persona_dspy.data.scope import MemoryScope
 from persona_dspy.memory.episodic import EpisodicMemory, Passage, SearchMode
 
+_REUSED = "persona_dspy_reused_searches"
+"""The dspy context setting holding the searches made in a ``searches_reused()`` block (threads copying it share it)."""
+
+
+@contextmanager
+def searches_reused() -> Iterator[None]:
+    """Within the block, a repeated search returns the first one's passages (an enclosing block's, when nested).
+
+    Only for a block in which the memory does not change (an alignment reads it and never writes).
+    """
+    if dspy.settings.get(_REUSED) is not None:
+        yield
+        return
+    with dspy.context(**{_REUSED: {}}):
+        yield
+
 
 def search_scope(memory: EpisodicMemory, scope: MemoryScope, query: str, k: int,
                  mode: SearchMode = "auto") -> list[Passage]:
     """The ``k`` passages of the scope's user most relevant to ``query``, within the scope."""
-    return memory.search(scope.user_id, query, k, scope.before, exclude_ids=scope.exclude_ids,
-                         within_ids=scope.within_ids, mode=mode)
+    reused = dspy.settings.get(_REUSED)
+    key = (id(memory), scope, query, k, mode)
+    if reused is not None and key in reused:
+        return list(reused[key][1])
+    passages = memory.search(scope.user_id, query, k, scope.before, exclude_ids=scope.exclude_ids,
+                             within_ids=scope.within_ids, mode=mode)
+    if reused is not None:
+        reused[key] = (memory, tuple(passages))  # the memory is kept so its id cannot name another one meanwhile
+    return passages
 
 
 def render_passages(passages: list[Passage]) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import dspy
 
-from optimizers.lm_usage import LMUsage
+from optimizers.lm_usage import LMUsage, counting
 from optimizers.output_validation import OutputStats
 from optimizers.textual_loss import Metric
 from persona_dspy import progress_bar
@@ -75,9 +75,8 @@ def _quiet(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _counted(lm: dspy.LM, *counters: Any) -> Iterator[None]:
-    with dspy.context(lm=lm, adapter=default_adapter(), callbacks=[*(dspy.settings.get("callbacks") or []),
-                                                                   *counters]):
+def _counted(lm: dspy.LM, *counters: Any, lms: tuple[dspy.LM, ...] = ()) -> Iterator[None]:
+    with dspy.context(lm=lm, adapter=default_adapter()), counting(*counters, lms=lms):
         yield
 
 
@@ -150,7 +149,7 @@ def _run_one(spec: OptimizerSpec, history: UserHistory, base: dspy.Module, train
     started = time.perf_counter()
     try:
         inputs = CompileInputs(history, base.deepcopy(), train, val, metric, lm, optimizer_lm, seed)
-        with _quiet(quiet), _counted(lm, compile_usage, stats):
+        with _quiet(quiet), _counted(lm, compile_usage, stats, lms=(optimizer_lm,)):
             program = spec.compile(inputs)
         run.compile_seconds = round(time.perf_counter() - started, 3)
         run.guard_interventions = guard_result(program, base)

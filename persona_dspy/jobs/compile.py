@@ -100,6 +100,8 @@ class CompileSummary:
     """Users this run did not finish (interrupted before they started, or abandoned mid-run): a rerun does them."""
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every user any run into this folder recorded, with their latest result (``merge_earlier``)."""
+    cluster: dict[str, Any] | None = None
+    """A run on Ray (``jobs.distributed``): address, processes, threads each, batches, start-up figures."""
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -152,6 +154,11 @@ class CompileSummary:
                  f"skipped (current) {self.count('skipped')}, failed {self.count('failed')}",
                  f"  {self.lm_calls} LM calls, {self.seconds:.1f} s, {self.users_per_minute:.1f} users/min "
                  f"with {plural(self.workers, 'worker')}"]
+        if self.cluster:
+            ray = self.cluster
+            processes = plural(ray["processes"], "process", "processes")
+            lines.append(f"  on Ray ({ray['address']}): {processes} x {plural(ray['threads_per_process'], 'thread')}"
+                         f", {plural(ray['batches'], 'batch', 'batches')}")
         fallbacks = self.fallbacks()
         if any(fallbacks.values()):
             kept = ", ".join(f"{step} {n}" for step, n in fallbacks.items())

@@ -9,9 +9,10 @@ skip-if-current fingerprint, failure isolation and atomic program files are the 
 - **Batches sized by measurement**: the first tasks carry one user per thread; from their wall time the driver
   sizes later ones to about ``TARGET_TASK_SECONDS`` of work each (Ray's per-task cost, a few milliseconds, is then
   noise), but never more than an even share of the users left, so the processes finish together.
-- **Memory**: an Edge folder is opened by every worker in shared mode and each opens (and ingests, idempotently)
-  only the users of its batches, so two workers never open one user's store (``memory.edge``); a Qdrant server
-  (``url``) needs no such care. ``":memory:"`` cannot be shared between processes and is refused.
+- **Memory**: an Edge folder is opened by every worker in shared mode, for the length of a batch, and each opens
+  (and ingests, idempotently) only the users of its batch, so two workers never open one user's store
+  (``memory.edge``); a Qdrant server (``url``) needs no such care. ``":memory:"`` cannot be shared between
+  processes and is refused.
 - **Faults**: a worker process that dies (kill -9, out of memory, a lost node) fails its task; Ray runs it again
   (``TASK_RETRIES`` times) on a live worker, where the users whose programs the dead one already wrote are
   current and skipped. A batch still failing after that marks its users failed, so a rerun compiles them. A dead
@@ -87,14 +88,18 @@ class MemorySpec:
             raise ValueError("':memory:' lives in one process; worker processes need a memory folder they can all "
                              "reach (--memory DIR) or a Qdrant server (--qdrant-url)")
 
-    def open(self) -> Any:
-        from persona_dspy.memory.embeddings import EmbeddingConfig
+    def embedder(self) -> Any:
+        from persona_dspy.memory.embeddings import Embedder, EmbeddingConfig
+
+        return Embedder(EmbeddingConfig(sparse=True, dense=self.dense))
+
+    def open(self, embedder: Any = None) -> Any:
         from persona_dspy.memory.episodic import EpisodicMemory
 
-        config = EmbeddingConfig(sparse=True, dense=self.dense)
+        embedder = embedder or self.embedder()
         if self.url is not None:
-            return EpisodicMemory.for_task(self.task, url=self.url, api_key=self.api_key, embedding=config)
-        return EpisodicMemory.for_task(self.task, self.location, embedding=config, shared=True)
+            return EpisodicMemory.for_task(self.task, url=self.url, api_key=self.api_key, embedder=embedder)
+        return EpisodicMemory.for_task(self.task, self.location, embedder=embedder, shared=True)
 
 
 @dataclass(frozen=True)
@@ -113,42 +118,48 @@ class WorkerSpec:
     aligner_settings: dict[str, Any] = field(default_factory=dict)
 
 
-_WORKER_STATE: dict[str, CompileJob] = {}
+_WORKER_STATE: dict[str, tuple[Any, Any, Any]] = {}
 _WORKER_LOCK = threading.Lock()
 
 
-def _worker_job(spec: WorkerSpec) -> tuple[CompileJob, float]:
-    """This process's job for ``spec``, built on its first task (LMs, memory) and reused by the later ones."""
-    key = repr((spec, spec.lm.api_key, spec.optimizer_lm and spec.optimizer_lm.api_key, spec.memory.api_key))
+def _worker_state(spec: WorkerSpec) -> tuple[tuple[Any, Any, Any], float]:
+    """This process's (LM, optimizer LM, embedder) for ``spec``: built by its first task, reused by later ones."""
+    key = repr((spec, spec.lm.api_key, spec.optimizer_lm and spec.optimizer_lm.api_key))
     with _WORKER_LOCK:
-        job = _WORKER_STATE.get(key)
-        if job is not None:
-            return job, 0.0
+        state = _WORKER_STATE.get(key)
+        if state is not None:
+            return state, 0.0
         t0 = time.perf_counter()
-        lm = spec.lm.build()
         optimizer_lm = spec.optimizer_lm.build() if spec.optimizer_lm is not None else None
-        job = CompileJob(spec.memory.task, Path(spec.out), spec.memory.open(), lm, optimizer_lm,
-                         spec.mode, spec.k, spec.n_recent, spec.force, dict(spec.aligner_settings))
-        _WORKER_STATE[key] = job
-        return job, time.perf_counter() - t0
+        state = _WORKER_STATE[key] = (spec.lm.build(), optimizer_lm, spec.memory.embedder())
+        return state, time.perf_counter() - t0
 
 
 def compile_batch(spec: WorkerSpec, histories: list[UserHistory]) -> dict[str, Any]:
-    """A Ray task's body: ingest (idempotent) and compile these users on the worker's threads."""
+    """A Ray task's body: ingest (idempotent) and compile these users on the worker's threads.
+
+    The store is opened for the batch and closed after it (opening costs nothing; users' shards open on first
+    use), so between batches a worker holds no user's memory and an idle worker holds no lock on the folder.
+    """
     from persona_dspy.evaluation.runner import run_users
 
     started = time.perf_counter()
-    job, setup = _worker_job(spec)
-
-    def one(history: UserHistory) -> UserResult:
-        try:
-            job.memory.add(history.user_id, history.items)  # this worker's own users only
-        except Exception as exc:
-            return UserResult(history.user_id, "failed", error=redact_text(f"memory: {type(exc).__name__}: {exc}"))
-        return compile_user(history, job)
-
+    (lm, optimizer_lm, embedder), setup = _worker_state(spec)
     results: list[UserResult] = []
-    run_users(histories, one, lambda _, result: results.append(result), workers=spec.threads, name="ray-compile")
+    with spec.memory.open(embedder) as memory:
+        job = CompileJob(spec.memory.task, Path(spec.out), memory, lm, optimizer_lm, spec.mode,
+                         spec.k, spec.n_recent, spec.force, dict(spec.aligner_settings))
+
+        def one(history: UserHistory) -> UserResult:
+            try:
+                memory.add(history.user_id, history.items)  # this worker's own users only
+            except Exception as exc:
+                return UserResult(history.user_id, "failed",
+                                  error=redact_text(f"memory: {type(exc).__name__}: {exc}"))
+            return compile_user(history, job)
+
+        run_users(histories, one, lambda _, result: results.append(result), workers=spec.threads,
+                  name="ray-compile")
     return {"results": results, "pid": os.getpid(), "setup_seconds": round(setup, 3),
             "seconds": round(time.perf_counter() - started, 3)}
 

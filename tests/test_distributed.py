@@ -125,10 +125,11 @@ def test_a_dead_model_server_does_not_stop_the_run(server, tmp_path):
 
 
 def test_batches_follow_the_measured_time_per_user():
-    assert batch_size(4, None, 100, 2) == 4  # unmeasured: one user per thread
+    assert batch_size(4, None, 100, 2) == 8  # unmeasured: two users per thread
     assert batch_size(4, 2.0, 1000, 2, target=20.0) == 40  # 10 rounds of 4 threads fill 20 s
     assert batch_size(4, 2.0, 30, 2, target=20.0) == 15  # never more than an even share of what is left
     assert batch_size(4, 60.0, 100, 2, target=20.0) == 4  # a slow user: still one per thread
+    assert batch_size(4, 2.0, 6, 2) == 4  # the tail: a thread each rather than half-empty tasks
     assert batch_size(4, 2.0, 1, 2) == 1 and batch_size(4, 2.0, 0, 2) == 0
 
 

@@ -6,7 +6,7 @@ process builds its LMs and opens the memory once (cached for the tasks it runs a
 ``threads`` threads with ``jobs.compile.compile_user``, the code the threaded compile runs: alignment, the
 skip-if-current fingerprint, failure isolation and atomic program files are the same.
 
-- **Batches sized by measurement**: the first tasks carry one user per thread; from their wall time the driver
+- **Batches sized by measurement**: the first tasks carry two users per thread; from their wall time the driver
   sizes later ones to about ``TARGET_TASK_SECONDS`` of work each (Ray's per-task cost, a few milliseconds, is then
   noise), but never more than an even share of the users left, so the processes finish together.
 - **Memory**: an Edge folder is opened by every worker in shared mode, for the length of a batch, and each opens
@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 TARGET_TASK_SECONDS = 20.0
 """Work per Ray task once measured: long against Ray's per-task cost, short enough to balance and to lose little."""
+INITIAL_ROUNDS = 2
+"""Users per thread in a task before any task has been timed."""
 TASK_RETRIES = 3
 """Times Ray reruns a task whose worker process died."""
 INTERRUPT_GRACE = 5.0
@@ -166,15 +168,13 @@ def compile_batch(spec: WorkerSpec, histories: list[UserHistory]) -> dict[str, A
 
 def batch_size(threads: int, seconds_per_user: float | None, remaining: int, processes: int,
                target: float = TARGET_TASK_SECONDS) -> int:
-    """Users for the next task: one per thread until measured, then ~``target`` seconds of work, at most an even
-    share of the users left (so the processes finish together), at least one."""
+    """Users for the next task: two per thread until measured, then ~``target`` seconds of work; never more than
+    an even share of the users left (so the processes finish together), never fewer than a thread each."""
     if remaining <= 0:
         return 0
-    if seconds_per_user is None:
-        return min(threads, remaining)
-    rounds = max(1, int(target / max(seconds_per_user, 1e-3)))
+    rounds = INITIAL_ROUNDS if seconds_per_user is None else max(1, int(target / max(seconds_per_user, 1e-3)))
     share = -(-remaining // max(processes, 1))
-    return max(1, min(threads * rounds, max(share, 1), remaining))
+    return max(min(threads, remaining), min(threads * rounds, share))
 
 
 def connect(address: str | None, processes: int | None) -> tuple[Any, bool]:

@@ -231,7 +231,7 @@ def _pool(model: str | None, api_base: str | None, env_api_base: str, api_key: s
           options: dict[str, Any]) -> dspy.LM | None:
     """A pool LM when the api_base (argument, else environment) names several servers or a file; else None."""
     base = api_base if (api_base or "").strip() else _env(env_api_base)
-    if not base or ("," not in base and "://" in base):
+    if not base or ("," not in base and ("://" in base or not os.path.isfile(os.path.expanduser(base.strip())))):
         return None
     from persona_dspy.lm.pool import DEFAULT_MAX_IN_FLIGHT, build_pool_lm, server_list
 

@@ -12,10 +12,12 @@ costs the same calls. Memories are ingested before the clock starts, for both en
 - threads: ``compile_users`` with C threads in this process;
 - ray: ``compile_on_ray`` with 2 worker processes x C/2 threads on a local cluster of 2 CPUs.
 Bound: C / (latency x calls per user) users per second, the rate if every slot always had a call in flight.
-Ray's fixed costs: ``ray.init`` of a local cluster, the first task (worker process start and imports), and a no-op
-task's round trip once warm. Client CPU per call: this process's CPU time (every thread) over LM calls, in a run
-with no latency (the server's own CPU is another process's, reported apart). Load averages are recorded with every
-row: the machine is shared. Prints tables and writes benchmarks/results/scale.json.
+Ray's fixed costs: ``ray.init`` of a local cluster, the first task (worker process start and imports), a no-op
+task's round trip once warm, and the same small compile on cold then warm workers (their difference: what each
+worker process pays once: imports, LiteLLM's first call). The throughput runs start on warm workers. Client CPU
+per call: this process's CPU time (every thread) over LM calls, in a run with no latency (the server's own CPU
+is another process's, reported apart). Load averages are recorded with every row: the machine is shared.
+Prints tables and writes benchmarks/results/scale.json.
 """
 
 from __future__ import annotations
@@ -148,6 +150,20 @@ def ray_fixed_costs(processes: int) -> tuple[object, dict]:
     return ray, costs
 
 
+def ray_warm_up(server: LoopbackServer, base, processes: int) -> dict:
+    """The same small compile on Ray twice: cold (workers import dspy and LiteLLM and make their first calls), then
+    warm; the difference is what a run pays once per worker process."""
+    timings = {}
+    for label in ("cold", "warm"):
+        histories = replicate(base, 2 * processes)
+        summary = run_ray(server, histories, processes, processes)["summary"]
+        timings[f"{label}_s"] = summary.seconds
+    out = {"users": 2 * processes, "threads_per_process": 1, **timings,
+           "worker_start_up_s": round(timings["cold_s"] - timings["warm_s"], 2), "load": load()}
+    print(f"Ray warm-up (same {2 * processes} users, cold then warm workers): {out}", flush=True)
+    return out
+
+
 def client_cpu_per_call(histories_base, concurrency: int, users: int) -> dict:
     """CPU of this process per LM call with no latency: what a compile costs the client, dspy and HTTP included."""
     with LoopbackServer(latency=0.0, max_seconds=3600) as server:
@@ -186,6 +202,8 @@ def main() -> None:
         for latency in args.latencies:
             with LoopbackServer(latency=latency, max_seconds=7200) as server:
                 build_lm(MODEL, server.api_base)("warm-up")
+                if "warm_up" not in fixed:
+                    fixed["warm_up"] = ray_warm_up(server, base, args.processes)
                 for concurrency in args.concurrency:
                     histories = replicate(base, concurrency * args.rounds)
                     rows.append(row("threads", latency, concurrency, run_threads(server, histories, concurrency)))
@@ -194,7 +212,11 @@ def main() -> None:
     finally:
         ray.shutdown()
     print(f"\nClient CPU per LM call\n{format_table([cpu])}")
+    warm = fixed.pop("warm_up", None)
     print(f"\nRay fixed costs\n{format_table([fixed])}")
+    if warm:
+        print(f"\nRay worker start-up (a compile of the same users on cold, then warm workers)\n{format_table([warm])}")
+        fixed["warm_up"] = warm
     print(f"\nThroughput against the bound (concurrency / (latency x calls per user))\n{format_table(rows)}")
     result = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "cpus": os.cpu_count(), "load_before": load_before, "load_after": load()},

@@ -342,7 +342,8 @@ def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
 def _lm_hint(lm: dspy.LM) -> str:
     from persona_dspy.lm.build import describe_lm
 
-    base = describe_lm(lm).get("api_base")
+    described = describe_lm(lm)
+    base = described.get("api_base") or ", ".join(described.get("servers") or [])  # one server, or a pool's
     return f" (is the LM server at {base} running and serving {lm.model.partition('/')[2]!r}?)" if base else ""
 
 

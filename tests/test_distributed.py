@@ -133,6 +133,11 @@ def test_batches_follow_the_measured_time_per_user():
     assert batch_size(4, 2.0, 1, 2) == 1 and batch_size(4, 2.0, 0, 2) == 0
 
 
-def test_a_memory_of_one_process_cannot_be_shared():
+def test_a_memory_of_one_process_cannot_be_shared(tmp_path):
     with pytest.raises(ValueError, match="':memory:' lives in one process"):
         MemorySpec("LaMP_3", ":memory:")
+    histories = load_dataset(dataset_dir("LaMP_3"))[:1]
+    with EpisodicMemory.for_task("LaMP_3", tmp_path / "mem"):  # this process holds the folder alone
+        with pytest.raises(ValueError, match="open for itself; close it before compiling on Ray"):
+            compile_on_ray(histories, out_dir=tmp_path / "out", lm=LMSpec("offline"),
+                           memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), progress=False)

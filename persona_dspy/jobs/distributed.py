@@ -224,8 +224,14 @@ def compile_on_ray(
     task, selected = prepare_compile(histories, out, users, threads)
     if memory.task != task:
         raise ValueError(f"the memory is {memory.task}'s, the users are {task}'s")
-    if memory.url is None:
-        memory.open().close()  # no process holds the folder alone (else every worker would fail on it)
+    if memory.url is None:  # no process may hold the folder alone: every worker would fail on it
+        probe = memory.open()
+        try:
+            if not getattr(probe.store, "shared", True):
+                raise ValueError(f"this process has the memory folder {memory.location} open for itself; close it "
+                                 "before compiling on Ray (the workers open it in shared mode)")
+        finally:
+            probe.close()
     started = time.perf_counter()
     ray, started_here = connect(address, processes)
     try:

@@ -101,7 +101,7 @@ def test_a_worker_killed_mid_run_loses_no_program_and_its_users_are_retried(tmp_
         killer.join(timeout=5)
     assert "pid" in killed, "no worker was caught running a batch"
     assert summary.count("failed") == 0, [r.error for r in summary.results if r.error]
-    assert {r.status for r in summary.results} <= {"compiled", "skipped"}  # skipped: written before the kill
+    assert summary.count("compiled") == 6  # those the dead worker wrote too, read back from their files
     for name, content in killed["programs"].items():  # what was written before the kill is there, untouched
         assert (out / name).read_bytes() == content
     with EpisodicMemory.for_task("LaMP_3", tmp_path / "mem") as memory:

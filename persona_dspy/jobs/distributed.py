@@ -15,8 +15,9 @@ skip-if-current fingerprint, failure isolation and atomic program files are the 
   processes and is refused.
 - **Faults**: a worker process that dies (kill -9, out of memory, a lost node) fails its task; Ray runs it again
   (``TASK_RETRIES`` times) on a live worker, where the users whose programs the dead one already wrote are
-  current and skipped. A batch still failing after that marks its users failed, so a rerun compiles them. A dead
-  model server is the pool's business (``lm.pool``).
+  current and skipped (the summary counts them compiled, from their files: ``written_this_run``). A batch still
+  failing after that marks its other users failed, so a rerun compiles them. A dead model server is the pool's
+  business (``lm.pool``).
 - Ray is imported only here and only when called: without ``--ray`` nothing imports it (it is an optional extra).
 """
 
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from persona_dspy.jobs.compile import (
     prepare_compile,
 )
 from persona_dspy.lm.build import describe_lm, redact_text
+from persona_dspy.programs import ProgramFileError, program_path, read_program_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +180,21 @@ def batch_size(threads: int, seconds_per_user: float | None, remaining: int, pro
     return max(min(threads, remaining), min(threads * rounds, share))
 
 
+def written_this_run(history: UserHistory, out: Path, since: datetime) -> UserResult | None:
+    """A user whose program a worker of this run saved before it died or was cancelled (so its result never came
+    back): "compiled", with the scores the file holds; its LM calls died with the worker and are not counted."""
+    path = program_path(out, history.user_id)
+    try:
+        metadata = read_program_metadata(path)
+        created = datetime.fromisoformat(metadata["created"])
+    except (OSError, ValueError, KeyError, TypeError, ProgramFileError):
+        return None
+    if created < since or metadata.get("user_id") != history.user_id:
+        return None
+    scores = metadata.get("dev_scores") or {}
+    return UserResult(history.user_id, "compiled", str(path), scores.get("start"), scores.get("best"))
+
+
 def connect(address: str | None, processes: int | None) -> tuple[Any, bool]:
     """Ray, initialised: an existing session, the cluster at ``address`` ('auto', 'ray://host:10001'), or a new
     local cluster of ``processes`` CPUs ('local' or None). Returns (ray, whether this call started it)."""
@@ -266,7 +284,9 @@ def _drive(ray: Any, remote: Any, spec: WorkerSpec, selected: list[UserHistory],
     setup: list[float] = []
     per_user: float | None = None
     deadline: float | None = None
+    since = datetime.now(UTC)
     t0 = time.perf_counter()
+    out = Path(spec.out)
     with progress_bar(len(selected), f"compile {summary.task} (ray)", progress) as bar:
         while queue or in_flight:
             while queue and len(in_flight) < processes and not interrupt.is_set():
@@ -282,10 +302,13 @@ def _drive(ray: Any, remote: Any, spec: WorkerSpec, selected: list[UserHistory],
                 except Exception as exc:  # the task failed on every retry: its users are failed, a rerun does them
                     reason = redact_text(f"worker lost after {TASK_RETRIES} retries: {type(exc).__name__}: "
                                          f"{str(exc).splitlines()[0] if str(exc) else ''}")
-                    results = [UserResult(h.user_id, "failed", error=reason) for h in batch]
+                    results = [written_this_run(h, out, since) or UserResult(h.user_id, "failed", error=reason)
+                               for h in batch]
                     logger.error("a batch of %s failed: %s", plural(len(batch), "user"), reason)
-                else:
-                    results = done["results"]
+                else:  # after a retry, the users the dead worker finished come back "skipped": they were compiled
+                    by_id = {h.user_id: h for h in batch}
+                    results = [(written_this_run(by_id[r.user_id], out, since) or r) if r.status == "skipped" else r
+                               for r in done["results"]]
                     pids.add(done["pid"])
                     setup.append(done["setup_seconds"])
                     first_result = first_result or time.perf_counter() - t0
@@ -302,7 +325,12 @@ def _drive(ray: Any, remote: Any, spec: WorkerSpec, selected: list[UserHistory],
                 if in_flight and time.monotonic() >= deadline:
                     for ref, batch in in_flight.items():
                         ray.cancel(ref, force=True)
-                        summary.not_done += [h.user_id for h in batch]
+                        for history in batch:
+                            recovered = written_this_run(history, out, since)
+                            if recovered is not None:
+                                summary.results.append(recovered)
+                            else:
+                                summary.not_done.append(history.user_id)
                     in_flight.clear()
                 if not in_flight:
                     break

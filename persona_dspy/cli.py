@@ -1158,7 +1158,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("dspy.utils.exceptions", "LMError"), ("persona_dspy.lm.local_server", "LocalServerError"),
                          ("persona_dspy.lm.models", "ModelError"),
                          ("persona_dspy.memory.embeddings", "EmbeddingModelError"),
-                         ("persona_dspy.memory.episodic", "MemoryStoreError")):
+                         ("persona_dspy.memory.episodic", "MemoryStoreError"),
+                         ("persona_dspy.jobs.distributed", "RayNotInstalledError")):
         loaded = sys.modules.get(module)
         if loaded is not None and hasattr(loaded, name):
             classes.append(getattr(loaded, name))

@@ -98,6 +98,9 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
                              "reports it at /props, vLLM at /v1/models); prompts are fitted to it")
     parser.add_argument("--strict", action="store_true",
                         help="fail (exit 2) when most of the model's outputs were invalid, instead of a warning")
+    parser.add_argument("--max-in-flight", type=_positive(int), default=None, metavar="N",
+                        help="with several servers in --api-base (URL,URL,... or a file of URLs): calls in flight "
+                             "per server (default 16)")
     _add_server_args(parser)
 
 
@@ -324,7 +327,7 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
     logger.info("building the LM (%s)", args.lm or os.environ.get("PERSONA_DSPY_LM") or "local: starts the model")
     lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", 0.0),
                   max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
-                  server=_server_options(args))
+                  server=_server_options(args), max_in_flight=args.max_in_flight)
     if lm.kwargs.get("api_base"):
         import litellm
 
@@ -502,21 +505,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else default_programs_dir(task)
     check_writable_dir(out)  # before the model server, the ingest and any call; compile_users checks the space too
-    lm = _build_lm(args)
-    optimizer_lm = _build_optimizer_lm(args, lm)
+    if args.ray is not None:  # the only place Ray enters: without --ray it is never imported
+        lm, summary = _compile_on_ray(args, task, histories, out)
+    else:
+        lm = _build_lm(args)
+        optimizer_lm = _build_optimizer_lm(args, lm)
+        from persona_dspy.jobs.compile import compile_users
+        with _open_memory(task, args) as memory:
+            _ingest(memory, histories, args)
+            with _INTERRUPTS.graceful() as interrupt:
+                logger.info("compiling %s into %s", plural(len(histories), "user"), out)
+                summary = compile_users(
+                    histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode,
+                    k=args.k, n_recent=args.recent, workers=args.workers, force=args.force, progress=_progress(args),
+                    interrupt=interrupt, **_aligner_flags(args),
+                )
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
-    from persona_dspy.jobs.compile import compile_users
     from persona_dspy.lm.build import is_offline
-    with _open_memory(task, args) as memory:
-        _ingest(memory, histories, args)
-        with _INTERRUPTS.graceful() as interrupt:
-            logger.info("compiling %s into %s", plural(len(histories), "user"), out)
-            summary = compile_users(
-                histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode, k=args.k,
-                n_recent=args.recent, workers=args.workers, force=args.force, progress=_progress(args),
-                interrupt=interrupt, batch_size=args.batch_size, iterations=args.iterations,
-                candidates_per_step=args.candidates, max_persona_words=args.max_persona_words,
-            )
     print(summary.table())
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")
@@ -533,6 +538,51 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if summary.summary_error:
         print(f"persona-dspy: warning: {summary.summary_error}", file=sys.stderr)
     return 1 if failed or summary.summary_error else 0
+
+
+def _aligner_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch_size": args.batch_size, "iterations": args.iterations, "candidates_per_step": args.candidates,
+            "max_persona_words": args.max_persona_words}
+
+
+def _compile_on_ray(args: argparse.Namespace, task: str, histories: list[UserHistory], out: Path):
+    """``compile --ray``: workers build the LMs and open the memory from these settings (``jobs.distributed``)."""
+    from persona_dspy.jobs.distributed import LMSpec, MemorySpec, compile_on_ray
+    from persona_dspy.lm.build import LOCAL, is_local
+    from persona_dspy.lm.pool import server_list
+
+    model = args.lm or os.environ.get("PERSONA_DSPY_LM")
+    if is_local((model or "").strip() or LOCAL):
+        raise CLIError("--ray needs a model server every worker can reach (--lm <model> --api-base URL[,URL...], "
+                       "e.g. `persona-dspy serve` for the local model) or --lm offline: the embedded model would "
+                       "start one server per worker process")
+    servers = server_list(args.api_base or os.environ.get("PERSONA_DSPY_API_BASE"))  # a file is read here, once
+    options = {"temperature": args.temperature, "max_tokens": args.max_tokens, "timeout": args.timeout,
+               "num_retries": args.retries, "max_in_flight": args.max_in_flight}
+    lm = LMSpec(model, ",".join(servers) if servers else None, args.api_key,
+                {key: value for key, value in options.items() if value is not None})
+    optimizer = None
+    if args.optimizer_lm or os.environ.get("PERSONA_DSPY_OPTIMIZER_LM"):
+        bases = server_list(args.optimizer_api_base or os.environ.get("PERSONA_DSPY_OPTIMIZER_API_BASE"))
+        optimizer = LMSpec(args.optimizer_lm or os.environ.get("PERSONA_DSPY_OPTIMIZER_LM"),
+                           ",".join(bases) if bases else None, os.environ.get("PERSONA_DSPY_OPTIMIZER_API_KEY"),
+                           lm.options)
+    memory = MemorySpec(task, None if args.qdrant_url else str(args.memory or _default_memory()), args.qdrant_url,
+                        os.environ.get("PERSONA_DSPY_QDRANT_API_KEY"), args.dense)
+    with _INTERRUPTS.graceful() as interrupt:
+        logger.info("compiling %s into %s on Ray (%s)", plural(len(histories), "user"), out, args.ray)
+        summary = compile_on_ray(histories, out_dir=out, lm=lm, memory=memory, optimizer_lm=optimizer,
+                                 address=args.ray, processes=args.ray_processes, threads=args.workers,
+                                 batch=args.ray_batch, mode=args.mode, k=args.k, n_recent=args.recent,
+                                 force=args.force, progress=_progress(args), interrupt=interrupt,
+                                 **_aligner_flags(args))
+    return lm.build(), summary
+
+
+def _default_memory() -> Path:
+    from persona_dspy.memory.episodic import default_memory_path
+
+    return default_memory_path()
 
 
 SETTINGS_FLAGS = {"batch_size": "batch_size", "iterations": "iterations", "k": "k", "temperature": "temperature",
@@ -998,6 +1048,14 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--max-persona-words", type=_positive(int), default=300, help="persona length cap")
     compile_.add_argument("--workers", type=_positive(int), default=4, help="users compiled in parallel (default 4)")
     compile_.add_argument("--force", action="store_true", help="recompile users whose program is current")
+    cluster = compile_.add_argument_group("Ray (optional extra: pip install 'persona-dspy[ray]')")
+    cluster.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                         help="compile on Ray worker processes: a new local cluster (no ADDRESS), or a running one "
+                              "('auto', ray://host:10001); --workers is then threads per process")
+    cluster.add_argument("--ray-processes", type=_positive(int), default=None, metavar="N",
+                         help="worker processes (tasks in flight; default: the cluster's CPUs)")
+    cluster.add_argument("--ray-batch", type=_positive(int), default=None, metavar="N",
+                         help="users per Ray task (default: sized by measurement)")
     compile_.add_argument("--settings", type=Path, default=None, metavar="FILE",
                           help="aligner settings from a JSON file, e.g. `tune --out` (its best settings); flags given "
                                "on the command line win")
@@ -1127,7 +1185,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("dspy.utils.exceptions", "LMError"), ("persona_dspy.lm.local_server", "LocalServerError"),
                          ("persona_dspy.lm.models", "ModelError"),
                          ("persona_dspy.memory.embeddings", "EmbeddingModelError"),
-                         ("persona_dspy.memory.episodic", "MemoryStoreError")):
+                         ("persona_dspy.memory.episodic", "MemoryStoreError"),
+                         ("persona_dspy.jobs.distributed", "RayNotInstalledError")):
         loaded = sys.modules.get(module)
         if loaded is not None and hasattr(loaded, name):
             classes.append(getattr(loaded, name))

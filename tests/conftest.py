@@ -80,3 +80,13 @@ def lm():
     stand_in = offline_lm()
     with dspy.context(lm=stand_in):
         yield stand_in
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster of 2 CPUs for the whole session (its start costs seconds); skipped without Ray."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'persona-dspy[ray]', part of [dev])")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster: no token to set up
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

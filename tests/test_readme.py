@@ -32,6 +32,8 @@ SKIPPED = {
     "python -m pytest": "runs this very suite",
     "persona-dspy eval --task LaMP_2N --lm ollama_chat/": "speaks Ollama's own API, which the scripted server (an "
                                                           "OpenAI-compatible one) does not",
+    "persona-dspy compile --task LaMP_3 --lm Qwen/Qwen2.5-7B-Instruct --api-base http://gpu1": "names GPU servers and "
+    "a running Ray cluster this machine does not have; the --ray line before it runs on a local cluster",
 }
 LOCAL_SERVER = re.compile(r"http://localhost:\d+(/v1)?")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -99,4 +100,19 @@ def test_the_product_path_does_not_load_the_stand_in():
             "build_lm('offline')\n"
             "assert 'persona_dspy.testing.offline_lm' in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_ray_is_imported_only_by_compile_ray(tmp_path):
+    """Ray is an optional extra: a compile without --ray (and every module the CLI loads) never imports it."""
+    code = ("import sys\n"
+            "import persona_dspy.jobs.distributed, persona_dspy.lm.pool\n"
+            "from persona_dspy.cli import main\n"
+            f"code = main(['compile', '--task', 'LaMP_3', '--lm', 'offline', '--max-users', '1', '--iterations', '0',"
+            f" '--memory', {str(tmp_path / 'mem')!r}, '--out', {str(tmp_path / 'out')!r}, '--no-progress'])\n"
+            "assert code == 0, code\n"
+            "assert 'ray' not in sys.modules, 'ray imported without --ray'\n")
+    env = {**os.environ, "PERSONA_DSPY_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -113,6 +113,8 @@ class CompileSummary:
     """Users this run did not finish (interrupted before they started, or abandoned mid-run): a rerun does them."""
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every user any run into this folder recorded, with their latest result (``merge_earlier``)."""
+    cluster: dict[str, Any] | None = None
+    """A run on Ray (``jobs.distributed``): address, processes, threads each, batches, start-up figures."""
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -172,6 +174,11 @@ class CompileSummary:
                  f"skipped (current) {self.count('skipped')}, failed {self.count('failed')}",
                  f"  {self.lm_calls} LM calls, {self.seconds:.1f} s, {self.users_per_minute:.1f} users/min "
                  f"with {plural(self.workers, 'worker')}"]
+        if self.cluster:
+            ray = self.cluster
+            processes = plural(ray["processes"], "process", "processes")
+            lines.append(f"  on Ray ({ray['address']}): {processes} x {plural(ray['threads_per_process'], 'thread')}"
+                         f", {plural(ray['batches'], 'batch', 'batches')}")
         fallbacks = self.fallbacks()
         if any(fallbacks.values()):
             kept = ", ".join(f"{step} {n}" for step, n in fallbacks.items())
@@ -219,6 +226,104 @@ def _current(path: Path, history: UserHistory, expected: dict[str, Any]) -> bool
     return all(metadata.get(key) == value for key, value in expected.items())
 
 
+@dataclass(frozen=True)
+class CompileJob:
+    """What every user of one compile shares: the task, where programs go, LMs, memory and settings.
+
+    ``compile_users`` builds one for its threads; each worker process of ``jobs.distributed`` builds its own.
+    """
+
+    task: str
+    out: Path
+    memory: EpisodicMemory
+    lm: dspy.LM
+    optimizer_lm: dspy.LM | None = None
+    mode: AgentMode = "rag"
+    k: int = 5
+    n_recent: int = DEFAULT_RECENT
+    force: bool = False
+    aligner_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"mode": self.mode, "k": self.k, "n_recent": self.n_recent, **self.aligner_settings}
+
+
+def compile_user(history: UserHistory, job: CompileJob) -> UserResult:
+    """Align and save one user's program, or skip it when current; never raises (a failure is the result)."""
+    path = program_path(job.out, history.user_id)
+    expected = {"mode": job.mode, "k": job.k, "alignment_settings": job.settings,
+                "trainset": trainset_fingerprint(history, job.n_recent)}
+    state = None if job.force else _current(path, history, expected)
+    if state is True:
+        return UserResult(history.user_id, "skipped", str(path))
+    t0 = time.perf_counter()
+    calls, stats = LMUsage(), OutputStats()
+    try:
+        with dspy.context(lm=job.lm, adapter=default_adapter()), counting(calls, stats):
+            start = (load_program(path, job.memory, user_id=history.user_id, task=job.task)
+                     if state is False else None)
+            aligned = align_user(history, job.memory, mode=job.mode, k=job.k, n_recent=job.n_recent,
+                                 optimizer_lm=job.optimizer_lm, start=start, **job.aligner_settings)
+        report = aligned.alignment
+        problem = persona_problem(aligned, stats.snapshot(), warm_start=start is not None)
+        if problem is not None:
+            kept = " (the previous program file is kept)" if path.exists() else ""
+            raise PersonaRejected(f"not saved: {problem}{kept}")
+        started_from = ({"program_created": start.program_metadata["created"], "persona": start.persona}
+                        if start is not None else {"initial_persona": aligned.persona_history[0]["persona"]})
+        try:
+            save_program(aligned, path, {
+                **expected, "optimizer": "PersonaAligner", "alignment": report, "started_from": started_from,
+                "outputs": stats.snapshot(),
+                "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
+            }, lm=job.lm)
+        except OSError as exc:
+            raise OSError(f"cannot save the program to {path}: {exc.strerror or exc}") from exc
+        return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
+                          report["start_score"], report["best_score"], calls.calls,
+                          round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})),
+                          outputs=stats.snapshot())
+    except Exception as exc:  # one user's failure must not stop the others
+        logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
+        return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
+                          seconds=round(time.perf_counter() - t0, 3),
+                          error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot())
+
+
+def prepare_compile(histories: Sequence[UserHistory], out: Path, users: Sequence[str] | None,
+                    workers: int) -> tuple[str, list[UserHistory]]:
+    """The task and selected users, once the programs folder is proven usable (before any LM call is spent)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not histories:
+        raise ValueError("no users to compile")
+    task = histories[0].task
+    if get_task(task).label_field is None:
+        raise ValueError(f"{task} history items carry no answer (LaMP-1 papers, LaMP-7 tweets), so there is nothing "
+                         f"to align a persona on; evaluate the initial persona with `persona-dspy eval` instead")
+    selected = select_users(histories, users)
+    check_writable_dir(out, MIN_FREE_BYTES + PROGRAM_BYTES * len(selected))
+    remove_stale_temps(out)
+    return task, selected
+
+
+def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], started: float) -> CompileSummary:
+    """Order the results as the users were given, total them, and write the summary file (merged with earlier runs)."""
+    out = Path(summary.out_dir)
+    order = {h.user_id: i for i, h in enumerate(selected)}
+    summary.results.sort(key=lambda r: order[r.user_id])
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
+    try:
+        summary.merge_earlier(out / SUMMARY_FILE)
+        write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
+    except OSError as exc:  # the results are still returned (and printed by the CLI)
+        summary.summary_error = f"cannot write {out / SUMMARY_FILE}: {exc.strerror or exc}"
+        logger.error("%s", summary.summary_error)
+    return summary
+
+
 def compile_users(
     histories: Sequence[UserHistory],
     *,
@@ -236,85 +341,24 @@ def compile_users(
     interrupt: threading.Event | None = None,
     **aligner_settings: Any,
 ) -> CompileSummary:
-    """Align and save every selected user's program (see module docstring).
+    """Align and save every selected user's program on ``workers`` threads (see module docstring).
 
     ``interrupt`` (set on Ctrl-C/SIGTERM): no new user starts, those in flight get a few seconds, and the summary
     records what completed (``interrupted``, ``not_done``); the summary file keeps earlier runs' users.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if not histories:
-        raise ValueError("no users to compile")
-    task = histories[0].task
-    if get_task(task).label_field is None:
-        raise ValueError(f"{task} history items carry no answer (LaMP-1 papers, LaMP-7 tweets), so there is nothing "
-                         f"to align a persona on; evaluate the initial persona with `persona-dspy eval` instead")
     out = Path(out_dir)
-    selected = select_users(histories, users)
-    check_writable_dir(out, MIN_FREE_BYTES + PROGRAM_BYTES * len(selected))  # before any LM call is spent
-    remove_stale_temps(out)
-    settings = {"mode": mode, "k": k, "n_recent": n_recent, **aligner_settings}
-    summary = CompileSummary(task, str(out), workers, settings, describe_lm(lm))
+    task, selected = prepare_compile(histories, out, users, workers)
+    job = CompileJob(task, out, memory, lm, optimizer_lm, mode, k, n_recent, force, dict(aligner_settings))
+    summary = CompileSummary(task, str(out), workers, job.settings, describe_lm(lm))
     started = time.perf_counter()
-
-    def run(history: UserHistory) -> UserResult:
-        path = program_path(out, history.user_id)
-        expected = {"mode": mode, "k": k, "alignment_settings": settings,
-                    "trainset": trainset_fingerprint(history, n_recent)}
-        state = None if force else _current(path, history, expected)
-        if state is True:
-            return UserResult(history.user_id, "skipped", str(path))
-        t0 = time.perf_counter()
-        calls = LMUsage()
-        stats = OutputStats()
-        try:
-            with dspy.context(lm=lm, adapter=default_adapter()), counting(calls, stats):
-                start = load_program(path, memory, user_id=history.user_id, task=task) if state is False else None
-                aligned = align_user(history, memory, mode=mode, k=k, n_recent=n_recent, optimizer_lm=optimizer_lm,
-                                     start=start, **aligner_settings)
-            report = aligned.alignment
-            problem = persona_problem(aligned, stats.snapshot(), warm_start=start is not None)
-            if problem is not None:
-                kept = " (the previous program file is kept)" if path.exists() else ""
-                raise PersonaRejected(f"not saved: {problem}{kept}")
-            started_from = ({"program_created": start.program_metadata["created"], "persona": start.persona}
-                            if start is not None else {"initial_persona": aligned.persona_history[0]["persona"]})
-            try:
-                save_program(aligned, path, {
-                    **expected, "optimizer": "PersonaAligner", "alignment": report, "started_from": started_from,
-                    "outputs": stats.snapshot(),
-                    "dev_scores": {"start": report["start_score"], "best": report["best_score"]},
-                }, lm=lm)
-            except OSError as exc:
-                raise OSError(f"cannot save the program to {path}: {exc.strerror or exc}") from exc
-            return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
-                              report["start_score"], report["best_score"], calls.calls,
-                              round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})),
-                              outputs=stats.snapshot())
-        except Exception as exc:  # one user's failure must not stop the others
-            logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
-            return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
-                              seconds=round(time.perf_counter() - t0, 3),
-                              error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot())
-
     with progress_bar(len(selected), f"compile {task}", progress) as bar:
         def done(history: UserHistory, result: UserResult) -> None:
             summary.results.append(result)
             bar.update(1)
             logger.info("user %s: %s", result.user_id, result.status)
 
-        outcome = run_users(selected, run, done, workers=workers, interrupt=interrupt, name="compile")
+        outcome = run_users(selected, lambda history: compile_user(history, job), done, workers=workers,
+                            interrupt=interrupt, name="compile")
     summary.interrupted = outcome.interrupted
     summary.not_done = [h.user_id for h in (*outcome.abandoned, *outcome.not_started)]
-    order = {h.user_id: i for i, h in enumerate(selected)}
-    summary.results.sort(key=lambda r: order[r.user_id])
-    summary.seconds = round(time.perf_counter() - started, 3)
-    summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
-    try:
-        summary.merge_earlier(out / SUMMARY_FILE)
-        write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
-    except OSError as exc:  # the results are still returned (and printed by the CLI)
-        summary.summary_error = f"cannot write {out / SUMMARY_FILE}: {exc.strerror or exc}"
-        logger.error("%s", summary.summary_error)
-    return summary
-
+    return finish_summary(summary, selected, started)

@@ -108,6 +108,8 @@ class LMOptions(TypedDict, total=False):
     callbacks: list[BaseCallback] | None
     structured: bool
     server: LocalServerOptions
+    max_in_flight: int
+    """Per server, when the api_base names several (a pool, ``lm.pool``); ignored for one server."""
 
 
 class LocalServerOptions(TypedDict, total=False):
@@ -222,8 +224,26 @@ def build_lm(model: str | None = None, api_base: str | None = None, *, api_key: 
     ``options``: temperature (default 0), max_tokens (512), timeout (60 s; 600 s for ``local``), num_retries (3),
     cache (False), callbacks, structured (True: JSON-schema outputs on OpenAI-compatible servers), server (the
     embedded server's settings, for ``local``; LMs built with the same settings share one server).
+    An api_base naming several servers (commas, or a file of URLs) builds a pool (``lm.pool``).
     """
+    pooled = _pool(model, api_base, ENV_API_BASE, api_key, options)
+    if pooled is not None:
+        return pooled
+    options.pop("max_in_flight", None)
     return _build(resolve_lm_settings(model, api_base, api_key), **options)
+
+
+def _pool(model: str | None, api_base: str | None, env_api_base: str, api_key: str | None,
+          options: dict[str, Any]) -> dspy.LM | None:
+    """A pool LM when the api_base (argument, else environment) names several servers or a file; else None."""
+    base = api_base if (api_base or "").strip() else _env(env_api_base)
+    if not base or ("," not in base and ("://" in base or not os.path.isfile(os.path.expanduser(base.strip())))):
+        return None
+    from persona_dspy.lm.pool import DEFAULT_MAX_IN_FLIGHT, build_pool_lm, server_list
+
+    servers = server_list(base) or []
+    return build_pool_lm(model, servers, api_key=api_key,
+                         max_in_flight=options.pop("max_in_flight", None) or DEFAULT_MAX_IN_FLIGHT, **options)
 
 
 def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 512, timeout: float | None = None,
@@ -327,6 +347,10 @@ def build_optimizer_lm(model: str | None = None, api_base: str | None = None, *,
         if task_lm is not None:
             return task_lm
         return build_lm(None, None, **options)
+    pooled = _pool(name, api_base, ENV_OPTIMIZER_API_BASE, _env(ENV_OPTIMIZER_API_KEY), options)
+    if pooled is not None:
+        return pooled
+    options.pop("max_in_flight", None)
     settings = resolve_lm_settings(name, api_base, env_lm=ENV_OPTIMIZER_LM, env_api_base=ENV_OPTIMIZER_API_BASE,
                                    env_api_key=ENV_OPTIMIZER_API_KEY)
     return _build(settings, **options)
@@ -439,7 +463,14 @@ def describe_lm(lm: Any) -> dict[str, Any]:
         "num_retries": getattr(lm, "num_retries", None),
         "cache": getattr(lm, "cache", None),
         **_local_server(kwargs.get("api_base")),
+        **_pool_servers(lm),
     }
+
+
+def _pool_servers(lm: Any) -> dict[str, Any]:
+    """The servers of a pool LM (``lm.pool``), without credentials."""
+    urls = getattr(getattr(lm, "engine", None), "server_urls", None)
+    return {"servers": urls()} if callable(urls) else {}
 
 
 def _local_server(api_base: str | None) -> dict[str, Any]:

@@ -29,8 +29,10 @@ LOCAL_READ_TIMEOUT = 600.0
 
 
 def _api_base(lm: Any) -> str | None:
+    """The server an LM talks to; for a pool of servers (``lm.pool``), all of them."""
     kwargs = getattr(lm, "kwargs", None) or {}
-    return kwargs.get("api_base") or kwargs.get("base_url")
+    pool_urls = getattr(getattr(lm, "engine", None), "server_urls", None)
+    return kwargs.get("api_base") or kwargs.get("base_url") or (", ".join(pool_urls()) if callable(pool_urls) else None)
 
 
 def is_loopback(api_base: str | None) -> bool:

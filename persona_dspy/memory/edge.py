@@ -14,6 +14,12 @@ the WAL on (an acknowledged write survives kill -9; it is also the lock that kee
 out). Search is exact: ``optimize()`` is never called, so no HNSW graph is built, and dense search
 passes ``exact=True`` anyway.
 
+Processes: a folder is opened by one process (the default, exclusive), or by several in **shared** mode
+(``shared=True``: the workers of ``compile --ray``), each of which opens only the users it was given. A user's
+shard is held by one process at a time (Edge's own WAL lock: another process opening it gets a
+``MemoryStoreError`` naming the user), and a folder open in shared mode refuses an exclusive opener (ingest, eval,
+a threaded compile) and the other way round (a shared or exclusive ``flock`` on ``edge/.lock``).
+
 Each shard preallocates sparse files (two 32 MiB WAL segments, 32 MiB pages): ~140-175 MB apparent,
 ~1.4-5 MB used at 1k items. On a file system that does not keep files sparse (FAT, exFAT, some network
 mounts) that apparent size is real; use a Qdrant server there.
@@ -110,9 +116,12 @@ def _translate(exc: Exception, path: Path) -> Exception:
 
 
 class _FolderLock:
-    """An exclusive lock on the store folder, so a second process is refused at open, not at some user."""
+    """A lock on the store folder, so a second process is refused at open, not at some user.
 
-    def __init__(self, folder: Path) -> None:
+    Exclusive by default; ``shared`` lets several processes in (each opening only its own users) but no exclusive one.
+    """
+
+    def __init__(self, folder: Path, shared: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / LOCK_FILE
         self._file = open(self.path, "a+")  # noqa: SIM115 (held open for the store's lifetime)
@@ -121,18 +130,24 @@ class _FolderLock:
         except ImportError:  # Windows: each shard's WAL lock still refuses a second writer
             return
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._file, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self._file.close()
+            if shared:
+                raise MemoryStoreError(
+                    f"memory folder {folder.parent} is in use by another process (pid {holder}) that opened it "
+                    f"alone; workers can share it only once that process has stopped.") from exc
             raise MemoryStoreError(
-                f"memory folder {folder.parent} is in use by another process (pid {holder}); Qdrant Edge allows "
-                f"one process per folder. Stop the other process, use another --memory folder, or run a Qdrant "
-                f"server and pass its URL.") from exc
+                f"memory folder {folder.parent} is in use by another process ({holder}); Qdrant Edge allows "
+                f"one process per folder (or several workers of one `compile --ray`, each with its own users). Stop "
+                f"the other process, use another --memory folder, or run a Qdrant server and pass its URL.") from exc
+        if shared:  # several holders: no single pid to record
+            return
         self._file.seek(0)
         self._file.truncate()
-        self._file.write(str(os.getpid()))
+        self._file.write(f"pid {os.getpid()}")
         self._file.flush()
 
     def release(self) -> None:
@@ -162,8 +177,10 @@ class EdgeStore:
 
     kind = "edge"
 
-    def __init__(self, folder: Path, max_open: int = MAX_OPEN_SHARDS, allow_legacy: bool = False) -> None:
+    def __init__(self, folder: Path, max_open: int = MAX_OPEN_SHARDS, allow_legacy: bool = False,
+                 shared: bool = False) -> None:
         self.folder = folder
+        self.shared = shared
         self.location = str(folder)
         self.root = folder / EDGE_DIR
         if legacy_local_layout(folder) and not allow_legacy:
@@ -173,7 +190,7 @@ class EdgeStore:
                 f"`persona-dspy memory copy --from {folder} --to {folder}` (the old files are kept in "
                 f"{LEGACY_BACKUP}/), "
                 f"or use another --memory folder.")
-        self._lock = _FolderLock(self.root)
+        self._lock = _FolderLock(self.root, shared)
         self.max_open = max_open
         self._cond = threading.Condition()
         self._open: OrderedDict[Path, list] = OrderedDict()  # shard folder -> [shard, users in flight]
@@ -233,6 +250,10 @@ class EdgeStore:
         except MemoryStoreError:
             raise
         except Exception as exc:  # Edge raises plain Exceptions
+            if self.shared and "WouldBlock" in str(exc):
+                raise MemoryStoreError(
+                    f"the memory of user {user_id!r} at {path} is open in another process: workers sharing a "
+                    f"folder must each open only their own users") from exc
             raise _translate(exc, self.folder) from exc
         shard.update(UpdateOperation.create_field_index("ts", PayloadSchemaType.Float))
         return shard
@@ -261,7 +282,7 @@ class EdgeStore:
         with self._cond:
             if self.spec(namespace) is None:
                 (self.root / namespace).mkdir(parents=True, exist_ok=True)
-                tmp = self.root / namespace / f"{SPEC_FILE}.tmp"
+                tmp = self.root / namespace / f"{SPEC_FILE}.{os.getpid()}.tmp"  # workers may race to write it
                 tmp.write_text(spec.to_json())
                 tmp.replace(self.root / namespace / SPEC_FILE)
                 self._specs[namespace] = spec
@@ -371,13 +392,20 @@ class _OpenStores:
         self._lock = threading.RLock()  # a memory's finalizer may release during an acquire (garbage collection)
         self._stores: dict[str, tuple[EdgeStore, int]] = {}
 
-    def acquire(self, folder: Path, allow_legacy: bool = False) -> EdgeStore:
-        """The folder's store; ``allow_legacy`` creates Edge data beside an old local-mode store (migration)."""
+    def acquire(self, folder: Path, allow_legacy: bool = False, shared: bool = False) -> EdgeStore:
+        """The folder's store; ``allow_legacy`` creates Edge data beside an old local-mode store (migration).
+
+        ``shared``: beside other processes that each open only their own users (an exclusive store already open
+        in this process serves too); asking for exclusive use of a folder this process opened shared is refused.
+        """
         key = str(folder.expanduser().resolve())
         with self._lock:
             store, refs = self._stores.get(key, (None, 0))
+            if store is not None and store.shared and not shared:
+                raise MemoryStoreError(f"memory folder {key} is open in shared mode in this process; it cannot be "
+                                       "opened for exclusive use until that closes")
             if store is None:
-                store = EdgeStore(Path(key), allow_legacy=allow_legacy)
+                store = EdgeStore(Path(key), allow_legacy=allow_legacy, shared=shared)
             self._stores[key] = (store, refs + 1)
             return store
 

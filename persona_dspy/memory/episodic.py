@@ -94,8 +94,12 @@ def point_id(user_id: str, item_id: str) -> str:
 
 
 def open_store(location: str | Path | None = None, url: str | None = None,
-               api_key: str | None = None) -> MemoryStore:
-    """The store at a folder (Qdrant Edge; shared by every memory on it in this process) or a server URL."""
+               api_key: str | None = None, shared: bool = False) -> MemoryStore:
+    """The store at a folder (Qdrant Edge; shared by every memory on it in this process) or a server URL.
+
+    ``shared``: an Edge folder other processes open at the same time, each only for its own users (see
+    ``memory.edge``); a server needs no such care.
+    """
     if location is not None and url is not None:
         raise ValueError("give either a local location or a server url, not both")
     if url is not None:
@@ -103,7 +107,7 @@ def open_store(location: str | Path | None = None, url: str | None = None,
 
         return ServerStore.connect(url, api_key)
     folder = Path(location).expanduser() if location is not None else default_memory_path()
-    return OPEN_STORES.acquire(folder)
+    return OPEN_STORES.acquire(folder, shared=shared)
 
 
 def close_store(store: MemoryStore) -> None:
@@ -120,6 +124,7 @@ class EpisodicMemory:
     ``location``: a folder (Qdrant Edge; the default folder is ``default_memory_path()``) or
     ``":memory:"`` (a temporary folder, removed on close). ``url``: a Qdrant server instead.
     ``store``: an already open ``MemoryStore`` (it is not closed with the memory).
+    ``shared``: open an Edge folder beside other processes that each use only their own users (``memory.edge``).
     ``prefix``: the namespace (one per task, see ``for_task``). ``rrf_k``: the reciprocal-rank-fusion
     constant for hybrid search (60, the literature's value: on the LaMP dev sets Qdrant's default of 2
     made hybrid no better than dense alone).
@@ -137,6 +142,7 @@ class EpisodicMemory:
         prefix: str = "persona_dspy",
         batch_size: int = 256,
         rrf_k: int = RRF_K,
+        shared: bool = False,
     ) -> None:
         if embedder is not None and embedding is not None and embedder.config != embedding:
             raise ValueError("embedder and embedding disagree; pass one of them")
@@ -149,7 +155,7 @@ class EpisodicMemory:
         temporary: Path | None = None
         if store is None and str(location) == ":memory:":
             temporary = location = _temporary_folder()
-        self.store: MemoryStore = store if store is not None else open_store(location, url, api_key)
+        self.store: MemoryStore = store if store is not None else open_store(location, url, api_key, shared)
         # Runs once: on close(), when the memory is garbage-collected, or at exit (a forgotten ":memory:" store
         # must not leave its folder behind).
         self._release = weakref.finalize(self, _release, self.store if store is None else None, temporary)

@@ -115,14 +115,18 @@ def _add_server_args(parser: argparse.ArgumentParser, slots_default: str = "--wo
                        help="context tokens per slot (default 8192, SmolLM2's own)")
     group.add_argument("--server-port", type=_non_negative, default=None, help="port on 127.0.0.1 (default: free)")
     group.add_argument("--gpu-layers", type=int, default=None, help="layers offloaded to a GPU build (default 0)")
+    group.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false", default=None,
+                       help="recompute every prompt: slower, but a prompt sent twice at temperature 0 gets the same "
+                            "answer (llama.cpp's reused prompt cache can change one)")
 
 
-def _server_options(args: argparse.Namespace) -> dict[str, int]:
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     """The embedded server's settings from the flags; slots default to the command's workers."""
     slots = args.server_slots or getattr(args, "workers", None) or 1
     options = {"slots": slots, "threads": args.server_threads, "context_per_slot": args.server_context,
-               "port": args.server_port, "gpu_layers": args.gpu_layers}
+               "port": args.server_port, "gpu_layers": args.gpu_layers, "prompt_cache": args.prompt_cache}
     return {key: value for key, value in options.items() if value is not None}
+
 
 def _add_optimizer_lm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer-lm", default=None,

@@ -374,3 +374,13 @@ def test_user_selection_means_the_same_in_every_command(capsys, tmp_path):
         code, _, stderr = run(capsys, command, "--task", "LaMP_3", "--lm", "offline", "--memory", ":memory:",
                               "--users", "nobody", "--out", str(tmp_path / command))
         assert code == 2 and "unknown user(s): 'nobody'" in stderr, (command, stderr)
+
+
+def test_embedded_server_flags_reach_its_settings():
+    from persona_dspy.cli import _server_options, build_parser
+
+    args = build_parser().parse_args(["eval", "--task", "LaMP_2N", "--workers", "3", "--server-threads", "2",
+                                      "--no-prompt-cache"])
+    assert _server_options(args) == {"slots": 3, "threads": 2, "prompt_cache": False}
+    defaults = build_parser().parse_args(["eval", "--task", "LaMP_2N"])
+    assert "prompt_cache" not in _server_options(defaults)  # the server's own default (on) stays

@@ -226,7 +226,16 @@ def test_real_model_predict_eval_and_compile_from_the_command_line(real_model, c
     assert "answer" in out
 
 
-def test_real_model_reloaded_program_answers_identically(local_lm, sample_memory, tmp_path):
+@pytest.fixture(scope="module")
+def uncached_lm(real_model):
+    """An LM on a server that recomputes every prompt: llama.cpp's reused prompt cache can change an answer at
+    temperature 0 (measured: the same prompt, answered cold and then from the cache, got another label), so a test
+    that two identical prompts get identical answers needs it off."""
+    with LocalServer(ServerSettings(real_model, prompt_cache=False)) as server:
+        yield build_lm("openai/local", server.api_base, max_tokens=256)
+
+
+def test_real_model_reloaded_program_answers_identically(uncached_lm, sample_memory, tmp_path):
     from persona_dspy.agent.persona_agent import PersonaAgent
     from persona_dspy.data.examples import query_examples
     from persona_dspy.lm.adapters import default_adapter
@@ -237,11 +246,13 @@ def test_real_model_reloaded_program_answers_identically(local_lm, sample_memory
     history = histories[0]
     agent = PersonaAgent("LaMP_2N", memory, "rag", user_id=history.user_id,
                          persona=compose_persona("- Files most articles under politics."))
-    path = save_program(agent, tmp_path / "user.json", lm=local_lm)
+    path = save_program(agent, tmp_path / "user.json", lm=uncached_lm)
     reloaded = load_program(path, memory)
     inputs = query_examples(history)[0].inputs()
-    with dspy.context(lm=local_lm, adapter=default_adapter()):
+    with dspy.context(lm=uncached_lm, adapter=default_adapter()):
         first, second = agent(**inputs), reloaded(**inputs)
+    sent = [entry["messages"] for entry in uncached_lm.history[-2:]]
+    assert sent[0] == sent[1]  # the reloaded program sends the very same prompt
     assert (first.answer, first.reasoning) == (second.answer, second.reasoning)
 
 

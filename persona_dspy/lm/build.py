@@ -120,6 +120,7 @@ class LocalServerOptions(TypedDict, total=False):
     context_per_slot: int
     threads: int
     gpu_layers: int
+    prompt_cache: bool
 
 
 @dataclass(frozen=True)

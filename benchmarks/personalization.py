@@ -139,6 +139,20 @@ def summarize(task: str, records: list[dict[str, Any]], rng: random.Random) -> l
     return rows
 
 
+def cache_noise(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Users whose aligner kept the starting persona, and those of them whose answers still changed.
+
+    With the persona kept, the aligner row sends the initial-persona row's very prompts again; at temperature 0 a
+    changed answer is then the server's doing (llama.cpp's reused prompt cache), not the method's. Only records
+    that keep both personas count.
+    """
+    kept = [r for r in records if "failed" not in r and "personas" in r
+            and r["personas"]["initial"] == r["personas"]["aligned"]]
+    changed = sum([p["prediction"] for p in r["methods"]["initial_persona"]["predictions"]]
+                  != [p["prediction"] for p in r["methods"]["persona_aligner"]["predictions"]] for r in kept)
+    return {"persona_kept_users": len(kept), "answers_changed_anyway": changed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -147,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lm", default="local")
     parser.add_argument("--api-base", default=None)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--no-prompt-cache", action="store_true",
+                        help="the embedded server recomputes every prompt: slower, but identical prompts get "
+                             "identical answers (with the cache, a kept persona can still change answers)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "personalization.json")
     parser.add_argument("--resume", action="store_true", help="keep the users already in <out>.jsonl")
     parser.add_argument("--report-only", action="store_true",
@@ -162,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     elif log.exists():
         log.unlink()
     log.parent.mkdir(parents=True, exist_ok=True)
-    lm = None if args.report_only else build_lm(args.lm, args.api_base, max_tokens=args.max_tokens,
-                                                server={"slots": 1})
+    server = {"slots": 1, **({"prompt_cache": False} if args.no_prompt_cache else {})}
+    lm = None if args.report_only else build_lm(args.lm, args.api_base, max_tokens=args.max_tokens, server=server)
     started = time.perf_counter()
     users, memories = {}, {}
     for task in args.tasks:
@@ -192,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     totals = {task: len(histories) for task, histories in users.items()}
     result = {"lm": describe_lm(lm) if lm is not None else args.lm, "bootstrap": BOOTSTRAP, "rows": rows,
               "users_run": {task: sum(t == task for t, _ in done) for task in args.tasks}, "users_total": totals,
+              "cache_noise": {task: cache_noise([r for (t, _), r in done.items() if t == task]) for task in args.tasks},
               "wall_seconds": round(time.perf_counter() - started, 1),
               "note": "SmolLM2-135M-Instruct on the CPU unless --lm says otherwise: the method's plumbing on a real "
                       "model, not what PersonaAgent reaches with a 7B model"}
+    for task, noise in result["cache_noise"].items():
+        print(f"{task}: the aligner kept the starting persona for {noise['persona_kept_users']} users; "
+              f"{noise['answers_changed_anyway']} of them answered differently anyway (the server's prompt cache)")
     write_atomically(args.out, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
     print(f"wrote {args.out} (per user: {log})")
     return 0

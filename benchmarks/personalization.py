@@ -153,6 +153,27 @@ def cache_noise(records: list[dict[str, Any]]) -> dict[str, int]:
     return {"persona_kept_users": len(kept), "answers_changed_anyway": changed}
 
 
+NAMES = {"non_personalized": "non-personalized", "initial_persona": "initial persona",
+         "persona_aligner": "PersonaAligner", "memory_vote": "memory vote (no LM)"}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table as the README shows it: one block of rows per task."""
+    lines = ["| task (metric) | method | users | value [95% CI] | LM calls | prompt / completion tokens | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        first = row is next(r for r in rows if r["task"] == row["task"])
+        _, higher = primary_metric(row["task"])
+        task = f"{row['task']} ({row['metric'].upper() if row['metric'] == 'mae' else row['metric']}"
+        task += ")" if higher else ", lower is better)"
+        lm = row["method"] != "memory_vote"
+        tokens = f"{row['prompt_tokens_per_user']:,.0f} / {row['completion_tokens_per_user']:,.0f}" if lm else "0"
+        lines.append(f"| {task if first else ''} | {NAMES[row['method']]} | {row['users']} | "
+                     f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "
+                     f"{row['calls_per_user']:.1f} | {tokens} | {row['seconds_per_user']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -213,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
               "wall_seconds": round(time.perf_counter() - started, 1),
               "note": "SmolLM2-135M-Instruct on the CPU unless --lm says otherwise: the method's plumbing on a real "
                       "model, not what PersonaAgent reaches with a 7B model"}
+    print(markdown(rows))
     for task, noise in result["cache_noise"].items():
         print(f"{task}: the aligner kept the starting persona for {noise['persona_kept_users']} users; "
               f"{noise['answers_changed_anyway']} of them answered differently anyway (the server's prompt cache)")

@@ -1,0 +1,59 @@
+"""Ctrl-C and SIGTERM: the first stops a run of users gracefully, the second exits at once (code 130)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM: the first stops the run gracefully (or raises KeyboardInterrupt outside a run of users),
+    the second exits at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signals = 0
+        self._graceful = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            sys.stderr.write("\npersona-dspy: stopped at once\n")
+            sys.stderr.flush()
+            os._exit(130)
+        if not self._graceful:
+            raise KeyboardInterrupt
+        self.event.set()
+        sys.stderr.write("\npersona-dspy: stopping: no new users start, those in flight get a few seconds; the "
+                         "results so far are written (Ctrl-C again quits at once)\n")
+        sys.stderr.flush()
+
+    @contextlib.contextmanager
+    def graceful(self):
+        """Within: a signal sets the event the run of users watches, instead of raising."""
+        self._graceful = True
+        try:
+            yield self.event
+        finally:
+            self._graceful = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        self.event.clear()
+        self.signals = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_INTERRUPTS = _Interrupts()

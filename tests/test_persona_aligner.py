@@ -337,7 +337,7 @@ def test_unparsable_loss_and_update_replies_fall_back_to_their_text_and_are_coun
 
 
 def test_an_unparsable_summary_falls_back_to_its_text(lamp3):
-    from persona_dspy.agent.semantic_memory import PersonaSummarizer
+    from persona_dspy.agent.semantic_memory import PersonaSummarizer, history_profile
 
     histories, _ = lamp3
     lm = dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0)
@@ -352,7 +352,27 @@ def test_an_unparsable_summary_falls_back_to_its_text(lamp3):
             empty = PersonaSummarizer()(items=histories[0].shared_history())
         finally:
             FreeText.REPLY = saved
-    assert empty.invalid and empty.summary == EMPTY_SUMMARY  # the persona starts from the empty summary
+    # rejected twice: the summary states the user's most frequent ratings (their own data), not the empty summary
+    assert empty.invalid and empty.summary == history_profile(histories[0].shared_history()) != EMPTY_SUMMARY
+    assert "Their most frequent past ratings: 5 (" in empty.summary and empty.summary in empty.persona
     counts = stats.snapshot()
     assert counts["invalid"]["summary"] == counts["checked"]["summary"] == 2 and counts["retries"]["summary"] == 1
+    assert counts["fallbacks"]["summary"] == 3  # both replies read as raw text, then the answers stated instead
     assert counts["lm_calls"] == 4  # each attempt: ChatAdapter's call, then its JSON retry
+
+
+def test_history_profile_states_the_most_frequent_answers_or_nothing():
+    from datetime import datetime
+
+    from persona_dspy.agent.semantic_memory import history_profile
+    from persona_dspy.data.records import HistoryItem
+
+    def items(*labels):
+        return [HistoryItem(str(i), datetime(2020, 1, 1), {}, "t", label) for i, label in
+                enumerate(labels)]
+
+    assert history_profile(items("5", "5", "4", "1")) == (
+        "- Their most frequent past ratings: 5 (2 of 4), 4 (1 of 4), 1 (1 of 4); their average rating is 3.8.")
+    assert history_profile(items("politics", "sports", "politics")) == (
+        "- The labels they gave most often to their past items: politics (2 of 3), sports (1 of 3).")
+    assert history_profile(items(None, None)) == ""  # no answers (LaMP-1 papers, LaMP-7 tweets): nothing to state

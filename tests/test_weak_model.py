@@ -68,7 +68,8 @@ def test_compile_against_an_echoing_model_saves_nothing_and_keeps_the_previous_p
     code, stdout, stderr = run(capsys, "compile", "--task", "LaMP_3", "--max-users", "2", "--out", str(out),
                                "--force", *lm_args(server))
     assert code == 2 and "no user could be compiled" in stderr and "Traceback" not in stderr
-    assert "not saved: the persona summary was rejected (a template placeholder" in stderr
+    # the summaries were rejected (their answers were stated instead), and every answer it was scored on was invalid
+    assert "not saved: all " in stderr and "answers it was scored on were invalid" in stderr
     assert "the previous program file is kept" in stderr
     assert {p.name: p.read_bytes() for p in out.glob("*-*.json")} == before  # untouched, no version added
     assert "most of the model's outputs were invalid" in stdout
@@ -104,17 +105,25 @@ def test_eval_against_an_echoing_model_scores_every_answer_invalid(capsys, tmp_p
 
 
 def test_placeholders_never_become_a_persona(capsys, tmp_path, server):
+    from persona_dspy.programs import read_program_metadata
+
     server.reset(reply_mode="placeholder")
     out = tmp_path / "programs"
-    code, _, stderr = run(capsys, "compile", "--task", "LaMP_3", "--max-users", "1", "--out", str(out),
-                          *lm_args(server))
-    assert code == 2 and "a structured object, not text" in stderr
-    assert not list(out.glob("*-*.json"))
+    code, stdout, stderr = run(capsys, "compile", "--task", "LaMP_3", "--max-users", "1", "--out", str(out),
+                               *lm_args(server))
+    assert "a structured object, not text" in stderr and "most of the model's outputs were invalid" in stdout
     summary = json.loads((out / "compile_summary.json").read_text())
     totals = summary["output_totals"]
     assert totals["invalid"]["answer"] == 0  # the schema forces a label: those are valid answers
     assert totals["invalid"]["loss"] == totals["checked"]["loss"] > 0
+    assert totals["invalid"]["summary"] == 2 and totals["fallbacks"]["summary"] >= 1
     assert_counts_add_up({r["user_id"]: r["outputs"] for r in summary["results"]}, totals, server.stats())
+    # The summary was a placeholder twice: the saved persona states the user's own most frequent ratings instead,
+    # and no placeholder or object reached it. The valid answers were scored on it, so the program is kept.
+    assert code == 0
+    (program,) = out.glob("*-*.json")
+    persona = read_program_metadata(program)["persona"]
+    assert "Their most frequent past ratings:" in persona and "{" not in persona
 
 
 def test_truncated_replies_are_counted(capsys, tmp_path, server):

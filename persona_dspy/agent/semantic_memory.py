@@ -1,12 +1,16 @@
 """Semantic memory: a user's persona, first summarised from their history.
 
 The summary reads only the history every query may see (strictly before the user's earliest
-query), so no query's gold answer can reach the persona.
+query), so no query's gold answer can reach the persona. When the LM's summary is rejected twice (a weak model
+echoes its prompt or its instructions), the summary states what the user's own answers show instead
+(``history_profile``: their most frequent labels or ratings), counted as a summary fallback; only a history without
+answers leaves the empty summary.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import dspy
@@ -34,6 +38,22 @@ def render_history(items: Sequence[HistoryItem], max_items: int = 40, max_chars:
     return "\n".join(lines) if lines else "(no history)"
 
 
+def history_profile(items: Sequence[HistoryItem], top: int = 3) -> str:
+    """What a user's past answers say without any LM: their most frequent labels (or ratings), as a summary line.
+
+    "" when the items carry no answers (LaMP-1 papers, LaMP-7 tweets).
+    """
+    labels = [str(item.label).strip() for item in items if item.label is not None and str(item.label).strip()]
+    if not labels:
+        return ""
+    listed = ", ".join(f"{label} ({n} of {len(labels)})" for label, n in Counter(labels).most_common(top))
+    try:
+        mean = sum(float(label) for label in labels) / len(labels)
+    except ValueError:  # category labels
+        return f"- The labels they gave most often to their past items: {listed}."
+    return f"- Their most frequent past ratings: {listed}; their average rating is {mean:.1f}."
+
+
 class PersonaSummarizer(dspy.Module):
     """History -> persona text (role, user summary, rules): one LM call.
 
@@ -49,7 +69,8 @@ class PersonaSummarizer(dspy.Module):
         self.summarize = dspy.Predict(PersonaSummary)
 
     def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
-        """``invalid`` says why the LM's summary was rejected (twice): the persona then holds the empty summary."""
+        """``invalid`` says why the LM's summary was rejected (twice): the summary then states ``history_profile``
+        (or, for a history without answers, the empty summary)."""
         history = render_history(items, self.max_items)
         lm = dspy.settings.lm
         window = context_window(lm) if lm is not None else None
@@ -61,14 +82,21 @@ class PersonaSummarizer(dspy.Module):
                             dropped, window)
                 history = "\n".join(lines) or "(no history fits the model's context)"
         output = predict_text(self.summarize, "persona", step="summary", history=history, max_words=self.max_words)
-        if output.invalid:
-            logger.warning("persona summary rejected: %s; the persona starts from the empty summary", output.invalid)
-        elif output.fallback:
+        if output.fallback and not output.invalid:
             logger.warning("persona summary: %s", output.fallback)
         result = self.guard.check(output.text, summary_only=True)
         if output.invalid is None and result.used_fallback:  # all of it was rules, injections or template lines
             record("summary", invalid="empty after the guard")
             output = TextOutput("", output.fallback, "empty after the guard")
+        if output.invalid:
+            profile = history_profile(items)
+            logger.warning("persona summary rejected: %s; the summary %s", output.invalid,
+                           "states the user's most frequent answers instead" if profile else "starts empty")
+            if profile:
+                record("summary", fallback=True)
+                output = TextOutput(profile, "the LM's summary was rejected: the user's most frequent answers instead",
+                                    output.invalid)
+                result = self.guard.check(profile, summary_only=True)
         if result.dropped:
             logger.warning("the initial summary carried %d line(s) that read as rules or instructions; dropped",
                            len(result.dropped))

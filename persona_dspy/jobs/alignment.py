@@ -19,6 +19,7 @@ from persona_dspy.data.records import UserHistory
 from persona_dspy.evaluation.metrics import dspy_metric
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.memory.retrieval import searches_reused
+from signatures.persona import EMPTY_SUMMARY
 
 DEFAULT_RECENT = 3
 
@@ -38,8 +39,9 @@ def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode 
 
 
 def persona_problem(aligned: PersonaAgent, outputs: dict[str, Any], *, warm_start: bool = False) -> str | None:
-    """Why an aligned program must not be kept (None: it may): its persona failed validation, or nothing in it
-    came from a valid output, or the scores it was chosen on were all computed on invalid answers.
+    """Why an aligned program must not be kept (None: it may): its persona failed validation, or it knows nothing
+    of the user (the LM's summary was rejected, no answers to state instead, no update improved on it), or the
+    scores it was chosen on were all computed on invalid answers.
 
     ``outputs`` is the user's ``OutputStats.snapshot()``; ``warm_start``: the persona came from a saved program.
     """
@@ -49,7 +51,8 @@ def persona_problem(aligned: PersonaAgent, outputs: dict[str, Any], *, warm_star
         return f"the persona failed validation ({reason})"
     report = getattr(aligned, "alignment", {}) or {}
     invalid = outputs.get("invalid") or {}
-    if invalid.get("summary") and not warm_start and not report.get("improved"):
+    nothing_known = summary.strip() in ("", EMPTY_SUMMARY)  # no LM summary and no answers to state instead
+    if invalid.get("summary") and nothing_known and not warm_start and not report.get("improved"):
         first = next((r for r in outputs.get("reasons", []) if r.startswith("summary")), "summary: rejected")
         return (f"the persona summary was rejected ({first.partition(': ')[2]}) and no valid update improved on "
                 "it, so the persona holds nothing learned about this user")

@@ -18,7 +18,7 @@ the summary is still returned (``summary_error`` says why it could not be writte
 alignment could not answer an item (``AlignmentError``, after retries) fails too: a persona scored on
 missing answers is never saved, so the next run compiles that user again. Nor is one whose persona failed
 validation or rests on invalid outputs only (``alignment.persona_problem``: a placeholder, an echo of the prompt, a
-rejected summary that no update improved on, every answer invalid): the user fails with that reason and their
+rejected summary with no answers to state instead that no update improved on, every answer invalid): the user fails with that reason and their
 previous program file, if any, stays as it was. Every user's output counts (``OutputStats``: LM calls,
 truncations, outputs checked and rejected by step, retries, raw-text fallbacks) are in their result, in the
 program file's metadata and summed in the summary (``output_totals``).

@@ -19,12 +19,13 @@ def _by_step(counts: Mapping[str, int] | None) -> str:
 
 
 def counts_line(totals: Mapping[str, Any]) -> str:
-    """One line: LM calls, invalid outputs by step (of those checked), retries, raw-text fallbacks, truncations."""
+    """One line: LM calls, invalid outputs by step (of those checked), retries, fallbacks, truncations."""
     checked = sum((totals.get("checked") or {}).values())
     invalid = sum((totals.get("invalid") or {}).values())
     return (f"outputs: {totals.get('lm_calls', 0)} LM calls; {invalid} of {checked} checked outputs invalid "
             f"({_by_step(totals.get('invalid'))}); retries: {_by_step(totals.get('retries'))}; "
-            f"read as raw text: {_by_step(totals.get('fallbacks'))}; "
+            f"fallbacks (a reply read as raw text; a summary from the user's answers): "
+            f"{_by_step(totals.get('fallbacks'))}; "
             f"truncated (finish_reason=length): {totals.get('truncations', 0)}")
 
 

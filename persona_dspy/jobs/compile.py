@@ -12,16 +12,16 @@ failure (server errors, timeouts, unparsable outputs after retries) is recorded 
 on. A crash loses no program already written: files only ever appear through an atomic rename, and
 the temp files a killed run leaves behind are removed by the next one.
 
-Output problems surface before any LM call: the programs folder must be creatable, writable and have
-some free space (``UnwritableOutputError``). A save that fails later fails that user with its reason;
-the summary is still returned (``summary_error`` says why it could not be written). A user whose
-alignment could not answer an item (``AlignmentError``, after retries) fails too: a persona scored on
-missing answers is never saved, so the next run compiles that user again. Nor is one whose persona failed
-validation or rests on invalid outputs only (``alignment.persona_problem``: a placeholder, an echo of the prompt, a
-rejected summary with no answers to state instead that no update improved on, every answer invalid): the user fails with that reason and their
-previous program file, if any, stays as it was. Every user's output counts (``OutputStats``: LM calls,
-truncations, outputs checked and rejected by step, retries, raw-text fallbacks) are in their result, in the
-program file's metadata and summed in the summary (``output_totals``).
+Output problems surface before any LM call: the programs folder must be creatable, writable and have some free space
+(``UnwritableOutputError``). A save that fails later fails that user with its reason; the summary is still returned
+(``summary_error`` says why it could not be written). A user whose alignment could not answer an item
+(``AlignmentError``, after retries) fails too: a persona scored on missing answers is never saved, so the next run
+compiles that user again. Nor is one whose persona failed validation or rests on invalid outputs only
+(``alignment.persona_problem``: a placeholder, an echo of the prompt, a rejected summary with no answers to state
+instead that no update improved on, every answer invalid): the user fails with that reason and their previous
+program file, if any, stays as it was. Every user's output counts (``OutputStats``: LM calls, truncations, outputs
+checked and rejected by step, retries, raw-text fallbacks) are in their result, in the program file's metadata and
+summed in the summary (``output_totals``).
 """
 
 from __future__ import annotations

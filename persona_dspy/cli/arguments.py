@@ -126,37 +126,26 @@ def _verbosity_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+def _number(kind: type[int] | type[float], *, zero: bool) -> Callable[[str], Any]:
+    """A number flag's parser: ``kind`` (int or float), positive, or 0 or more with ``zero``."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from exc
+        if not (value >= 0 if zero else value > 0):  # written so that a NaN is refused too
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'positive'}, got {text}")
         return value
 
     return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    return _number(kind, zero=False)
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+_non_negative_float = _number(float, zero=True)
+_non_negative = _number(int, zero=True)
 
 
 def _command(sub: Any, name: str, help: str, *, temperature: bool = True) -> argparse.ArgumentParser:

@@ -21,14 +21,12 @@ counts without being handed the counter.
 from __future__ import annotations
 
 import re
-import threading
 from collections import Counter
 from typing import Any
 
 import dspy
-from dspy.utils.callback import BaseCallback
 
-from optimizers.lm_usage import ACTIVE_KEY
+from optimizers.lm_usage import ACTIVE_KEY, LMUsage
 
 STEPS = ("answer", "loss", "update", "summary", "tool_step")
 MAX_REASONS = 5
@@ -112,14 +110,15 @@ def finish_reasons(response: Any) -> list[str]:
     return reasons or ([str(own)] if own is not None else [])
 
 
-class OutputStats(BaseCallback):
-    """Counts of LM calls, truncations and validated outputs, across threads (module docstring)."""
+class OutputStats(LMUsage):
+    """Counts of LM calls, truncations and validated outputs, across threads (module docstring).
+
+    Calls (and tokens) are counted as ``LMUsage`` counts them, so an LM that calls other LMs (a pool of servers)
+    counts as the calls it makes, each once; the truncation of each counted call is read from its history entry.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._lock = threading.Lock()
-        self._active: dict[str, Any] = {}
-        self.calls = 0
         self.truncations = 0
         self.checked: Counter[str] = Counter()
         self.invalid: Counter[str] = Counter()
@@ -127,15 +126,10 @@ class OutputStats(BaseCallback):
         self.fallbacks: Counter[str] = Counter()
         self.reasons: list[str] = []
 
-    # -- the dspy callback: every LM call ---------------------------------------------------------
-    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        with self._lock:  # registered globally and on the LM, a call is still one call
-            self.calls += call_id not in self._active
-            self._active.setdefault(call_id, instance)
-
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
-        with self._lock:
-            instance = self._active.pop(call_id, None)
+        with self._lock:  # a call that delegated to inner LM calls is not one itself: they are read instead
+            instance = None if call_id in self._delegated else self._active.get(call_id)
+        super().on_lm_end(call_id, outputs, exception)
         if instance is None or exception is not None:
             return
         for entry in reversed((getattr(instance, "history", None) or [])[-64:]):

@@ -109,13 +109,13 @@ def _raw_call(variant: str, api_base: str, request: dict[str, Any]) -> Any:
 def _switch_back_to_before() -> None:
     """The compile path before this change, in this process: see the module docstring."""
     import dspy
+    from persona_dspy.signatures.task_signatures import task_signature
 
-    from optimizers.lm_usage import LMUsage
     from persona_dspy.agent import persona_agent
     from persona_dspy.agent.persona_agent import PersonaAgent
     from persona_dspy.jobs import alignment
     from persona_dspy.lm import adapters
-    from signatures.tasks import task_signature
+    from persona_dspy.lm.usage import LMUsage
 
     os.environ["PERSONA_DSPY_ENGINE"] = "litellm"
 

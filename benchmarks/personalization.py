@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dspy  # noqa: E402
 
-from optimizers.lm_usage import LMUsage  # noqa: E402
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona  # noqa: E402
 from persona_dspy.data.examples import query_examples  # noqa: E402
 from persona_dspy.data.lamp import load_dataset  # noqa: E402
@@ -40,6 +39,7 @@ from persona_dspy.files import write_atomically  # noqa: E402
 from persona_dspy.jobs.alignment import align_user  # noqa: E402
 from persona_dspy.lm.adapters import default_adapter  # noqa: E402
 from persona_dspy.lm.build import build_lm, describe_lm  # noqa: E402
+from persona_dspy.lm.usage import LMUsage  # noqa: E402
 from persona_dspy.memory.episodic import EpisodicMemory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

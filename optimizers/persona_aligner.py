@@ -44,14 +44,14 @@ from typing import Any, Protocol
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
+from persona_dspy.optimizers.persona_predictors import PersonaPredictors, PredictorChoice, describe_choice
+from persona_dspy.optimizers.textual_loss import Metric, ProgramFields, TextualLossMetric, resolve_fields, score_of
+from persona_dspy.signatures.persona import PersonaTemplate, PersonaUpdate
 
-from optimizers.lm_usage import LMUsage
-from optimizers.output_validation import record
-from optimizers.persona_guard import GuardResult, PersonaGuard, template_for
-from optimizers.persona_predictors import PersonaPredictors, PredictorChoice, describe_choice
-from optimizers.text_outputs import TextOutput, predict_text
-from optimizers.textual_loss import Metric, ProgramFields, TextualLossMetric, resolve_fields, score_of
-from signatures.persona import PersonaTemplate, PersonaUpdate
+from persona_dspy.lm.usage import LMUsage
+from persona_dspy.outputs.text import TextOutput, predict_text
+from persona_dspy.outputs.validation import record
+from persona_dspy.persona.guard import GuardResult, PersonaGuard, template_for
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class PersonaAligner(Teleprompter):
             one, else the default template when the starting persona is built on it, else none: all summary).
         answer_retries: extra attempts for an item the program fails to answer before ``AlignmentError``.
         persona_predictors: which predictors carry the persona: names, a predicate ``(name, predictor) -> bool``,
-            or None for those whose instructions contain ``persona`` (see ``optimizers.persona_predictors``).
+            or None for those whose instructions contain ``persona`` (see ``.persona_predictors``).
         persona: the starting persona text as written into the program (default: the program's ``persona``).
         input_fields / output_fields: the program's fields, when the examples and signatures cannot tell.
     """
@@ -246,7 +246,7 @@ class PersonaAligner(Teleprompter):
             raise ValueError("no LM: configure dspy (dspy.configure(lm=...)), pass task_lm or set the program's LMs")
         optimizer_lm = self.optimizer_lm or task_lm or own_lms[-1]
         cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (persona, example key) -> (prediction, score)
-        fallbacks: Counter[str] = Counter()  # replies read as raw text, by step (see optimizers.text_outputs)
+        fallbacks: Counter[str] = Counter()  # replies read as raw text, by step (see persona_dspy.outputs.text)
         invalid: Counter[str] = Counter()  # outputs rejected by validation (after their retry), by step
         fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
         with usage.counting(*[lm for lm in (task_lm, optimizer_lm) if lm is not None], *own_lms):

@@ -5,8 +5,8 @@ listing; its default proposer keeps whatever a reflection LM wrote, injected lin
 metric that fails while it builds its reflective dataset (logged at INFO, the program returned unchanged).
 ``persona_gepa`` returns a ``dspy.GEPA`` that
 
-* asks for feedback from ``TextualLossMetric`` (any field names, see ``optimizers.textual_loss``);
-* reflects only on the predictors that carry the persona (``optimizers.persona_predictors``), in turn;
+* asks for feedback from ``TextualLossMetric`` (any field names, see ``persona_dspy.optimizers.textual_loss``);
+* reflects only on the predictors that carry the persona (``persona_dspy.optimizers.persona_predictors``), in turn;
 * passes every proposal through that predictor's ``PersonaGuard`` (its own fixed part, the learned summary after it);
 * stops with ``MetricError`` at the next iteration after the metric failed, instead of going on without it.
 
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import dspy
+from persona_dspy.optimizers.persona_predictors import PersonaPredictors, PredictorChoice
+from persona_dspy.optimizers.textual_loss import Metric, TextualLossMetric
+from persona_dspy.signatures.persona import PersonaTemplate
 
-from optimizers.persona_guard import GuardedInstructionProposer
-from optimizers.persona_predictors import PersonaPredictors, PredictorChoice
-from optimizers.textual_loss import Metric, TextualLossMetric
-from signatures.persona import PersonaTemplate
+from persona_dspy.persona.guard import GuardedInstructionProposer
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import dspy
+from persona_dspy.signatures.persona import PersonaTemplate
 
-from optimizers.persona_guard import PersonaGuard, template_for
-from signatures.persona import PersonaTemplate
+from persona_dspy.persona.guard import PersonaGuard, template_for
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
+from persona_dspy.signatures.persona import TextualLoss
 
-from optimizers.text_outputs import TextOutput, predict_text
-from signatures.persona import TextualLoss
+from persona_dspy.outputs.text import TextOutput, predict_text
 
 logger = logging.getLogger(__name__)
 

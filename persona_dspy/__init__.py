@@ -1,14 +1,12 @@
 """persona-dspy: PersonaAgent (arXiv 2506.06254) as DSPy programs.
 
-Per-user episodic memory in Qdrant, a persona (semantic memory) that conditions the agent's
-answers, and test-time alignment of that persona as an optimizable instruction.
+Per-user episodic memory in Qdrant, a persona (semantic memory) that conditions the agent's answers, and test-time
+alignment of that persona as an optimizable instruction. The public names below import on first use, so that the
+command line starts without loading dspy.
 
-Sub-packages by concern, lowest first; a package imports only from those before it:
-``data`` (records, loaders, scopes) -> ``memory`` (episodic memory, embeddings, retrieval) -> ``lm`` (building and
-describing LMs) -> ``agent`` (PersonaAgent, semantic memory, answer mapping) -> ``programs`` (program files) ->
-``evaluation`` (metrics, evaluation, reports) -> ``jobs`` (align, compile, compare, tune) -> ``cli``.
-``files`` (atomic writes) sits below them all; ``testing`` (the offline stand-in LM) is test support that only
-``--lm offline`` loads.
+Layers, lowest first (each imports only from those before it): ``signatures`` -> ``files``, ``console``, ``data``,
+``memory``, ``lm``, ``outputs``, ``persona``, ``agent``, ``programs``, ``evaluation`` (the core) -> ``optimizers``
+(teleprompters and losses) -> ``jobs`` -> ``cli``. ``testing`` holds the offline stand-in LM for tests.
 """
 
 from __future__ import annotations
@@ -18,6 +16,24 @@ from collections.abc import Callable
 from typing import Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "PersonaAgent": "agent.persona_agent",
+    "PersonaAligner": "optimizers.persona_aligner",
+    "TextualLossMetric": "optimizers.textual_loss",
+    "persona_gepa": "optimizers.persona_gepa",
+    "PersonaGuard": "persona.guard",
+    "EpisodicMemory": "memory.episodic",
+    "UserHistory": "data.records",
+    "load_dataset": "data.lamp",
+    "build_lm": "lm.build",
+    "load_program": "programs",
+    "save_program": "programs",
+    "evaluate": "evaluation.evaluate",
+    "compile_users": "jobs.compile",
+}
+
+__all__ = sorted(_PUBLIC)
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
@@ -36,30 +52,8 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
     return __getattr__
 
 
-def plural(n: int, noun: str, plural_form: str | None = None) -> str:
-    """``"1 user"``, ``"3 users"``: every count the package prints goes through here, so none reads "1 users"."""
-    return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
+__getattr__ = lazy_exports(__name__, _PUBLIC)
 
 
-def show_progress(progress: bool | None) -> bool:
-    """The one rule for progress bars: as asked (``--progress/--no-progress``), else on a terminal only."""
-    if progress is not None:
-        return progress
-    import sys
-
-    return sys.stderr.isatty()
-
-
-def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "user") -> Any:
-    """A tqdm bar on stderr following ``show_progress`` (a disabled bar when off, so callers need no branches)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not show_progress(progress), dynamic_ncols=True)
-
-
-def home() -> Any:
-    """``$PERSONA_DSPY_HOME`` (default ``~/.persona_dspy``): memory, programs, reports and models live under it."""
-    import os
-    from pathlib import Path
-
-    return Path(os.environ.get("PERSONA_DSPY_HOME") or Path.home() / ".persona_dspy").expanduser()
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -154,3 +154,8 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def home() -> Path:
+    """``$PERSONA_DSPY_HOME`` (default ``~/.persona_dspy``): memory, programs, reports and models live under it."""
+    return Path(os.environ.get("PERSONA_DSPY_HOME") or Path.home() / ".persona_dspy").expanduser()

@@ -39,15 +39,14 @@ from typing import Any
 
 import dspy
 
-import persona_dspy
-from optimizers.output_validation import rejection
-from optimizers.persona_guard import PersonaGuard, word_count
 from persona_dspy.agent.persona_agent import MODES, PersonaAgent
 from persona_dspy.data.tasks import get_task
-from persona_dspy.files import fsync_dir, remove_stale_temp_files, write_atomically, write_temp
+from persona_dspy.files import fsync_dir, home, remove_stale_temp_files, write_atomically, write_temp
 from persona_dspy.lm.build import describe_lm, redact_lm_state
 from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
+from persona_dspy.outputs.validation import rejection
+from persona_dspy.persona.guard import PersonaGuard, word_count
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,9 @@ class ProgramFileError(ValueError):
 
 
 def persona_dspy_version() -> str:
-    return persona_dspy.__version__
+    from persona_dspy import __version__
+
+    return __version__
 
 
 def _general_tools(agent: PersonaAgent) -> list[str]:
@@ -242,7 +243,7 @@ def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: di
     ``metadata`` adds the caller's facts (optimizer and settings, dev scores, ...) next to the fixed ones; a key that
     contradicts a fixed one raises ValueError. ``lm`` is the LM that produced the program (default: dspy's current).
     The persona is guarded first (``guard_persona``: on ``agent`` itself), so no file holds an unguarded persona,
-    and validated (``optimizers.output_validation.rejection``): a summary that is a placeholder or an echo of a
+    and validated (``persona_dspy.outputs.validation.rejection``): a summary that is a placeholder or an echo of a
     prompt raises ValueError and nothing is written, so a file already at ``path`` stays as it was.
     """
     path = Path(path)
@@ -512,7 +513,7 @@ def program_path(out_dir: str | os.PathLike[str], user_id: str) -> Path:
 
 def default_programs_dir(task: str) -> Path:
     """The folder ``persona-dspy compile --task T`` saves to by default: ``$PERSONA_DSPY_HOME/programs/<task>``."""
-    return persona_dspy.home() / "programs" / get_task(task).name
+    return home() / "programs" / get_task(task).name
 
 
 def find_program(task: str, user_id: str, programs_dir: str | os.PathLike[str] | None = None) -> Path | None:

@@ -8,8 +8,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"LABELS": "labels", "label_list": "labels", "PersonaSummary": "persona", "PersonaUpdate": "persona",
-            "TextualLoss": "persona", "compose_persona": "persona", "TASK_SIGNATURES": "tasks",
-            "task_signature": "tasks"}
+            "TextualLoss": "persona", "compose_persona": "persona", "TASK_SIGNATURES": "task_signatures",
+            "task_signature": "task_signatures"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -17,5 +17,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'signatures' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"signatures.{module}"), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -45,7 +45,7 @@ def canonical_task_name(name: str) -> str | None:
 
     Spelling only: the result may name no task ('LaMP_1N') or be the ambiguous 'LaMP_2'; callers check it against
     their registry. It lives here, not in persona_dspy.data.tasks, so that signatures stay a leaf package; here, not in
-    signatures.tasks, so that reading a task name imports no dspy (fast CLI start and errors).
+    persona_dspy.signatures.task_signatures, so that reading a task name imports no dspy (fast CLI start and errors).
     """
     match = _TASK_NAME.fullmatch(name.strip())
     return f"LaMP_{match.group(1)}{(match.group(2) or '').upper()}" if match else None

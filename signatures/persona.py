@@ -68,7 +68,7 @@ class PersonaUpdate(dspy.Signature):
 # The persona as PersonaAgent's initial system prompt: role, then the user summary (semantic memory),
 # then short rules. It becomes the instructions of the predictor(s) that answer, so every optimizer
 # (the aligner, GEPA, MIPROv2, COPRO) optimizes the same text. Only the summary is free: the role and
-# the rules are fixed parts of a PersonaTemplate, and optimizers.persona_guard rebuilds every persona
+# the rules are fixed parts of a PersonaTemplate, and persona_dspy.persona.guard rebuilds every persona
 # from the template and a cleaned summary, so no text from a user's history or an LM can become a rule.
 PERSONA_ROLE = (
     "You are a helpful personalized assistant. You answer the user's request exactly as this particular user "

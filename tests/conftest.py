@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("PERSONA_DSPY_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Tests point PERSONA_DSPY_HOME into tmp folders; the cached real model stays where `models fetch` put it.
+_HOME = Path(os.environ.get("PERSONA_DSPY_HOME") or Path.home() / ".persona_dspy").expanduser()
+os.environ.setdefault("PERSONA_DSPY_MODELS", str(_HOME / "models"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO_ROOT.parent / "shared"))

@@ -6,14 +6,14 @@ import hashlib
 
 import dspy
 import pytest
+from persona_dspy.signatures import compose_persona
 
-from optimizers.text_outputs import field_text_from_response
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.agent.semantic_memory import PersonaSummarizer, initial_persona
 from persona_dspy.data.examples import interaction_examples, query_examples
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME, memory_search_tool
+from persona_dspy.outputs.text import field_text_from_response
 from persona_dspy.testing.offline_lm import Message, Response, TextPart, Usage, offline_lm
-from signatures import compose_persona
 
 
 @pytest.fixture(scope="module")

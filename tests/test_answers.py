@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from persona_dspy.signatures.labels import LAMP_1_LABELS, LAMP_2M_LABELS, LAMP_2N_LABELS, LAMP_3_LABELS
 
 from persona_dspy.agent.answers import label_key, map_to_label, normalize_answer
-from signatures.labels import LAMP_1_LABELS, LAMP_2M_LABELS, LAMP_2N_LABELS, LAMP_3_LABELS
 
 
 @pytest.mark.parametrize(

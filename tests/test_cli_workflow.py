@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_cli import isolated  # noqa: F401  (autouse: no runner LM settings, PERSONA_DSPY_HOME in tmp_path)
 
-from persona_dspy import plural, show_progress
 from persona_dspy.cli import build_parser, main
+from persona_dspy.console import plural, show_progress
 from persona_dspy.data.lamp import dataset_dir, load_dataset
 from persona_dspy.programs import default_programs_dir, find_program, program_path, read_program_metadata
 

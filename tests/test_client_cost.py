@@ -17,8 +17,8 @@ import dspy
 import pytest
 from dspy.utils.exceptions import LMError
 from loopback_server import loopback_fixture
+from persona_dspy.signatures.task_signatures import task_signature
 
-from optimizers.lm_usage import ACTIVE_KEY, METER, LMUsage, counting
 from persona_dspy.agent import persona_agent
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.jobs import alignment
@@ -26,8 +26,8 @@ from persona_dspy.jobs.alignment import align_user
 from persona_dspy.lm import build as lm_module
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.usage import ACTIVE_KEY, METER, LMUsage, counting
 from persona_dspy.testing.offline_lm import offline_lm
-from signatures.tasks import task_signature
 
 server = loopback_fixture()
 

@@ -10,9 +10,8 @@ import json
 
 import dspy
 import pytest
+from persona_dspy.optimizers.textual_loss import TextualLossMetric
 
-from optimizers.lm_usage import LMUsage
-from optimizers.textual_loss import TextualLossMetric
 from persona_dspy import programs
 from persona_dspy.data.examples import interaction_examples, query_examples
 from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
@@ -26,6 +25,7 @@ from persona_dspy.jobs.comparison import (
     plot_score_vs_calls,
 )
 from persona_dspy.lm.build import OFFLINE_MODEL
+from persona_dspy.lm.usage import LMUsage
 from persona_dspy.testing.offline_lm import offline_lm
 
 N_USERS = 2

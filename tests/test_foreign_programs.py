@@ -15,13 +15,13 @@ from pathlib import Path
 
 import dspy
 import pytest
+from persona_dspy.optimizers.persona_aligner import PersonaAligner
+from persona_dspy.optimizers.persona_gepa import persona_gepa
+from persona_dspy.optimizers.persona_predictors import PersonaPredictors, persona_predictors
+from persona_dspy.optimizers.textual_loss import MetricError, TextualLossMetric
 from test_persona_aligner import Recording
 
-from optimizers.persona_aligner import PersonaAligner
-from optimizers.persona_gepa import persona_gepa
-from optimizers.persona_guard import GuardedInstructionProposer, PersonaGuard
-from optimizers.persona_predictors import PersonaPredictors, persona_predictors
-from optimizers.textual_loss import MetricError, TextualLossMetric
+from persona_dspy.persona.guard import GuardedInstructionProposer, PersonaGuard
 from persona_dspy.testing.offline_lm import OfflineEngine, Response, offline_lm
 
 PERSONA = "You answer as this particular user would, in their own words."

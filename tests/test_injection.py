@@ -13,6 +13,7 @@ import json
 
 import pytest
 from loopback_server import INJECTIONS, loopback_fixture
+from persona_dspy.signatures.persona import DEFAULT_TEMPLATE, PERSONA_RULES, PERSONA_RULES_HEADER, compose_persona
 
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.agent.semantic_memory import PersonaSummarizer
@@ -24,7 +25,6 @@ from persona_dspy.jobs.compile import compile_users, program_path
 from persona_dspy.lm.build import build_lm
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import load_program, program_versions, read_program_metadata, save_program
-from signatures.persona import DEFAULT_TEMPLATE, PERSONA_RULES, PERSONA_RULES_HEADER, compose_persona
 
 server = loopback_fixture()
 

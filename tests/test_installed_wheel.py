@@ -14,6 +14,7 @@ import shutil
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def installed(tmp_path_factory) -> Path:
     run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)],
         cwd=root)
     [wheel] = (root / "dist").glob("persona_dspy-*.whl")
+    (root / "wheel-names.txt").write_text("\n".join(zipfile.ZipFile(wheel).namelist()))
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root)
     python = venv / "bin" / "python"
@@ -79,3 +81,27 @@ def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(installed, t
     assert "compiled 1" in result.stdout
     summary = json.loads((out / "compile_summary.json").read_text())
     assert summary["compiled"] == 1 and summary["failed"] == 0
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_package(installed):
+    names = (installed.parent / "wheel-names.txt").read_text().split()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"persona_dspy"}
+    assert "persona_dspy/optimizers/persona_aligner.py" in names and "persona_dspy/signatures/labels.py" in names
+
+
+@pytest.mark.slow
+def test_a_project_with_its_own_signatures_and_optimizers_modules_imports_the_package(installed, tmp_path):
+    """DSPy projects often keep a ``signatures.py``: the package's own modules live under ``persona_dspy`` only."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "signatures.py").write_text("MINE = 'signatures'\n")
+    (project / "optimizers.py").write_text("MINE = 'optimizers'\n")
+    code = ("import signatures, optimizers\n"
+            "from persona_dspy import PersonaAligner, PersonaAgent, load_program\n"
+            "from persona_dspy.signatures import PersonaSummary\n"
+            "assert signatures.MINE == 'signatures' and optimizers.MINE == 'optimizers'\n"
+            "print(PersonaAligner.__module__, PersonaSummary.__name__)\n")
+    result = run([str(installed / "bin" / "python"), "-c", code], cwd=project, env=user_env(tmp_path))
+    assert "persona_dspy.optimizers.persona_aligner PersonaSummary" in result.stdout

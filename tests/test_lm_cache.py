@@ -6,9 +6,9 @@ import dspy
 import pytest
 from dspy.clients.cache import Cache
 from loopback_server import loopback_fixture
+from persona_dspy.signatures.task_signatures import task_signature
 
 from persona_dspy.lm.build import CACHE_SCOPE_HEADER, build_lm, describe_lm
-from signatures.tasks import task_signature
 
 server_a = loopback_fixture()
 server_b = loopback_fixture()

@@ -12,6 +12,8 @@ import dspy
 import pytest
 from dspy.utils.exceptions import LMServerError, LMTimeoutError
 from loopback_server import loopback_fixture
+from persona_dspy.signatures.labels import LAMP_3_LABELS
+from persona_dspy.signatures.task_signatures import task_signature
 
 from persona_dspy.lm import build as lm_module
 from persona_dspy.lm.build import (
@@ -25,8 +27,6 @@ from persona_dspy.lm.build import (
     is_offline,
 )
 from persona_dspy.testing.offline_lm import OfflineEngine
-from signatures.labels import LAMP_3_LABELS
-from signatures.tasks import task_signature
 
 ENV_NAMES = [name for name in vars(lm_module) if name.startswith("ENV_")]
 

@@ -11,10 +11,10 @@ import pytest
 from dspy.utils.exceptions import LMInvalidRequestError, LMServerError
 from loopback_server import LoopbackServer
 
-from optimizers.lm_usage import LMUsage, counting
-from optimizers.output_validation import OutputStats
 from persona_dspy.lm.build import LMConfigError, build_lm, describe_lm
 from persona_dspy.lm.pool import ServerPool, is_server_fault, server_list
+from persona_dspy.lm.usage import LMUsage, counting
+from persona_dspy.outputs.validation import OutputStats
 
 
 class FakeServerLM:

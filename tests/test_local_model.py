@@ -158,10 +158,11 @@ def local_lm(real_model):
 
 
 def test_real_model_answers_a_label_under_the_json_schema(local_lm, sample_memory):
+    from persona_dspy.signatures.labels import label_list
+
     from persona_dspy.agent.persona_agent import PersonaAgent
     from persona_dspy.data.examples import query_examples
     from persona_dspy.lm.adapters import default_adapter
-    from signatures.labels import label_list
 
     histories, memory = sample_memory("LaMP_2N", 1)
     agent = PersonaAgent("LaMP_2N", memory, "rag", user_id=histories[0].user_id)
@@ -236,11 +237,12 @@ def uncached_lm(real_model):
 
 
 def test_real_model_reloaded_program_answers_identically(uncached_lm, sample_memory, tmp_path):
+    from persona_dspy.signatures import compose_persona
+
     from persona_dspy.agent.persona_agent import PersonaAgent
     from persona_dspy.data.examples import query_examples
     from persona_dspy.lm.adapters import default_adapter
     from persona_dspy.programs import load_program, save_program
-    from signatures import compose_persona
 
     histories, memory = sample_memory("LaMP_2N", 1)
     history = histories[0]
@@ -258,8 +260,8 @@ def test_real_model_reloaded_program_answers_identically(uncached_lm, sample_mem
 
 def test_real_model_output_counts_are_consistent(local_lm, sample_memory):
     """The counts a report shows for a real model add up: calls, truncations and invalid outputs per user and in all."""
-    from optimizers.output_validation import STEPS
     from persona_dspy.evaluation.evaluate import evaluate
+    from persona_dspy.outputs.validation import STEPS
 
     histories, memory = sample_memory("LaMP_2N", 1)
     report = evaluate(histories, memory=memory, lm=local_lm, workers=1, progress=False)

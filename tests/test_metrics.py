@@ -9,6 +9,7 @@ import sys
 import warnings
 
 import pytest
+from persona_dspy.signatures.labels import LAMP_1_LABELS, LAMP_2N_LABELS
 from rouge_score import rouge_scorer, scoring
 
 from persona_dspy.data.tasks import TASKS
@@ -20,7 +21,6 @@ from persona_dspy.evaluation.metrics import (
     primary_metric,
     score_task,
 )
-from signatures.labels import LAMP_1_LABELS, LAMP_2N_LABELS
 
 # --- classification -------------------------------------------------------------------------------------------
 

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import dspy
 import pydantic
 import pytest
+from persona_dspy.signatures.labels import label_list
+from persona_dspy.signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
+from persona_dspy.signatures.task_signatures import TASK_SIGNATURES, task_signature
 
 from persona_dspy.lm.build import OFFLINE_MODEL, LMUsage, describe_lm, is_offline
 from persona_dspy.testing.offline_lm import OfflineEngine, answer_messages, offline_lm
-from signatures.labels import label_list
-from signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
-from signatures.tasks import TASK_SIGNATURES, task_signature
 
 ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 MODULES = {"predict": dspy.Predict, "cot": dspy.ChainOfThought}

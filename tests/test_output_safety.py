@@ -17,8 +17,8 @@ from pathlib import Path
 import dspy
 import pytest
 from loopback_server import loopback_fixture
+from persona_dspy.optimizers.persona_aligner import AlignmentError
 
-from optimizers.persona_aligner import AlignmentError
 from persona_dspy import files
 from persona_dspy.cli import main
 from persona_dspy.files import UnwritableOutputError

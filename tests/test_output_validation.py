@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from persona_dspy.signatures.persona import PersonaUpdate
 
-from optimizers.output_validation import OutputStats, answer_rejection, finish_reasons, mostly_invalid, rejection
 from persona_dspy.agent.answers import map_to_label
 from persona_dspy.evaluation.output_counts import counts_line, invalid_warning, strict_failure
 from persona_dspy.lm.budget import PromptTooLong, estimate_tokens, fit_lines, fit_passages, overflow_sizes
 from persona_dspy.memory.retrieval import render_passages
-from signatures.persona import PersonaUpdate
+from persona_dspy.outputs.validation import OutputStats, answer_rejection, finish_reasons, mostly_invalid, rejection
 
 RATINGS = ["1", "2", "3", "4", "5"]
 
@@ -123,9 +123,10 @@ def test_overflow_messages_of_llama_cpp_and_vllm():
 
 
 def test_a_program_with_a_placeholder_persona_is_never_saved(sample_memory, tmp_path):
+    from persona_dspy.signatures.persona import compose_persona
+
     from persona_dspy.agent.persona_agent import PersonaAgent
     from persona_dspy.programs import save_program
-    from signatures.persona import compose_persona
 
     histories, memory = sample_memory("LaMP_3", 1)
     agent = PersonaAgent("LaMP_3", memory, "rag", user_id=histories[0].user_id,
@@ -141,9 +142,9 @@ def test_a_program_with_a_placeholder_persona_is_never_saved(sample_memory, tmp_
 def test_gepa_proposals_that_are_placeholders_keep_the_current_instruction(monkeypatch):
     import dspy
     from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+    from persona_dspy.signatures.persona import compose_persona
 
-    from optimizers.persona_guard import GuardedInstructionProposer, PersonaGuard
-    from signatures.persona import compose_persona
+    from persona_dspy.persona.guard import GuardedInstructionProposer, PersonaGuard
 
     current = compose_persona("- Reads mostly about politics.")
     monkeypatch.setattr(InstructionProposer, "__call__",

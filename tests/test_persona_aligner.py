@@ -7,17 +7,17 @@ from dataclasses import dataclass
 
 import dspy
 import pytest
+from persona_dspy.optimizers.persona_aligner import PersonaAligner, aggregate_feedback
+from persona_dspy.optimizers.textual_loss import TextualLossMetric
+from persona_dspy.signatures.persona import DEFAULT_TEMPLATE, EMPTY_SUMMARY, PLAIN_TEMPLATE, compose_persona
 
-from optimizers.lm_usage import LMUsage
-from optimizers.output_validation import OutputStats
-from optimizers.persona_aligner import PersonaAligner, aggregate_feedback
-from optimizers.persona_guard import PersonaGuard, fits, word_count
-from optimizers.textual_loss import TextualLossMetric
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.data.examples import interaction_examples
 from persona_dspy.evaluation.metrics import dspy_metric
+from persona_dspy.lm.usage import LMUsage
+from persona_dspy.outputs.validation import OutputStats
+from persona_dspy.persona.guard import PersonaGuard, fits, word_count
 from persona_dspy.testing.offline_lm import Message, OfflineEngine, Response, TextPart, Usage, offline_lm
-from signatures.persona import DEFAULT_TEMPLATE, EMPTY_SUMMARY, PLAIN_TEMPLATE, compose_persona
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import dspy
 import pytest
+from persona_dspy.signatures import compose_persona
 
-from optimizers.lm_usage import LMUsage
 from persona_dspy.agent.persona_agent import PersonaAgent
+from persona_dspy.lm.usage import LMUsage
 from persona_dspy.programs import (
     CHARS_PER_WORD,
     DEFAULT_PERSONA_WORDS,
@@ -19,7 +20,6 @@ from persona_dspy.programs import (
     save_program,
 )
 from persona_dspy.testing.offline_lm import offline_lm
-from signatures import compose_persona
 
 
 @pytest.fixture(scope="module")

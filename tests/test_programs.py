@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dspy
 import pytest
+from persona_dspy.signatures import compose_persona
 
 from persona_dspy import programs
 from persona_dspy.agent.persona_agent import PersonaAgent
@@ -29,7 +30,6 @@ from persona_dspy.programs import (
     write_atomically,
 )
 from persona_dspy.testing.offline_lm import OFFLINE_MODEL, offline_lm
-from signatures import compose_persona
 
 NEUTRAL = compose_persona("- Reads widely; files articles by their main topic.")
 RELIGION = compose_persona("- Preferred label: religion\n- marker: zebra-7f3 (a persona no default would contain)")

@@ -13,14 +13,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-PACKAGE_LAYERS = ("files", "data", "memory", "lm", "agent", "programs", "evaluation", "jobs", "cli")
-"""``persona_dspy``'s parts, lowest first: each may import only the parts before it (and itself)."""
+LAYERS = ("signatures", "files", "console", "data", "memory", "lm", "outputs", "persona", "agent", "programs",
+          "evaluation", "optimizers", "jobs", "cli")
+"""``persona_dspy``'s parts, lowest first: each may import only the parts before it (and itself). ``signatures`` is the
+floor (dspy only); ``optimizers`` (teleprompters and losses) sits on the core; jobs and the CLI on top."""
 
 TESTING = "testing"
 """Test support (the offline stand-in): it may import any product layer but ``jobs`` and ``cli``; no product module
 imports it except ``lm.build``, lazily, when the stand-in is asked for by name."""
 
 LAZY_TESTING_IMPORTS = {"persona_dspy/lm/build.py"}
+FOLDERS = {"signatures": REPO / "signatures", "optimizers": REPO / "optimizers"}
+"""Design folders at the top of the repo, installed as ``persona_dspy.<name>`` (pyproject's package-dir)."""
 
 
 def test_ruff_is_clean():
@@ -32,7 +36,7 @@ def test_ruff_is_clean():
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(module imported, at module level?) for every import in ``path``."""
+    """(module imported, at module level?) for every absolute import in ``path``."""
     tree = ast.parse(path.read_text())
     top = {id(node) for node in tree.body}
     found = []
@@ -41,14 +45,37 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
             found += [(alias.name, id(node) in top) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.module, id(node) in top))
-            if node.module == "persona_dspy":  # from persona_dspy import programs (not: import lazy_exports)
-                found += [(f"persona_dspy.{alias.name}", id(node) in top) for alias in node.names
-                          if _is_module(REPO / "persona_dspy" / alias.name)]
+            found += [(f"{node.module}.{alias.name}", id(node) in top) for alias in node.names
+                      if _module_path(f"{node.module}.{alias.name}") is not None]
     return found
 
 
-def _is_module(path: Path) -> bool:
-    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+def _module_name(path: Path) -> str:
+    """The import name of a source file of the package, wherever its folder sits in the repo."""
+    for part, folder in FOLDERS.items():
+        if path.is_relative_to(folder):
+            relative = path.relative_to(folder).with_suffix("")
+            return ".".join(["persona_dspy", part, *relative.parts]).removesuffix(".__init__")
+    relative = path.relative_to(REPO).with_suffix("")
+    return ".".join(relative.parts).removesuffix(".__init__")
+
+
+def _module_path(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] != "persona_dspy":
+        return None
+    base = FOLDERS[parts[1]] if len(parts) > 1 and parts[1] in FOLDERS else None
+    rest = parts[2:] if base is not None else parts[1:]
+    base = base if base is not None else REPO / "persona_dspy"
+    target = base.joinpath(*rest) if rest else base
+    for candidate in (target.with_suffix(".py"), target / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _sources() -> list[Path]:
+    return [*(REPO / "persona_dspy").rglob("*.py"), *(p for f in FOLDERS.values() for p in f.rglob("*.py"))]
 
 
 def _part(module: str) -> str | None:
@@ -57,28 +84,35 @@ def _part(module: str) -> str | None:
     return parts[1] if parts[0] == "persona_dspy" and len(parts) > 1 else None
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("signatures", {"optimizers", "persona_dspy"}),
-                                                     ("optimizers", {"persona_dspy"})])
-def test_layers_import_downwards_only(package, forbidden):
-    for path in (REPO / package).rglob("*.py"):
+def test_nothing_imports_the_design_folders_by_their_top_level_names():
+    roots = [*_sources(), *(REPO / "tests").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]
+    for path in roots:
         for name, _ in _imports(path):
-            assert name.split(".")[0] not in forbidden, f"{path.relative_to(REPO)} imports {name}"
+            assert name.split(".")[0] not in FOLDERS, f"{path.relative_to(REPO)} imports {name}: use persona_dspy."
 
 
 def test_every_part_of_the_package_has_a_layer():
     parts = {p.stem for p in (REPO / "persona_dspy").iterdir() if p.name != "__init__.py"
              and (p.suffix == ".py" or (p / "__init__.py").exists())}
-    assert parts == {*PACKAGE_LAYERS, TESTING}
+    assert parts | set(FOLDERS) == {*LAYERS, TESTING}
+
+
+def test_every_package_folder_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in _sources() if p.name == "__init__.py"}
+    assert listed == found
 
 
 def test_package_parts_import_downwards_only():
-    rank = {name: i for i, name in enumerate(PACKAGE_LAYERS)}
+    rank: dict[str, float] = {name: i for i, name in enumerate(LAYERS)}
     rank[TESTING] = rank["jobs"] - 0.5  # above every product layer it uses, below the jobs
-    for path in (REPO / "persona_dspy").rglob("*.py"):
-        relative = path.relative_to(REPO / "persona_dspy")
-        if relative.name == "__init__.py" and len(relative.parts) == 1:
-            continue  # the root package: a docstring and the lazy re-export helper
-        own = relative.parts[0].removesuffix(".py")
+    for path in _sources():
+        module = _module_name(path)
+        if module == "persona_dspy":
+            continue  # the root package: the lazy public API
+        own = _part(module)
         for name, top_level in _imports(path):
             part = _part(name)
             if part is None:
@@ -88,6 +122,31 @@ def test_package_parts_import_downwards_only():
                 assert str(path.relative_to(REPO)) in LAZY_TESTING_IMPORTS and not top_level, where
                 continue
             assert rank[part] <= rank[own], where
+
+
+def test_no_import_circle_at_module_level():
+    """Within a layer, module-level imports form no circle (a lazy import inside a function is not an edge)."""
+    graph = {}
+    for path in _sources():
+        module = _module_name(path)
+        graph[module] = {name for name, top_level in _imports(path)
+                         if top_level and _module_path(name) is not None and name != module}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt.startswith(node + "."):
+                continue  # a package importing its own submodule is not a circle
+            if state.get(nxt) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*trail, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
 
 
 def test_the_product_path_does_not_load_the_stand_in():

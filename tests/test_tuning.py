@@ -13,9 +13,8 @@ import dspy
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from optimizers import tuning
-from optimizers.tuning import (
+from persona_dspy.optimizers import optuna_study as tuning
+from persona_dspy.optimizers.optuna_study import (
     AlignerSearchSpace,
     TrialOutcome,
     best_settings,
@@ -24,6 +23,7 @@ from optimizers.tuning import (
     pareto_front,
     tune,
 )
+
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
 from persona_dspy.data.examples import query_examples
 from persona_dspy.evaluation.metrics import aggregate_by_user

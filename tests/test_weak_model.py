@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from loopback_server import loopback_fixture
 
-from optimizers.output_validation import STEPS
 from persona_dspy.cli import main
 from persona_dspy.lm import budget
 from persona_dspy.lm import build as lm_module
+from persona_dspy.outputs.validation import STEPS
 
 server = loopback_fixture()
 NO_RETRIES = ("--retries", "0", "--timeout", "120")

@@ -14,8 +14,8 @@ import math
 import re
 from collections.abc import Sequence
 
-from optimizers.output_validation import PROMPT_ECHO
 from persona_dspy.data.tasks import TaskKind, get_task
+from persona_dspy.outputs.validation import PROMPT_ECHO
 
 # Below this difflib ratio two label keys are not considered the same word: 0.8 accepts "scifi", "politic",
 # "dystopian", "healthy-living" but rejects "fiction" -> "action" (0.77) and "comedic" -> "comedy" (0.77).

@@ -21,7 +21,7 @@ handled so; a ReAct tool step that cannot be parsed (after its JSON retry) leave
 answer, marked ``invalid``, so one bad step costs one answer and not the run. Either way the prediction says
 ``unparsed=True``, and the aligner counts such answers in its ``fallbacks``.
 
-An answer is validated before it is mapped (``optimizers.output_validation.answer_rejection``): a placeholder or a
+An answer is validated before it is mapped (``persona_dspy.outputs.validation.answer_rejection``): a placeholder or a
 reply that repeats the prompt ("1. `query` (str)", "Literal['1', ...") is no answer, so no digit or label is read out
 of it. It becomes the empty answer LaMP scores as invalid, with ``invalid`` saying why; every answer checked and
 rejected is counted (step ``answer``, ReAct's failed steps as ``tool_step``) in the active ``OutputStats``.
@@ -38,10 +38,6 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from optimizers.output_budget import bounded_max_tokens
-from optimizers.output_validation import answer_rejection, record
-from optimizers.persona_guard import PersonaGuard
-from optimizers.text_outputs import field_text_from_response
 from persona_dspy.agent.answers import normalize_answer
 from persona_dspy.data.scope import MemoryScope
 from persona_dspy.data.tasks import get_task
@@ -49,7 +45,11 @@ from persona_dspy.lm.adapters import STRUCTURED, StructuredAdapter
 from persona_dspy.lm.budget import context_window, fit_passages, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
 from persona_dspy.memory.retrieval import MemoryRetrieval, memory_scope, memory_search_tool, render_passages
-from signatures import task_signature
+from persona_dspy.outputs.budget import bounded_max_tokens
+from persona_dspy.outputs.text import field_text_from_response
+from persona_dspy.outputs.validation import answer_rejection, record
+from persona_dspy.persona.guard import PersonaGuard
+from persona_dspy.signatures import task_signature
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class PersonaAgent(dspy.Module):
 
     Every persona it is given (``persona=...``, ``agent.persona = ...``) passes ``persona_guard``: the role and
     rules come from its template, the text given only supplies the user summary, cleaned and within
-    ``max_persona_words`` (see ``optimizers.persona_guard``). Mode ``none`` has no persona to guard.
+    ``max_persona_words`` (see ``persona_dspy.persona.guard``). Mode ``none`` has no persona to guard.
     """
 
     def __init__(self, task: str, memory: EpisodicMemory | None = None, mode: AgentMode = "rag", *,

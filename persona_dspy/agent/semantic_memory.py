@@ -15,14 +15,14 @@ from collections.abc import Sequence
 
 import dspy
 
-from optimizers.output_validation import record
-from optimizers.persona_guard import PersonaGuard
-from optimizers.text_outputs import TextOutput, predict_text
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.data.records import HistoryItem, UserHistory
 from persona_dspy.lm.budget import context_window, fit_lines, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory
-from signatures import PersonaSummary
+from persona_dspy.outputs.text import TextOutput, predict_text
+from persona_dspy.outputs.validation import record
+from persona_dspy.persona.guard import PersonaGuard
+from persona_dspy.signatures import PersonaSummary
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persona_dspy import plural
 from persona_dspy.cli.arguments import _progress
 from persona_dspy.cli.errors import CLIError
 from persona_dspy.cli.interrupts import _INTERRUPTS
 from persona_dspy.cli.lm_options import _build_lm, _lm_hint, _strict
 from persona_dspy.cli.task_data import _data_folder, _ingest, _open_memory, _programs_dir, _task_histories
+from persona_dspy.console import plural
 
 if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
     from persona_dspy.data.records import UserHistory
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def _report_path(args: argparse.Namespace, task: str, mode: str) -> Path:
     if args.out is not None:
         return args.out
-    from persona_dspy import home
+    from persona_dspy.files import home
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return home() / "reports" / f"eval-{task}-{mode}-{stamp}.json"

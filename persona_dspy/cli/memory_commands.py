@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from persona_dspy import plural
 from persona_dspy.cli.errors import CLIError
 from persona_dspy.cli.task_data import _ingest, _load, _open_memory, _programs_dir, _selected, _task_histories, _tasks
+from persona_dspy.console import plural
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _memory_location(task: str, args: argparse.Namespace) -> str | None:
         return args.qdrant_url
     if args.memory == ":memory:":
         return None
-    from persona_dspy import home
+    from persona_dspy.files import home
 
     folder = Path(args.memory).expanduser() if args.memory else home() / "memory"
     return str(folder) if folder.exists() else None

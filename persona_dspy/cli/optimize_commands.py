@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from persona_dspy import plural
 from persona_dspy.cli.arguments import _progress, _server_options
 from persona_dspy.cli.errors import CLIError
 from persona_dspy.cli.interrupts import _INTERRUPTS
 from persona_dspy.cli.lm_options import _build_lm, _build_optimizer_lm, _lm_hint, _strict
 from persona_dspy.cli.task_data import _ingest, _open_memory, _task_histories
+from persona_dspy.console import plural
 
 if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
     from persona_dspy.data.records import UserHistory
@@ -114,7 +114,7 @@ def _default_memory() -> Path:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every optimizer on the same users, trainsets and validation slices; write JSON and CSV."""
-    from persona_dspy import home
+    from persona_dspy.files import home
 
     task, histories = _task_histories(args)
     lm = _build_lm(args)
@@ -137,7 +137,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
-    from persona_dspy import home
+    from persona_dspy.files import home
 
     task, histories = _task_histories(args)
     # Built here only to check the flags before the study starts (nothing is sent): each trial builds its own LM

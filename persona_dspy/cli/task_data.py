@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persona_dspy import plural
 from persona_dspy.cli.arguments import SHIPPED_TASKS, _progress
 from persona_dspy.cli.errors import CLIError
+from persona_dspy.console import plural
 
 if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
     from persona_dspy.data.records import UserHistory
@@ -64,7 +64,7 @@ def _open_memory(task: str, args: argparse.Namespace):
 
 def _ingest(memory: EpisodicMemory, histories: list[UserHistory], args: argparse.Namespace) -> int:
     """Store the users' histories, a bar step per user (idempotent: items already stored as they are cost nothing)."""
-    from persona_dspy import progress_bar
+    from persona_dspy.console import progress_bar
 
     task = histories[0].task if histories else "memory"
     logger.info("ingesting %s into %s (%s)", plural(len(histories), "user"), memory.location,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from signatures.labels import AMBIGUOUS_LAMP_2, canonical_task_name, label_list
+from persona_dspy.signatures.labels import AMBIGUOUS_LAMP_2, canonical_task_name, label_list
 
 
 class TaskKind(StrEnum):

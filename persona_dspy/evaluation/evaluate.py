@@ -6,7 +6,7 @@ with ``dspy.context`` (``dspy.configure`` belongs to the first thread only) and 
 the run counts calls and tokens across threads. A user whose agent raises is recorded as a failure and scored
 nowhere (the metrics cover completed users only), so one bad user never costs the others their results.
 
-Every user also gets an ``OutputStats`` (``optimizers.output_validation``): LM calls, truncations, and the outputs
+Every user also gets an ``OutputStats`` (``persona_dspy.outputs.validation``): LM calls, truncations, and the outputs
 checked and rejected by step. An answer rejected by validation (a placeholder, the prompt repeated) is scored as
 LaMP scores an invalid answer and marked ``invalid`` in its record; the report has the counts per user
 (``outputs``) and in total (``output_totals``), and its table says in words when most outputs were invalid. A
@@ -32,12 +32,9 @@ from typing import Any
 
 import dspy
 
-from optimizers.lm_usage import counting
-from optimizers.output_validation import OutputStats
-from optimizers.output_validation import record as record_output
-from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import MODES, AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
+from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.examples import query_examples
 from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
@@ -48,7 +45,10 @@ from persona_dspy.files import write_atomically
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.budget import PromptTooLong, overflow_sizes
 from persona_dspy.lm.build import LMUsage, describe_lm, is_offline, redact_text
+from persona_dspy.lm.usage import counting
 from persona_dspy.memory.episodic import EpisodicMemory
+from persona_dspy.outputs.validation import OutputStats
+from persona_dspy.outputs.validation import record as record_output
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """How reports and the CLI say what the model's outputs were worth: counts in one line, a warning in words.
 
-The counts are ``OutputStats.snapshot()`` dicts (``optimizers.output_validation``), per user or summed over users.
+The counts are ``OutputStats.snapshot()`` dicts (``persona_dspy.outputs.validation``), per user or summed over users.
 ``--strict`` turns the warning into an error (exit 2, the CLI's rule for problems the user can fix): a run whose
 outputs were mostly rejected produced scores that mean nothing, and a script should not take it for a result.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from optimizers.output_validation import STEPS, mostly_invalid
+from persona_dspy.outputs.validation import STEPS, mostly_invalid
 
 
 def _by_step(counts: Mapping[str, int] | None) -> str:

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from persona_dspy import plural
+from persona_dspy.console import plural
 
 logger = logging.getLogger(__name__)
 

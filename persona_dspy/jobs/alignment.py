@@ -10,8 +10,6 @@ from typing import Any
 
 import dspy
 
-from optimizers.output_validation import rejection
-from optimizers.persona_aligner import PersonaAligner
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.data.examples import interaction_examples
@@ -19,7 +17,9 @@ from persona_dspy.data.records import UserHistory
 from persona_dspy.evaluation.metrics import dspy_metric
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.memory.retrieval import searches_reused
-from signatures.persona import EMPTY_SUMMARY
+from persona_dspy.optimizers.persona_aligner import PersonaAligner
+from persona_dspy.outputs.validation import rejection
+from persona_dspy.signatures.persona import EMPTY_SUMMARY
 
 DEFAULT_RECENT = 3
 

@@ -40,10 +40,8 @@ from typing import Any
 
 import dspy
 
-from optimizers.lm_usage import LMUsage, counting
-from optimizers.output_validation import OutputStats
-from persona_dspy import plural, progress_bar
 from persona_dspy.agent.persona_agent import AgentMode
+from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
 from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
@@ -53,7 +51,9 @@ from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user, persona_prob
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.budget import overflow_sizes
 from persona_dspy.lm.build import describe_lm, redact_text
+from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
+from persona_dspy.outputs.validation import OutputStats
 from persona_dspy.programs import (
     ProgramFileError,
     load_program,
@@ -125,7 +125,7 @@ class CompileSummary:
         return 60.0 * done / self.seconds if self.seconds > 0 else 0.0
 
     def fallbacks(self) -> dict[str, int]:
-        """Replies the aligner read as raw text, by step, over every user (``optimizers.text_outputs``)."""
+        """Replies the aligner read as raw text, by step, over every user (``persona_dspy.outputs.text``)."""
         total: dict[str, int] = {}
         for result in self.results:
             for step, n in result.fallbacks.items():

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from persona_dspy import plural, progress_bar
+from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserHistory
 from persona_dspy.jobs.alignment import DEFAULT_RECENT
 from persona_dspy.jobs.compile import (

@@ -30,21 +30,9 @@ import dspy
 import optuna
 from optuna.trial import TrialState
 
-from optimizers.lm_usage import LMUsage, counting
-from optimizers.output_validation import OutputStats
-from optimizers.tuning import (
-    Algorithm,
-    AlignerSearchSpace,
-    TrialOutcome,
-    best_trial,
-    completed_trials,
-    pareto_front,
-    trial_summary,
-    tune,
-)
-from persona_dspy import progress_bar
 from persona_dspy.agent.persona_agent import AgentMode
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
+from persona_dspy.console import progress_bar
 from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.data.tasks import get_task
 from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, evaluate
@@ -59,7 +47,19 @@ from persona_dspy.lm.build import (
     describe_lm,
     is_offline,
 )
+from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
+from persona_dspy.optimizers.optuna_study import (
+    Algorithm,
+    AlignerSearchSpace,
+    TrialOutcome,
+    best_trial,
+    completed_trials,
+    pareto_front,
+    trial_summary,
+    tune,
+)
+from persona_dspy.outputs.validation import OutputStats
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def aligner_objective(
     persona_lm: dspy.LM | None = None,
     **fixed_settings: Any,
 ) -> Callable[[dict[str, Any]], TrialOutcome]:
-    """The objective for ``optimizers.tuning.tune`` (see the module docstring).
+    """The objective for ``persona_dspy.optimizers.optuna_study.tune`` (see the module docstring).
 
     ``memory`` must already hold the histories. ``optimizer_lm`` None: loss and update use the trial's task LM
     (so the tuned temperature applies to them too). ``persona_lm`` summarises the initial personas, once, at the

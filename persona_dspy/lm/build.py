@@ -5,7 +5,7 @@ embedded server) run on dspy's native engine through ``lm.native`` (``max_tokens
 a fraction of LiteLLM's client CPU per call); LiteLLM (``engine="litellm"``) stays for Ollama, providers without an
 api_base, and ``cache=True`` (the per-server cache header is a setting only LiteLLM carries).
 ``PERSONA_DSPY_ENGINE=litellm`` sends everything through LiteLLM, as before (a switch for comparisons). Every LM
-built here carries the LM-call meter (``optimizers.lm_usage.METER``). Model strings:
+built here carries the LM-call meter (``persona_dspy.lm.usage.METER``). Model strings:
 
 * ``local`` (the default when no model is named): the embedded llama.cpp server (``lm.local_server``) started on
   127.0.0.1 with the default model (SmolLM2-135M-Instruct, fetched once into the cache, see ``lm.models``);
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 def __getattr__(name: str) -> Any:
     """``LMUsage`` is re-exported from here (reports and tests import it so) without importing dspy up front."""
     if name == "LMUsage":
-        from optimizers.lm_usage import LMUsage
+        from persona_dspy.lm.usage import LMUsage
 
         return LMUsage
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -257,7 +257,7 @@ def _build(settings: LMSettings, *, temperature: float = 0.0, max_tokens: int = 
         raise LMConfigError(f"max_tokens and timeout must be positive, got {max_tokens} and {timeout}")
     if num_retries < 0:
         raise LMConfigError(f"num_retries must be >= 0, got {num_retries}")
-    from optimizers.lm_usage import METER
+    from persona_dspy.lm.usage import METER
 
     callbacks = [*(callbacks or []), METER]
     if settings.offline:

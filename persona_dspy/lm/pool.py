@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
-from optimizers.lm_usage import ACTIVE_KEY
 from persona_dspy.lm.build import LMConfigError, LMOptions, build_lm, check_api_base, redact_url
+from persona_dspy.lm.usage import ACTIVE_KEY
 
 if TYPE_CHECKING:
     import dspy

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -59,8 +58,9 @@ def task_namespace(task: str) -> str:
 
 def default_memory_path() -> Path:
     """``$PERSONA_DSPY_HOME/memory`` (default ``~/.persona_dspy/memory``)."""
-    home = os.environ.get("PERSONA_DSPY_HOME") or str(Path.home() / ".persona_dspy")
-    return Path(home).expanduser() / "memory"
+    from persona_dspy.files import home
+
+    return home() / "memory"
 
 
 @dataclass(frozen=True)

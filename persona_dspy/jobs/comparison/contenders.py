@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import dspy
 
-from optimizers.persona_aligner import PersonaAligner
-from optimizers.persona_guard import GuardedInstructionProposer, PersonaGuard, template_for
-from optimizers.textual_loss import Metric, TextualLossMetric
 from persona_dspy.data.records import UserHistory
+from persona_dspy.optimizers.persona_aligner import PersonaAligner
+from persona_dspy.optimizers.textual_loss import Metric, TextualLossMetric
+from persona_dspy.persona.guard import GuardedInstructionProposer, PersonaGuard, template_for
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,9 @@ from typing import Any, Literal
 
 import dspy
 
-from optimizers.lm_usage import LMUsage, counting
-from optimizers.output_validation import OutputStats
-from optimizers.textual_loss import Metric
-from persona_dspy import progress_bar
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
+from persona_dspy.console import progress_bar
 from persona_dspy.data.examples import interaction_examples, query_examples
 from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, versions
@@ -46,7 +43,10 @@ from persona_dspy.jobs.comparison.report import (
 )
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import describe_lm, is_offline
+from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
+from persona_dspy.optimizers.textual_loss import Metric
+from persona_dspy.outputs.validation import OutputStats
 
 logger = logging.getLogger(__name__)
 

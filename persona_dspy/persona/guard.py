@@ -28,8 +28,14 @@ from typing import Any
 
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
-from optimizers.output_validation import record, rejection
-from signatures.persona import DEFAULT_TEMPLATE, EMPTY_SUMMARY, PLAIN_TEMPLATE, USER_SUMMARY_HEADER, PersonaTemplate
+from persona_dspy.outputs.validation import record, rejection
+from persona_dspy.signatures.persona import (
+    DEFAULT_TEMPLATE,
+    EMPTY_SUMMARY,
+    PLAIN_TEMPLATE,
+    USER_SUMMARY_HEADER,
+    PersonaTemplate,
+)
 
 logger = logging.getLogger(__name__)
 

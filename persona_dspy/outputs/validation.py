@@ -7,10 +7,10 @@ kept only when it is text of its own (``rejection`` returns None); an answer onl
 prompt (``answer_rejection``). Callers count what they checked in ``OutputStats``:
 
 * ``checked``/``invalid`` by step (``answer``, ``loss``, ``update``, ``summary``, ``tool_step``), ``retries`` and
-  ``fallbacks`` (a reply read as raw text, see ``optimizers.text_outputs``; a rejected persona summary replaced by
+  ``fallbacks`` (a reply read as raw text, see ``persona_dspy.outputs.text``; a rejected persona summary replaced by
   the user's most frequent answers), with the first reasons kept;
 * ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): it sees every LM call made
-  while it is active, the way ``LMUsage`` is (``with counting(usage, stats):``, see ``optimizers.lm_usage``; being
+  while it is active, the way ``LMUsage`` is (``with counting(usage, stats):``, see ``persona_dspy.lm.usage``; being
   among ``dspy.settings.callbacks`` works too, at the cost of dspy waking it for every module); the finish reason
   is read from the call's history entry (with dspy's history disabled, truncations are not seen).
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import dspy
 
-from optimizers.lm_usage import ACTIVE_KEY, LMUsage
+from persona_dspy.lm.usage import ACTIVE_KEY, LMUsage
 
 STEPS = ("answer", "loss", "update", "summary", "tool_step")
 MAX_REASONS = 5

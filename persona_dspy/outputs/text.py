@@ -5,7 +5,7 @@ adapter's format, or is cut off by max_tokens, dspy raises ``AdapterParseError``
 text that was meant. ``predict_text`` keeps it (``fallback`` says so, for the diagnostics) instead of failing the
 whole alignment.
 
-Whatever way it was read, the text is then validated (``optimizers.output_validation.rejection``: not empty, not a
+Whatever way it was read, the text is then validated (``persona_dspy.outputs.validation.rejection``: not empty, not a
 placeholder, not the prompt or the signature's instructions repeated). A rejected text is asked for once more (at a
 non-zero temperature, past the cache: the same request would get the same reply); when that is rejected too, the
 output comes back with ``invalid`` set and no text, and the caller keeps what it had. Each check, rejection, retry
@@ -24,8 +24,8 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from optimizers.output_budget import bounded_max_tokens
-from optimizers.output_validation import record, rejection
+from persona_dspy.outputs.budget import bounded_max_tokens
+from persona_dspy.outputs.validation import record, rejection
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def predict_text(predictor: dspy.Module, field: str, *, step: str = "text", conf
     signature = getattr(predictor, "signature", None)
     cap = bounded_max_tokens(signature, dspy.settings.lm) if signature is not None else None
     if cap is not None and "max_tokens" not in config:
-        config["max_tokens"] = cap  # sized to the output (optimizers.output_budget)
+        config["max_tokens"] = cap  # sized to the output (persona_dspy.outputs.budget)
     sources = instructions_of(predictor)
     output = _predict_once(predictor, field, config, **inputs)
     for attempt in (1, 2):

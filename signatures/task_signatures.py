@@ -2,7 +2,7 @@
 
 Every signature takes the same two inputs, ``query`` (the user's LaMP input) and ``context`` (passages from the
 user's memory and notes about this user), and produces one output named ``answer``, so the agent, the metrics and
-the aligner treat all tasks alike. Label tasks answer with a ``Literal`` built from ``signatures.labels`` (the only
+the aligner treat all tasks alike. Label tasks answer with a ``Literal`` built from ``.labels`` (the only
 place labels live), so a model's answer is validated against the label set by the adapter itself.
 
 The docstrings are the task instructions the LM sees; the persona is set separately as the predictor's instructions
@@ -12,8 +12,7 @@ or passed in ``context``.
 from typing import Any, Literal
 
 import dspy
-
-from signatures.labels import (  # noqa: F401  (task names live with the labels: both are read without dspy)
+from persona_dspy.signatures.labels import (  # noqa: F401  (task names live with the labels: both are read without dspy)
     AMBIGUOUS_LAMP_2,
     LAMP_1_LABELS,
     LAMP_2M_LABELS,

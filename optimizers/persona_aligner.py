@@ -97,6 +97,19 @@ def aggregate_feedback(items: Sequence[tuple[float, str]], max_chars: int = 4000
     return out if len(out) <= max_chars else out[:max_chars].rsplit("\n", 1)[0]
 
 
+MAX_EVIDENCE_LINES = 10
+
+
+def shown_evidence(predictions: Sequence[Any]) -> str:
+    """The user's past items the answers were shown (``evidence`` of each prediction), once each, for the update."""
+    lines = dict.fromkeys(line for p in predictions for line in str(getattr(p, "evidence", "") or "").splitlines()
+                          if line.strip())
+    if not lines:
+        return ""
+    return "\nThe user's past items the assistant was shown (item -> their answer):\n" + "\n".join(
+        list(lines)[:MAX_EVIDENCE_LINES])
+
+
 @dataclass
 class _Evaluation:
     persona: str
@@ -269,9 +282,12 @@ class PersonaAligner(Teleprompter):
                     usable = [(score, f.text) for (_, score), f in zip(outputs, feedback, strict=True)
                               if f.invalid is None]
                     gradient = aggregate_feedback(usable) if usable else ""
+                    if gradient:  # the update reads the same memory the answers and the feedback were based on
+                        gradient += shown_evidence([pred for pred, _ in outputs])
                     current_summary = guard.summary(current.persona)
-                    proposals = (self._propose(current_summary, gradient, guard, fallbacks, invalid) if usable
-                                 else [])  # no feedback to act on: the persona stays as it is
+                    copied = [str(v) for ex in batch for v in ex.inputs().values() if isinstance(v, str)]
+                    proposals = (self._propose(current_summary, gradient, guard, fallbacks, invalid, copied)
+                                 if usable else [])  # no feedback to act on: the persona stays as it is
                     if not usable:
                         logger.warning("step %d: every feedback was rejected; the persona is kept", iteration + 1)
                 step = AlignmentStep(iteration + 1, gradient)
@@ -363,7 +379,7 @@ class PersonaAligner(Teleprompter):
         return _Evaluation(persona, sum(scores) / len(scores))
 
     def _propose(self, summary: str, feedback: str, guard: PersonaGuard, fallbacks: Counter[str],
-                 invalid: Counter[str]) -> list[str]:
+                 invalid: Counter[str], copied_from: Sequence[str] = ()) -> list[str]:
         """New user summaries from the update LM: it sees and writes only the summary, never the role or rules.
 
         A rewrite that fails validation (a placeholder, the prompt repeated, after its one retry) is no candidate."""
@@ -374,7 +390,7 @@ class PersonaAligner(Teleprompter):
             if i > 0:
                 config = {"temperature": self.candidate_temperature, "rollout_id": self.rng.randrange(1 << 30)}
             output = predict_text(self.update, "new_persona", step="update", config=config, persona=summary,
-                                  feedback=feedback or "- (no feedback)", max_words=max_words)
+                                  feedback=feedback or "- (no feedback)", max_words=max_words, copied_from=copied_from)
             if output.invalid is None and guard.check(output.text, summary_only=True).used_fallback:
                 output = TextOutput("", output.fallback, "empty after the guard")  # only rules or injections
                 record("update", invalid=output.invalid)

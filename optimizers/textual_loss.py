@@ -146,7 +146,11 @@ class TextualLossMetric:
         else:
             values = {name: _value(prediction, name) for name in fields.outputs}
             produced = name_lines({k: MISSING if v is None else v for k, v in values.items()})
-        return {"program_inputs": name_lines(shown) or "(none shown)", "expected_outputs": name_lines(expected),
+        evidence = _value(prediction, "evidence") if prediction is not None else None
+        inputs = name_lines(shown) or "(none shown)"
+        if isinstance(evidence, str) and evidence.strip():  # what the program saw of the user's memory, as it saw it
+            inputs += f"\nuser's past items shown to the assistant (item -> their answer):\n{_text(evidence)}"
+        return {"program_inputs": inputs, "expected_outputs": name_lines(expected),
                 "produced_outputs": produced, "persona": persona}
 
     def feedback(self, example: dspy.Example, prediction: Any, persona: str) -> str:

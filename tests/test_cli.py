@@ -61,7 +61,7 @@ def test_eval_offline_writes_a_json_report(capsys, tmp_path):
     assert code == 0, stderr
     report = json.loads(out.read_text())
     histories = load_dataset(dataset_dir("LaMP_2N"))
-    assert report["task"] == "LaMP_2N" and report["mode"] == "rag" and report["k"] == 5 and report["workers"] == 3
+    assert report["task"] == "LaMP_2N" and report["mode"] == "demos" and report["k"] == 5 and report["workers"] == 3
     assert report["offline"] is True and report["note"] == OFFLINE_NOTE and report["lm"]["model"] == "offline/stand-in"
     assert set(report["overall"]) == {"accuracy", "f1"} and len(report["per_user"]) == len(histories)
     assert report["calls"] == len(histories) + sum(len(h.queries) for h in histories)

@@ -164,7 +164,7 @@ def test_eval_and_predict_use_each_users_compiled_program(capsys, tmp_path):
     code, stdout, _ = run(capsys, *predict, "--initial")
     assert "program: none: the initial persona (--initial)" in stdout and "LM calls: 2" in stdout
     code, stdout, _ = run(capsys, *predict, "--mode", "react")
-    assert "is a rag program, --mode is react" in stdout
+    assert "is a demos program, --mode is react" in stdout
 
 
 def test_compile_summary_keeps_earlier_runs_users(capsys, tmp_path):

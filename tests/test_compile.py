@@ -64,7 +64,7 @@ def test_new_interactions_realign_from_the_saved_persona(lamp3, tmp_path):
     for history in histories[:2]:
         path = program_path(tmp_path, history.user_id)
         metadata = read_program_metadata(path)
-        assert metadata["alignment"]["trainset_size"] == 3
+        assert metadata["alignment"]["trainset_size"] + metadata["alignment"]["valset_size"] == 3  # 1 + 2 held back
         assert metadata["started_from"] == {"program_created": before[history.user_id]["created"],
                                             "persona": before[history.user_id]["persona"]}
         assert (path.parent / f"{path.name}.versions").is_dir()  # the earlier program was kept

@@ -80,7 +80,8 @@ def test_compile_against_an_echoing_model_saves_nothing_and_keeps_the_previous_p
     assert_counts_add_up({r["user_id"]: r["outputs"] for r in results}, totals, server.stats())
     assert totals["invalid"]["summary"] == 4 and totals["retries"]["summary"] == 2  # asked twice per user
     assert totals["invalid"]["answer"] == totals["checked"]["answer"] == 6  # 3 recent interactions per user
-    assert totals["invalid"]["loss"] == 12 and totals["retries"]["loss"] == 6 and totals["checked"]["update"] == 0
+    # feedback on the oldest of the 3 recent interactions (the newer 2 are held back), asked twice, per iteration
+    assert totals["invalid"]["loss"] == 4 and totals["retries"]["loss"] == 2 and totals["checked"]["update"] == 0
 
 
 def test_eval_against_an_echoing_model_scores_every_answer_invalid(capsys, tmp_path, server):

@@ -45,7 +45,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from persona_dspy.agent.answers import normalize_answer
 from persona_dspy.data.scope import MemoryScope
-from persona_dspy.data.tasks import get_task
+from persona_dspy.data.tasks import default_agent_mode, get_task
 from persona_dspy.lm.adapters import STRUCTURED, StructuredAdapter
 from persona_dspy.lm.budget import context_window, fit_passages, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory, SearchMode
@@ -62,6 +62,8 @@ AgentMode = Literal["demos", "rag", "react", "none"]
 MODES: tuple[str, ...] = ("demos", "rag", "react", "none")
 DEFAULT_MODE: AgentMode = "demos"
 DEFAULT_DEMO_CHARS = 600
+EVIDENCE_CHARS = 100
+"""How much of each retrieved item the textual loss is shown (it needs the gist and the user's answer)."""
 """A demonstration's item text is cut at this many characters (at a word): long reviews add tokens, not signal."""
 DEFAULT_SUMMARY = "- No history summarised yet: rely on the user's own past items."
 DEFAULT_MAX_PERSONA_WORDS = 300
@@ -116,7 +118,7 @@ _PROGRAMS: dict[tuple[str, bool, bool], dspy.Module] = {}
 
 def default_mode(task: str) -> AgentMode:
     """``demos`` for tasks whose past items carry the user's answer (labels, ratings, titles), else ``rag``."""
-    return DEFAULT_MODE if get_task(task).label_field is not None else "rag"
+    return default_agent_mode(task)  # type: ignore[return-value]
 
 
 def _answer_program(task: str, reasoning: bool, demos: bool = False) -> dspy.Module:
@@ -412,9 +414,16 @@ class PersonaAgent(dspy.Module):
         if reason is not None:
             logger.warning("%s: answer rejected (%s): scored invalid", self.task, reason)
             return dspy.Prediction(answer="", raw_answer=raw, reasoning=reasoning, passages=passages,
-                                   invalid=f"answer rejected: {reason}", **flags)
+                                   evidence=self.evidence(passages), invalid=f"answer rejected: {reason}", **flags)
         return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning=reasoning,
-                               passages=passages, **flags)
+                               passages=passages, evidence=self.evidence(passages), **flags)
+
+    def evidence(self, passages: Sequence[Any]) -> str:
+        """What the answer saw of the user's memory, in short lines (item -> the user's answer, as shown), for the
+        textual loss: its feedback is about the same demonstrations or passages the answer step read."""
+        lines = [f"- {p.text[:EVIDENCE_CHARS].rstrip()}{'...' if len(p.text) > EVIDENCE_CHARS else ''} -> {p.label}"
+                 for p in (reversed(list(passages)) if self.mode == "demos" else passages) if p.label is not None]
+        return "\n".join(lines)
 
     def _unparsed(self, exc: AdapterParseError, passages: list, prompt: tuple[str, str]) -> dspy.Prediction:
         if not is_answer_signature(exc.signature):

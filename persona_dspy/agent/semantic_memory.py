@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import dspy
 
-from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
+from persona_dspy.agent.persona_agent import DEFAULT_MODE, AgentMode, PersonaAgent
 from persona_dspy.data.records import HistoryItem, UserHistory
 from persona_dspy.lm.budget import context_window, fit_lines, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory
@@ -114,7 +114,7 @@ def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None =
     return (summarizer or PersonaSummarizer())(items=history.shared_history()).persona
 
 
-def initial_agent(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,
+def initial_agent(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = DEFAULT_MODE, k: int = 5,
                   persona: str | None = None) -> PersonaAgent:
     """The user's unoptimized agent: persona summarised from history before their earliest query (one LM call)."""
     if mode == "none":

@@ -17,6 +17,7 @@ from persona_dspy.cli.interrupts import _INTERRUPTS
 from persona_dspy.cli.lm_options import _build_lm, _lm_hint, _strict
 from persona_dspy.cli.task_data import _data_folder, _ingest, _open_memory, _programs_dir, _task_histories
 from persona_dspy.console import plural
+from persona_dspy.data.tasks import default_agent_mode
 
 if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
     from persona_dspy.data.records import UserHistory
@@ -82,7 +83,7 @@ def _agent_factory(task: str, memory: EpisodicMemory | None, sources: dict[str, 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every user with their compiled program (else the initial persona); table and JSON report."""
     task, histories = _task_histories(args)
-    mode = args.mode or "rag"
+    mode = args.mode or default_agent_mode(task)
     if args.vs_initial and (args.initial or mode == "none"):
         raise CLIError("--vs-initial compares compiled programs with the initial persona: drop --initial/--mode none")
     lm = _build_lm(args)  # LM settings are checked before anything heavy is imported
@@ -185,7 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
 
     program, used = _predict_program(task, history.user_id, args)
-    mode = args.mode or "rag"
+    mode = args.mode or default_agent_mode(task)
     gold = None
     if args.query_id is not None:
         example = {str(e.example_id): e for e in query_examples(history)}[args.query_id]
@@ -230,8 +231,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if gold is not None:
         print(f"gold: {gold}")
     passages = list(prediction.passages or [])
-    if mode == "rag":
-        print(f"retrieved passages ({len(passages)}):")
+    if mode in ("rag", "demos"):
+        shown = "as demonstrations, most similar last" if mode == "demos" else "as context"
+        print(f"retrieved passages ({len(passages)}, {shown}):")
         for i, passage in enumerate(passages, 1):
             print(f"  {i}. {passage.render()}  [item {passage.item_id}, score {passage.score:.3f}]")
     elif mode == "react":

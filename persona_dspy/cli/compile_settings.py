@@ -51,6 +51,6 @@ def _settings_defaults(path: Path, task: str | None) -> dict[str, Any]:
             defaults[flag] = checks.get(flag, _positive(int))(str(value))
         except argparse.ArgumentTypeError as exc:
             raise CLIError(f"--settings {path}: {key}: {exc}") from exc
-    if defaults.get("mode", "rag") not in ("rag", "react"):
-        raise CLIError(f"--settings {path}: mode must be rag or react, got {defaults['mode']!r}")
+    if defaults.get("mode", "demos") not in ("demos", "rag", "react"):
+        raise CLIError(f"--settings {path}: mode must be demos, rag or react, got {defaults['mode']!r}")
     return defaults

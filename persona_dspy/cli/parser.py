@@ -26,7 +26,7 @@ from persona_dspy.cli.memory_commands import cmd_ingest, cmd_memory, cmd_memory_
 from persona_dspy.cli.optimize_commands import cmd_compare, cmd_compile, cmd_tune
 from persona_dspy.cli.server_commands import cmd_models, cmd_serve
 
-MODES = ("rag", "react", "none")
+MODES = ("demos", "rag", "react", "none")
 
 
 DEFAULT_OPTIMIZERS = ("initial", "non_personalized", "persona_aligner", "gepa", "miprov2", "copro", "bootstrap_fewshot")
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--vs-initial", action="store_true",
                             help="also answer the same users with the initial persona and show both side by side")
     evaluation.add_argument("--mode", choices=MODES, default=None,
-                            help="rag (default), react, or none (baseline); programs of another mode are not used")
+                            help="demos (default for label tasks), rag, react, or none (baseline); programs of another "
+                                 "mode are not used")
     evaluation.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
     evaluation.add_argument("--workers", type=_positive(int), default=4, help="users evaluated in parallel (default 4)")
     evaluation.add_argument("--max-failures", type=_non_negative, default=5,
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_args(compile_)
     compile_.add_argument("--out", type=Path, default=None,
                           help="program folder (default $PERSONA_DSPY_HOME/programs/<task>)")
-    compile_.add_argument("--mode", choices=("rag", "react"), default="rag", help="agent mode (default rag)")
+    compile_.add_argument("--mode", choices=("demos", "rag", "react"), default="demos",
+                          help="agent mode (default demos: the user's similar past items as demonstrations)")
     compile_.add_argument("-k", type=_positive(int), default=5, help="passages retrieved per question (default 5)")
     compile_.add_argument("--recent", type=_positive(int), default=3,
                           help="recent interactions to align on (default 3)")
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--multi-objective", action="store_true", help="maximise the score and minimise LM calls")
     tune.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--mode", choices=("rag", "react"), default="rag")
+    tune.add_argument("--mode", choices=("demos", "rag", "react"), default="demos")
     tune.add_argument("--recent", type=_positive(int), default=3, help="recent interactions per user (default 3)")
     tune.add_argument("--workers", type=_positive(int), default=4, help="users aligned in parallel (default 4)")
     tune.add_argument("--out", type=Path, default=None,

@@ -141,6 +141,12 @@ def resolve_lamp2(profile_item: dict) -> str:
     return "LaMP_2N"
 
 
+def default_agent_mode(name: str) -> str:
+    """The agent mode a task answers in by default: ``demos`` when its past items carry the user's answer (labels,
+    ratings, titles), else ``rag``. Here, not with the agent, so the command line can tell without importing dspy."""
+    return "demos" if get_task(name).label_field is not None else "rag"
+
+
 def get_task(name: str) -> TaskSpec:
     key = normalize_task_name(name)
     if key == "LaMP_2":

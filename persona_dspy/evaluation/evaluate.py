@@ -32,7 +32,7 @@ from typing import Any
 
 import dspy
 
-from persona_dspy.agent.persona_agent import MODES, AgentMode, PersonaAgent
+from persona_dspy.agent.persona_agent import DEFAULT_MODE, MODES, AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.examples import query_examples
@@ -291,7 +291,7 @@ def evaluate(
     histories: Sequence[UserHistory],
     *,
     memory: EpisodicMemory | None,
-    mode: AgentMode = "rag",
+    mode: AgentMode = DEFAULT_MODE,
     lm: dspy.LM,
     workers: int = 4,
     k: int = 5,

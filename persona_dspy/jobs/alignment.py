@@ -10,7 +10,7 @@ from typing import Any
 
 import dspy
 
-from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
+from persona_dspy.agent.persona_agent import DEFAULT_MODE, AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.data.examples import interaction_examples
 from persona_dspy.data.records import UserHistory
@@ -24,18 +24,29 @@ from persona_dspy.signatures.persona import EMPTY_SUMMARY
 DEFAULT_RECENT = 3
 
 
-def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = "rag", k: int = 5,
+def split_recent(examples: list[dspy.Example]) -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """(feedback set, held-back set): the newest half of the recent interactions is held back to judge a rewrite,
+    so a persona is adopted only when it answers items it was not rewritten from better. One item is both."""
+    if len(examples) < 2:
+        return examples, examples
+    held = (len(examples) + 1) // 2
+    return examples[:-held], examples[-held:]
+
+
+def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = DEFAULT_MODE, k: int = 5,
                n_recent: int = DEFAULT_RECENT, optimizer_lm: dspy.LM | None = None,
                start: PersonaAgent | None = None, **aligner_settings: Any) -> PersonaAgent:
-    """Align one user's persona on their ``n_recent`` latest interactions; ``start`` warm-starts from a program."""
-    trainset = interaction_examples(history, n_recent)
-    if not trainset:
+    """Align one user's persona on their ``n_recent`` latest interactions (``split_recent``: the older half gives the
+    feedback, the newer half judges each rewrite); ``start`` warm-starts from a program."""
+    recent = interaction_examples(history, n_recent)
+    if not recent:
         raise ValueError(f"user {history.user_id!r} has no history before their first query to align on")
+    trainset, valset = split_recent(recent)
     student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
     aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)
     with searches_reused():  # every iteration answers the same interactions: each is retrieved once, up front
-        student.retrieve_ahead(example.inputs() for example in trainset)
-        return aligner.compile(student, trainset=trainset)
+        student.retrieve_ahead(example.inputs() for example in recent)
+        return aligner.compile(student, trainset=trainset, valset=valset)
 
 
 def persona_problem(aligned: PersonaAgent, outputs: dict[str, Any], *, warm_start: bool = False) -> str | None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import dspy
 
-from persona_dspy.agent.persona_agent import AgentMode
+from persona_dspy.agent.persona_agent import DEFAULT_MODE, AgentMode
 from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
@@ -238,7 +238,7 @@ class CompileJob:
     memory: EpisodicMemory
     lm: dspy.LM
     optimizer_lm: dspy.LM | None = None
-    mode: AgentMode = "rag"
+    mode: AgentMode = DEFAULT_MODE
     k: int = 5
     n_recent: int = DEFAULT_RECENT
     force: bool = False
@@ -331,7 +331,7 @@ def compile_users(
     out_dir: str | Path,
     lm: dspy.LM,
     optimizer_lm: dspy.LM | None = None,
-    mode: AgentMode = "rag",
+    mode: AgentMode = DEFAULT_MODE,
     k: int = 5,
     n_recent: int = DEFAULT_RECENT,
     workers: int = 4,

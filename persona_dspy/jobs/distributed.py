@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from persona_dspy.agent.persona_agent import DEFAULT_MODE
 from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserHistory
 from persona_dspy.jobs.alignment import DEFAULT_RECENT
@@ -115,7 +116,7 @@ class WorkerSpec:
     lm: LMSpec
     optimizer_lm: LMSpec | None
     memory: MemorySpec
-    mode: str = "rag"
+    mode: str = DEFAULT_MODE
     k: int = 5
     n_recent: int = DEFAULT_RECENT
     force: bool = False
@@ -223,7 +224,7 @@ def compile_on_ray(
     processes: int | None = None,
     threads: int = 4,
     batch: int | None = None,
-    mode: str = "rag",
+    mode: str = DEFAULT_MODE,
     k: int = 5,
     n_recent: int = DEFAULT_RECENT,
     users: Sequence[str] | None = None,

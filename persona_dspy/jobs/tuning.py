@@ -30,7 +30,7 @@ import dspy
 import optuna
 from optuna.trial import TrialState
 
-from persona_dspy.agent.persona_agent import AgentMode
+from persona_dspy.agent.persona_agent import DEFAULT_MODE, AgentMode
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona
 from persona_dspy.console import progress_bar
 from persona_dspy.data.records import UserHistory, common_task
@@ -121,7 +121,7 @@ def aligner_objective(
     lm_factory: LMFactory,
     optimizer_lm: dspy.LM | None = None,
     n_recent: int = DEFAULT_RECENT,
-    mode: AgentMode = "rag",
+    mode: AgentMode = DEFAULT_MODE,
     workers: int = 4,
     persona_lm: dspy.LM | None = None,
     **fixed_settings: Any,
@@ -207,7 +207,7 @@ def run_tuning(
     algorithm: Algorithm = "tpe",
     seed: int = 0,
     n_recent: int = DEFAULT_RECENT,
-    mode: AgentMode = "rag",
+    mode: AgentMode = DEFAULT_MODE,
     workers: int = 4,
     max_failed_trials: int | None = None,
     space: AlignerSearchSpace | None = None,

@@ -289,7 +289,7 @@ def compare_optimizers(
                 try:  # once per user, shared by every optimizer starting from it
                     with _counted(lm, persona_usage, own, own_outputs):
                         persona = initial_persona(history)
-                    starts["initial"] = initial_agent(history, memory, mode="rag", k=k, persona=persona)
+                    starts["initial"] = initial_agent(history, memory, k=k, persona=persona)
                     info["initial_persona"] = persona
                 except Exception as exc:  # every personalized optimizer fails on this user; the others go on
                     info["initial_persona_error"] = f"{type(exc).__name__}: {exc}"

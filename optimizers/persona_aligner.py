@@ -53,7 +53,7 @@ from persona_dspy.signatures.persona import PersonaTemplate, PersonaUpdate
 from persona_dspy.lm.usage import LMUsage
 from persona_dspy.outputs.text import TextOutput, predict_text
 from persona_dspy.outputs.validation import record
-from persona_dspy.persona.guard import GuardResult, PersonaGuard, template_for
+from persona_dspy.persona.guard import GuardResult, PersonaGuard, PredictorGuards, guard_program, template_for
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ class PersonaAligner(Teleprompter):
     Trade-off: each step starts from the previous step's best candidate even when it scores below the best so
     far (exploration), while the persona returned is the best so far (the first of equals).
 
-    The compiled program follows dspy's result conventions: ``_compiled = True`` (an outer optimizer leaves it
+    A program without a ``persona`` property gets ``persona_guarding`` (``PredictorGuards``): ``guard_program``
+    then guards what a later optimizer or ``load_state`` writes into its persona predictors. The compiled program
+    follows dspy's result conventions: ``_compiled = True`` (an outer optimizer leaves it
     alone) and ``candidate_programs``, best first, each ``{"program", "score", "persona"}`` like COPRO's and
     MIPROv2's. It also carries ``persona_history`` (every persona scored, with its feedback and whether it only
     repeated one), ``scores_per_iteration``, ``alignment`` (settings, scores, ``lm_usage``) and ``lm_calls`` (LM
@@ -319,6 +321,9 @@ class PersonaAligner(Teleprompter):
                     logger.info("step %d only repeated a persona: stopping", iteration + 1)
                     break
             access.set(program, best.persona)
+        if isinstance(access, PersonaPredictors):  # the result guards itself after later writes (guard_program)
+            program.persona_guarding = PredictorGuards(dict(access.guards))
+            guard_program(program)
         program.persona_history = [{"iteration": 0, "persona": start_persona, "score": seen[start_persona]}] + [
             {"iteration": s.iteration, "persona": c["persona"], "score": c["score"], "repeat": c["repeat"],
              "feedback": s.feedback}

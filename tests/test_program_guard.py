@@ -188,3 +188,13 @@ def test_predictor_guards_round_trip_as_json_and_refuse_a_broken_entry():
     with pytest.raises(ValueError, match="'answer.predict'"):
         PredictorGuards.from_json({"answer.predict": {"role": 3, "rules": [], "max_words": 300,
                                                       "min_summary_words": 20}})
+
+
+def test_persona_gepa_returns_a_program_that_guards_itself_after_later_writes():
+    from test_foreign_programs import gepa_run
+
+    evolved, _ = gepa_run(RewriteThenAnswer(), persona=PERSONA)
+    assert list(evolved.persona_guarding.guards) == ["answer.predict"]
+    learned = evolved.answer.predict.signature.instructions
+    evolved.answer.predict.signature = evolved.answer.predict.signature.with_instructions(INJECTED)
+    assert guard_program(evolved) == ["answer.predict"] and evolved.answer.predict.signature.instructions == learned

@@ -9,7 +9,7 @@ from typing import Any
 
 _EXPORTS = {"LABELS": "labels", "label_list": "labels", "PersonaSummary": "persona", "PersonaUpdate": "persona",
             "TextualLoss": "persona", "compose_persona": "persona", "TASK_SIGNATURES": "task_signatures",
-            "task_signature": "task_signatures"}
+            "task_signature": "task_signatures", "demo_signature": "task_signatures"}
 
 __all__ = sorted(_EXPORTS)
 

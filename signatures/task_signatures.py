@@ -141,3 +141,13 @@ def task_signature(task_name: str) -> type[dspy.Signature]:
     if key is None or key not in TASK_SIGNATURES:
         raise ValueError(f"unknown task {task_name!r}; known: {', '.join(TASK_SIGNATURES)}")
     return TASK_SIGNATURES[key]
+
+
+def demo_signature(task_name: str) -> type[dspy.Signature]:
+    """The answer signature without ``context``: for answers whose evidence arrives as demonstrations instead.
+
+    A small model copies a label from a user/assistant turn (one past item -> its label) far better than it reads
+    the same item from a list of passages, so the ``demos`` mode shows the retrieved items as turns and asks only
+    ``query -> answer``.
+    """
+    return task_signature(task_name).delete("context")

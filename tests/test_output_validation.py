@@ -32,6 +32,38 @@ def test_a_copy_of_the_instructions_is_rejected_but_a_persona_is_kept():
     assert rejection("Preferences:\n- Likes {cats} a lot, reads about them daily.") is None  # braces in real text
 
 
+REVIEW = ("These strings sound bright and stay in tune for weeks. I would buy them again without a doubt. "
+          "The packaging was fine and the shipping was quick enough for me.")
+HISTORY = [REVIEW, "A solid tuner that clips on the headstock and reads every string quickly, even in a loud room."]
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("Fender guitars", "too short"),  # a bare product name saved as a user's summary
+    ("[2014-05-09] 120", "bare date or number"),
+    ("Fender Mini Tone Master Amp", "bare name"),
+    ("I am not sure what you mean.", "refusal"),  # 9 of 30 users were saved with it under 20% garbage replies
+    ("I'm sorry, but I cannot determine the user's preferences.", "refusal"),
+    ("Could you clarify what you need?", "refusal"),
+    (" ".join(["The user loves the sound of these strings."] * 10), "repeated"),  # a review looping 10 times
+    ("- Likes bright strings. - Likes bright strings. - Likes bright strings.", "repeated"),
+    ("- Rates gear by how it sounds.\n- {history}", "placeholder"),  # {history} inside a longer summary
+    ("- Reviews musical gear.\n- The user wrote: these strings sound bright and stay in tune for weeks.", "copied"),
+])
+def test_summaries_that_state_nothing_about_the_user_are_rejected(text, why):
+    reason = rejection(text, copied_from=HISTORY)
+    assert reason is not None and why in reason, reason
+
+
+@pytest.mark.parametrize("text", [
+    "- Rates most products 5 stars, rarely below 4.\n- Reviews guitar strings and tuners.",
+    "- Labels of their 12 past items: politics 5, sports 4, travel 3.",
+    "- Preferred label: 4",
+    "- Praises \"bright\" strings",  # a short quote is not a copy
+])
+def test_statements_about_the_user_are_kept(text):
+    assert rejection(text, copied_from=HISTORY) is None
+
+
 def test_an_answer_from_an_echoed_prompt_is_no_answer():
     echo = "1. `query` (str): What is the score of this review?\n2. `answer` (Literal['1', '2', '3', '4', '5'])"
     assert answer_rejection(echo) is not None and map_to_label(echo, RATINGS) is None

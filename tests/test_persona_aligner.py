@@ -337,42 +337,48 @@ def test_unparsable_loss_and_update_replies_fall_back_to_their_text_and_are_coun
 
 
 def test_an_unparsable_summary_falls_back_to_its_text(lamp3):
-    from persona_dspy.agent.semantic_memory import PersonaSummarizer, history_profile
+    from persona_dspy.agent.semantic_memory import PersonaSummarizer
+    from persona_dspy.persona.evidence import evidence_lines
 
     histories, _ = lamp3
+    items = histories[0].shared_history()
+    evidence = evidence_lines(items, rating=True)
     lm = dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0)
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-        result = PersonaSummarizer()(items=histories[0].shared_history())
-    assert result.summary == FreeText.REPLY and result.fallback and FreeText.REPLY in result.persona
+        result = PersonaSummarizer()(items=items)
+    # the evidence first, then the LM's line read from its unparsable reply
+    assert result.summary == "\n".join([*evidence, f"- {FreeText.REPLY}"]) and result.fallback
+    assert result.lm_lines == 1 and result.summary in result.persona
     stats = OutputStats()
     with dspy.context(lm=dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0),
                       callbacks=[stats]):
         FreeText.REPLY, saved = "", FreeText.REPLY  # nothing usable in the reply: rejected, asked once more
         try:
-            empty = PersonaSummarizer()(items=histories[0].shared_history())
+            empty = PersonaSummarizer()(items=items)
         finally:
             FreeText.REPLY = saved
-    # rejected twice: the summary states the user's most frequent ratings (their own data), not the empty summary
-    assert empty.invalid and empty.summary == history_profile(histories[0].shared_history()) != EMPTY_SUMMARY
-    assert "Their most frequent past ratings: 5 (" in empty.summary and empty.summary in empty.persona
+    # rejected twice: the summary states the evidence alone (the user's own data), not the empty summary
+    assert empty.invalid and empty.summary == "\n".join(evidence) != EMPTY_SUMMARY and empty.lm_lines == 0
+    assert evidence[0].startswith("- Ratings of their ") and "stars" in evidence[0]
     counts = stats.snapshot()
     assert counts["invalid"]["summary"] == counts["checked"]["summary"] == 2 and counts["retries"]["summary"] == 1
-    assert counts["fallbacks"]["summary"] == 3  # both replies read as raw text, then the answers stated instead
+    assert counts["fallbacks"]["summary"] == 3  # both replies read as raw text, then the evidence alone
     assert counts["lm_calls"] == 4  # each attempt: ChatAdapter's call, then its JSON retry
 
 
-def test_history_profile_states_the_most_frequent_answers_or_nothing():
+def test_evidence_states_counts_and_typical_words_or_nothing():
     from datetime import datetime
 
-    from persona_dspy.agent.semantic_memory import history_profile
     from persona_dspy.data.records import HistoryItem
+    from persona_dspy.persona.evidence import evidence_lines
 
-    def items(*labels):
-        return [HistoryItem(str(i), datetime(2020, 1, 1), {}, "t", label) for i, label in
-                enumerate(labels)]
+    def items(*labels, text="t"):
+        return [HistoryItem(str(i), datetime(2020, 1, 1), {}, text, label) for i, label in enumerate(labels)]
 
-    assert history_profile(items("5", "5", "4", "1")) == (
-        "- Their most frequent past ratings: 5 (2 of 4), 4 (1 of 4), 1 (1 of 4); their average rating is 3.8.")
-    assert history_profile(items("politics", "sports", "politics")) == (
-        "- The labels they gave most often to their past items: politics (2 of 3), sports (1 of 3).")
-    assert history_profile(items(None, None)) == ""  # no answers (LaMP-1 papers, LaMP-7 tweets): nothing to state
+    assert evidence_lines(items("5", "5", "4", "1"), rating=True) == [
+        "- Ratings of their 4 past reviews: 5 stars 2, 4 stars 1, 1 stars 1; average 3.8."]
+    assert evidence_lines(items("politics", "sports", "politics"), rating=False) == [
+        "- Labels of their 3 past items, most used first: politics 2, sports 1."]
+    assert evidence_lines(items(None, None), rating=False) == []  # no answers (LaMP-1, LaMP-7): nothing to state
+    guitars = items("5", "4", text="The guitar strings and the tuner pedal were worth it for the guitar")
+    assert evidence_lines(guitars, rating=True)[1] == "- Words common in their items: guitar, strings, tuner, pedal, worth."  # noqa: E501

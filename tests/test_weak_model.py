@@ -123,7 +123,7 @@ def test_placeholders_never_become_a_persona(capsys, tmp_path, server):
     assert code == 0
     (program,) = out.glob("*-*.json")
     persona = read_program_metadata(program)["persona"]
-    assert "Their most frequent past ratings:" in persona and "{" not in persona
+    assert "- Ratings of their " in persona and "{" not in persona
 
 
 def test_truncated_replies_are_counted(capsys, tmp_path, server):

@@ -1,6 +1,7 @@
 """PersonaAgent as a DSPy program.
 
-    MemoryRetrieval (rag) --passages--> PersonaReasoning --answer--> label mapping
+    MemoryRetrieval (demos) --past items as user/assistant turns--> PersonaReasoning --answer--> label mapping
+    MemoryRetrieval (rag) --passages as context--> PersonaReasoning
                       or the memory-search tool inside ReAct (react)
 
 ``PersonaReasoning`` is the predictor that answers, through the task's signature (the task action),
@@ -9,6 +10,10 @@ instructions, so the persona aligner and DSPy's own optimizers (GEPA, MIPROv2, C
 the same text. In ``rag`` mode it reasons and answers in one LM call (chain of thought), which keeps
 test-time alignment within its call budget. Modes:
 
+- ``demos`` (the default for label tasks): the question's k most similar past items of the user, within its scope,
+  become the answer predictor's demonstrations (each item asked as the task's query, its label the answer, most
+  similar last), as ``dspy.KNNFewShot`` would show them; small models copy a label from such turns far better than
+  they read it from a list;
 - ``rag``: retrieve from the user's memory within the question's scope, then answer;
 - ``react``: ``dspy.ReAct`` with the user's memory search as a tool (plus any general tools);
 - ``none``: the non-personalized baseline (no memory; the task signature's own instructions).
@@ -49,12 +54,15 @@ from persona_dspy.outputs.budget import bounded_max_tokens
 from persona_dspy.outputs.text import field_text_from_response
 from persona_dspy.outputs.validation import answer_rejection, record
 from persona_dspy.persona.guard import PersonaGuard
-from persona_dspy.signatures import task_signature
+from persona_dspy.signatures import demo_signature, task_signature
 
 logger = logging.getLogger(__name__)
 
-AgentMode = Literal["rag", "react", "none"]
-MODES: tuple[str, ...] = ("rag", "react", "none")
+AgentMode = Literal["demos", "rag", "react", "none"]
+MODES: tuple[str, ...] = ("demos", "rag", "react", "none")
+DEFAULT_MODE: AgentMode = "demos"
+DEFAULT_DEMO_CHARS = 600
+"""A demonstration's item text is cut at this many characters (at a word): long reviews add tokens, not signal."""
 DEFAULT_SUMMARY = "- No history summarised yet: rely on the user's own past items."
 DEFAULT_MAX_PERSONA_WORDS = 300
 NO_CONTEXT = "(no personal context: answer from the request alone)"
@@ -103,22 +111,27 @@ class _Fitted(list):
         self.fit = fit
 
 
-_PROGRAMS: dict[tuple[str, bool], dspy.Module] = {}
+_PROGRAMS: dict[tuple[str, bool, bool], dspy.Module] = {}
 
 
-def _answer_program(task: str, reasoning: bool) -> dspy.Module:
+def default_mode(task: str) -> AgentMode:
+    """``demos`` for tasks whose past items carry the user's answer (labels, ratings, titles), else ``rag``."""
+    return DEFAULT_MODE if get_task(task).label_field is not None else "rag"
+
+
+def _answer_program(task: str, reasoning: bool, demos: bool = False) -> dspy.Module:
     """A new answer program for the task (chain of thought, or one prediction), with the task's own instructions.
 
     Adding the reasoning field builds a pydantic model (~10% of a compile's client CPU when every user's agent did
     it); it is built once per task here, and each agent gets a copy that shares the signature (signatures are never
     changed in place, only replaced).
     """
-    prototype = _PROGRAMS.get((task, reasoning))
+    prototype = _PROGRAMS.get((task, reasoning, demos))
     if prototype is None:
-        signature = task_signature(task)
+        signature = demo_signature(task) if demos else task_signature(task)
         rationale = dspy.OutputField(desc="${reasoning}", max_length=REASONING_MAX_CHARS)
         prototype = dspy.ChainOfThought(signature, rationale_field=rationale) if reasoning else dspy.Predict(signature)
-        prototype = _PROGRAMS.setdefault((task, reasoning), prototype)
+        prototype = _PROGRAMS.setdefault((task, reasoning, demos), prototype)
     program = prototype.deepcopy()
     for predictor in program.predictors():
         predictor.stage = random.randbytes(8).hex()  # dspy's own per-predictor id, as a new predictor gets
@@ -144,8 +157,8 @@ class PersonaReasoning(dspy.Module):
             full = self.program.react.signature.instructions
             self._tool_suffix = full[len(persona):] if full.startswith(persona) else "\n" + full
         else:  # PersonaAgent validated the mode; "none" keeps the task signature's own instructions
-            self.program = _answer_program(task, reasoning)
-            if mode == "rag":
+            self.program = _answer_program(task, reasoning, demos=mode == "demos")
+            if mode in ("rag", "demos"):
                 predictor = self.persona_predictors()[0]
                 predictor.signature = self._with_instructions(predictor.signature, persona)
 
@@ -193,11 +206,21 @@ class PersonaReasoning(dspy.Module):
         cap = bounded_max_tokens(predictor.signature, dspy.settings.lm)
         return {"config": {"max_tokens": cap}} if cap is not None else {}
 
-    def forward(self, query: str, context: str) -> dspy.Prediction:
-        return self.program(query=query, context=context, **self._config())
+    def _inputs(self, query: str, context: str | None, demos: list[dspy.Example] | None) -> dict[str, Any]:
+        inputs: dict[str, Any] = {"query": query, **self._config()}
+        if self.mode == "demos":  # the predictor's own demos (a caller's optimizer may have set some) come first
+            inputs["demos"] = [*self.persona_predictors()[-1].demos, *(demos or [])]
+        else:
+            inputs["context"] = context
+        return inputs
 
-    async def aforward(self, query: str, context: str) -> dspy.Prediction:
-        return await self.program.acall(query=query, context=context, **self._config())
+    def forward(self, query: str, context: str | None = None,
+                demos: list[dspy.Example] | None = None) -> dspy.Prediction:
+        return self.program(**self._inputs(query, context, demos))
+
+    async def aforward(self, query: str, context: str | None = None,
+                       demos: list[dspy.Example] | None = None) -> dspy.Prediction:
+        return await self.program.acall(**self._inputs(query, context, demos))
 
 
 class PersonaAgent(dspy.Module):
@@ -212,13 +235,22 @@ class PersonaAgent(dspy.Module):
     before the next answer (``guard_persona``). Mode ``none`` has no persona to guard.
     """
 
-    def __init__(self, task: str, memory: EpisodicMemory | None = None, mode: AgentMode = "rag", *,
+    def __init__(self, task: str, memory: EpisodicMemory | None = None, mode: AgentMode | None = None, *,
                  persona: str | None = None, user_id: str | None = None, k: int = 5,
                  tools: Sequence[Callable] = (), max_iters: int = 5, search_mode: SearchMode = "auto",
-                 reasoning: bool = True, max_persona_words: int = DEFAULT_MAX_PERSONA_WORDS) -> None:
+                 reasoning: bool | None = None, max_persona_words: int = DEFAULT_MAX_PERSONA_WORDS,
+                 demo_chars: int = DEFAULT_DEMO_CHARS) -> None:
         super().__init__()
+        mode = default_mode(task) if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "demos" and get_task(task).label_field is None:
+            raise ValueError(f"mode 'demos' needs past items with the user's answers; {get_task(task).name} has none "
+                             "(use mode 'rag')")
+        if demo_chars <= 0:
+            raise ValueError(f"demo_chars must be positive, got {demo_chars}")
+        if reasoning is None:  # a demonstration holds the user's answer, never a reasoning nobody wrote
+            reasoning = mode != "demos"
         if mode != "none" and memory is None:
             raise ValueError(f"mode {mode!r} needs an EpisodicMemory (mode='none' is the non-personalized baseline)")
         if k <= 0:
@@ -231,12 +263,13 @@ class PersonaAgent(dspy.Module):
         self.search_mode = search_mode
         self.max_iters = max_iters
         self.reasoning = reasoning
+        self.demo_chars = demo_chars
         self.memory = memory
         self.persona_guard = PersonaGuard(max_words=max_persona_words)
         if max_persona_words < self.persona_guard.min_words():
             raise ValueError(f"max_persona_words={max_persona_words} is below {self.persona_guard.min_words()}, the "
                              "persona's role and rules plus a minimal summary")
-        self.retrieve = MemoryRetrieval(memory, k=k, mode=search_mode) if mode == "rag" else None
+        self.retrieve = MemoryRetrieval(memory, k=k, mode=search_mode) if mode in ("rag", "demos") else None
         all_tools = [memory_search_tool(memory, k=k, mode=search_mode), *tools] if mode == "react" else []
         start = self.persona_guard.apply(persona, fallback=DEFAULT_SUMMARY) if persona and persona.strip() else \
             self.persona_guard.compose(DEFAULT_SUMMARY)
@@ -330,7 +363,7 @@ class PersonaAgent(dspy.Module):
         while their memory is open, instead of reopening it between LM calls when many users share the store's open
         shards (the aligner answers each recent interaction in every iteration).
         """
-        if self.mode == "rag":
+        if self.retrieve is not None:
             for question in questions:
                 self._prepare(question["query"], question.get("scope"))
 
@@ -339,7 +372,7 @@ class PersonaAgent(dspy.Module):
         passages, context, settings = self._prepare(query, scope)
         try:
             with settings():
-                prediction = self.reason(query=query, context=context)
+                prediction = self.reason(query=query, **self._evidence(passages, context))
         except AdapterParseError as exc:
             return self._unparsed(exc, passages, (query, context))
         return self._answer(prediction, passages, (query, context))
@@ -350,7 +383,7 @@ class PersonaAgent(dspy.Module):
         passages, context, settings = self._prepare(query, scope)
         try:
             with settings():
-                prediction = await self.reason.acall(query=query, context=context)
+                prediction = await self.reason.acall(query=query, **self._evidence(passages, context))
         except AdapterParseError as exc:
             return self._unparsed(exc, passages, (query, context))
         return self._answer(prediction, passages, (query, context))
@@ -362,17 +395,21 @@ class PersonaAgent(dspy.Module):
                 raise ValueError("this agent is bound to no user: pass scope=MemoryScope(user_id) or user_id=...")
             scope = MemoryScope(self.user_id)
         passages: list = []
-        if self.mode == "rag":
+        if self.retrieve is not None:
             retrieved = self.retrieve(query=self.spec.query_text(query) or query, scope=scope)
             passages, context = retrieved.passages, retrieved.context
+            render = render_passages
+            if self.mode == "demos":
+                passages = [p for p in passages if p.label is not None]
+                render, context = self._render_demos, ""
             lm = dspy.settings.lm
             window = context_window(lm) if lm is not None else None
             if window:  # retrieved text shrinks to the model's context (persona_dspy.lm.budget)
-                passages, fit = fit_passages(passages, render_passages, fixed_text=f"{self.persona}\n{query}",
+                passages, fit = fit_passages(passages, render, fixed_text=f"{self.persona}\n{query}",
                                              window=window, reserve=reply_reserve(lm))
                 if fit["passages_dropped"] or fit["passages_shortened"]:
                     logger.info("passages fitted to a %d-token context: %s", window, fit)
-                    context = render_passages(passages)
+                    context = render(passages) if self.mode == "rag" else ""
                     passages = _Fitted(passages, fit)
         else:
             context = REACT_CONTEXT if self.mode == "react" else NO_CONTEXT
@@ -386,6 +423,21 @@ class PersonaAgent(dspy.Module):
             return stack
 
         return passages, context, settings
+
+    def demonstrations(self, passages: Sequence[Any]) -> list[dspy.Example]:
+        """Retrieved past items as the answer's demonstrations: each asked as the task's query (its text cut at
+        ``demo_chars``), its label the answer, the most similar last (``passages`` come most similar first)."""
+        return [dspy.Example(query=self.spec.interaction_prompt(p.fields or {}, self.demo_chars),
+                             answer=normalize_answer(self.task, str(p.label)))
+                for p in reversed(list(passages)) if p.label is not None and p.fields]
+
+    def _render_demos(self, passages: list) -> str:
+        """The demonstrations' text, for fitting them to the model's context like passages."""
+        return "\n".join(f"{d.query}\n{d.answer}" for d in self.demonstrations(passages))
+
+    def _evidence(self, passages: list, context: str) -> dict[str, Any]:
+        """What the answer predictor receives besides the query: demonstrations (demos) or the context (others)."""
+        return {"demos": self.demonstrations(passages)} if self.mode == "demos" else {"context": context}
 
     def _answer(self, prediction: dspy.Prediction, passages: list, prompt: tuple[str, str]) -> dspy.Prediction:
         steps = sum(key.startswith("tool_name_") for key in getattr(prediction, "trajectory", None) or {})

@@ -1,16 +1,14 @@
 """Semantic memory: a user's persona, first summarised from their history.
 
-The summary reads only the history every query may see (strictly before the user's earliest
-query), so no query's gold answer can reach the persona. When the LM's summary is rejected twice (a weak model
-echoes its prompt or its instructions), the summary states what the user's own answers show instead
-(``history_profile``: their most frequent labels or ratings), counted as a summary fallback; only a history without
-answers leaves the empty summary.
+The summary reads only the history every query may see (strictly before the user's earliest query), so no query's
+gold answer can reach the persona. It states the evidence first (``persona.evidence``: label or rating counts, typical
+words, no LM), then the LM's preference lines that pass validation on their own; a summary with no LM line left is
+counted as a summary fallback.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 
 import dspy
@@ -19,15 +17,16 @@ from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.data.records import HistoryItem, UserHistory
 from persona_dspy.lm.budget import context_window, fit_lines, reply_reserve
 from persona_dspy.memory.episodic import EpisodicMemory
-from persona_dspy.outputs.text import TextOutput, predict_text
-from persona_dspy.outputs.validation import record
-from persona_dspy.persona.guard import PersonaGuard
+from persona_dspy.outputs.text import predict_text
+from persona_dspy.outputs.validation import record, rejection
+from persona_dspy.persona.evidence import evidence_lines
+from persona_dspy.persona.guard import PersonaGuard, is_injection
 from persona_dspy.signatures import PersonaSummary
 
 logger = logging.getLogger(__name__)
 
 
-def render_history(items: Sequence[HistoryItem], max_items: int = 40, max_chars: int = 300) -> str:
+def render_history(items: Sequence[HistoryItem], max_items: int = 15, max_chars: int = 200) -> str:
     """The most recent ``max_items`` items as dated lines with the user's answer, oldest first."""
     lines = []
     for item in list(items)[-max_items:]:
@@ -38,40 +37,42 @@ def render_history(items: Sequence[HistoryItem], max_items: int = 40, max_chars:
     return "\n".join(lines) if lines else "(no history)"
 
 
-def history_profile(items: Sequence[HistoryItem], top: int = 3) -> str:
-    """What a user's past answers say without any LM: their most frequent labels (or ratings), as a summary line.
-
-    "" when the items carry no answers (LaMP-1 papers, LaMP-7 tweets).
-    """
-    labels = [str(item.label).strip() for item in items if item.label is not None and str(item.label).strip()]
-    if not labels:
-        return ""
-    listed = ", ".join(f"{label} ({n} of {len(labels)})" for label, n in Counter(labels).most_common(top))
-    try:
-        mean = sum(float(label) for label in labels) / len(labels)
-    except ValueError:  # category labels
-        return f"- The labels they gave most often to their past items: {listed}."
-    return f"- Their most frequent past ratings: {listed}; their average rating is {mean:.1f}."
+def preference_lines(text: str, history: Sequence[str], max_lines: int = 3) -> list[str]:
+    """The lines of an LM's summary that state something of the user: each must pass validation on its own (no
+    refusal, name, number, repetition or copied history), read as no instruction, and be new."""
+    kept: list[str] = []
+    for line in text.splitlines():
+        body = line.strip().lstrip("-*\u2022 ").strip()
+        if not body or is_injection(body) or rejection(body, copied_from=list(history)) is not None:
+            continue
+        if body.casefold() not in {k[2:].casefold() for k in kept}:
+            kept.append(f"- {body}")
+        if len(kept) == max_lines:
+            break
+    return kept
 
 
 class PersonaSummarizer(dspy.Module):
-    """History -> persona text (role, user summary, rules): one LM call.
+    """History -> persona text (role, user summary, rules): evidence lines computed from the history, then the LM's
+    preference lines that pass validation (one LM call, retried once when its whole reply is rejected).
 
-    The LM's summary of untrusted history passes ``guard`` like every later persona: only the summary comes from
-    the LM, cleaned of injected instructions and rules; the role and rules come from the guard's template.
+    Only the summary comes from here, and it passes ``guard`` like every later persona: cleaned of injected
+    instructions and rules; the role and rules come from the guard's template.
     """
 
-    def __init__(self, max_items: int = 40, max_words: int = 120, guard: PersonaGuard | None = None) -> None:
+    def __init__(self, max_items: int = 15, max_words: int = 80, guard: PersonaGuard | None = None,
+                 max_item_chars: int = 200) -> None:
         super().__init__()
         self.max_items = max_items
         self.max_words = max_words
+        self.max_item_chars = max_item_chars
         self.guard = guard or PersonaGuard()
         self.summarize = dspy.Predict(PersonaSummary)
 
     def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
-        """``invalid`` says why the LM's summary was rejected (twice): the summary then states ``history_profile``
-        (or, for a history without answers, the empty summary)."""
-        history = render_history(items, self.max_items)
+        """``invalid`` says why the LM's reply was rejected (twice); ``lm_lines`` how many of its lines were kept."""
+        evidence = evidence_lines(items, rating=_ratings(items))
+        history = render_history(items, self.max_items, self.max_item_chars)
         lm = dspy.settings.lm
         window = context_window(lm) if lm is not None else None
         if window:  # the oldest items go first when the history does not fit the model's context
@@ -81,27 +82,31 @@ class PersonaSummarizer(dspy.Module):
                 logger.info("persona summary: %d oldest history item(s) dropped to fit a %d-token context",
                             dropped, window)
                 history = "\n".join(lines) or "(no history fits the model's context)"
-        output = predict_text(self.summarize, "persona", step="summary", history=history, max_words=self.max_words)
+        texts = [item.text for item in items]
+        output = predict_text(self.summarize, "persona", step="summary", history=history, max_words=self.max_words,
+                              copied_from=texts)
         if output.fallback and not output.invalid:
-            logger.warning("persona summary: %s", output.fallback)
-        result = self.guard.check(output.text, summary_only=True)
-        if output.invalid is None and result.used_fallback:  # all of it was rules, injections or template lines
-            record("summary", invalid="empty after the guard")
-            output = TextOutput("", output.fallback, "empty after the guard")
-        if output.invalid:
-            profile = history_profile(items)
-            logger.warning("persona summary rejected: %s; the summary %s", output.invalid,
-                           "states the user's most frequent answers instead" if profile else "starts empty")
-            if profile:
-                record("summary", fallback=True)
-                output = TextOutput(profile, "the LM's summary was rejected: the user's most frequent answers instead",
-                                    output.invalid)
-                result = self.guard.check(profile, summary_only=True)
+            logger.info("persona summary: %s", output.fallback)
+        own = [] if output.invalid else preference_lines(output.text, texts)
+        if not own:  # the summary states the evidence alone: counted, so a run shows how often the LM added nothing
+            record("summary", fallback=True)
+            logger.info("persona summary: no line of the LM's reply was kept (%s); the evidence alone",
+                        output.invalid or "no line stated anything of the user")
+        result = self.guard.check("\n".join([*evidence, *own]), summary_only=True)
         if result.dropped:
             logger.warning("the initial summary carried %d line(s) that read as rules or instructions; dropped",
                            len(result.dropped))
         return dspy.Prediction(persona=result.text, summary=result.summary, raw_summary=output.text,
-                               fallback=output.fallback, invalid=output.invalid)
+                               fallback=output.fallback, invalid=output.invalid, lm_lines=len(own))
+
+
+def _ratings(items: Sequence[HistoryItem]) -> bool:
+    """Whether the items' labels are numeric ratings."""
+    labels = [item.label for item in items if item.label is not None]
+    try:
+        return bool(labels) and all(float(label) >= 0 for label in labels)
+    except ValueError:
+        return False
 
 
 def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:

@@ -46,12 +46,16 @@ class TaskSpec:
         parts = [str(fields[f]).strip() for f in self.text_fields if str(fields.get(f, "")).strip()]
         return ". ".join(parts)
 
-    def interaction_prompt(self, fields: dict[str, str]) -> str:
-        """A past item asked again as a LaMP query: alignment answers past interactions in the task's format."""
+    def interaction_prompt(self, fields: dict[str, str], max_chars: int | None = None) -> str:
+        """A past item asked again as a LaMP query: alignment answers past interactions in the task's format, and
+        a demonstration shows one as the query it answered. ``max_chars`` shortens the item's text (at a word)."""
         if self.prompt_template is None or self.label_field is None:
             raise ValueError(f"{self.name} items carry no answer, so past interactions cannot be asked again")
         labels = ", ".join(self.labels or ())
-        return self.prompt_template.format(labels=labels, content=self.item_text(fields))
+        content = self.item_text(fields)
+        if max_chars is not None and len(content) > max_chars:
+            content = content[:max_chars].rsplit(" ", 1)[0].rstrip(" .,;:") + " ..."
+        return self.prompt_template.format(labels=labels, content=content)
 
     def query_text(self, prompt: str) -> str:
         """The content of a LaMP query prompt, without the task's instruction boilerplate."""

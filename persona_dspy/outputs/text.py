@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +100,9 @@ def instructions_of(predictor: Any) -> str:
 
 
 def predict_text(predictor: dspy.Module, field: str, *, step: str = "text", config: dict[str, Any] | None = None,
-                 **inputs: Any) -> TextOutput:
+                 copied_from: Sequence[str] = (), **inputs: Any) -> TextOutput:
     """Run ``predictor`` for one free-text output ``field``: read it even from an unparsable reply, validate it,
-    retry a rejected one once (module docstring)."""
+    retry a rejected one once (module docstring). ``copied_from``: texts the output must not copy (``rejection``)."""
     config = dict(config or {})
     signature = getattr(predictor, "signature", None)
     cap = bounded_max_tokens(signature, dspy.settings.lm) if signature is not None else None
@@ -110,7 +111,7 @@ def predict_text(predictor: dspy.Module, field: str, *, step: str = "text", conf
     sources = instructions_of(predictor)
     output = _predict_once(predictor, field, config, **inputs)
     for attempt in (1, 2):
-        reason = output.invalid or rejection(output.text, instructions=sources)
+        reason = output.invalid or rejection(output.text, instructions=sources, copied_from=list(copied_from))
         record(step, checked=1, invalid=reason, fallback=output.fallback is not None, retry=reason is not None
                and attempt == 1)
         if reason is None:

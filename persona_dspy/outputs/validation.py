@@ -32,10 +32,20 @@ STEPS = ("answer", "loss", "update", "summary", "tool_step")
 MAX_REASONS = 5
 ECHO_WORDS = 10
 """Consecutive words shared with the prompt's instructions that make a text an echo of them."""
+COPY_WORDS = 8
+"""Consecutive words shared with one of the user's history items that make a summary a copy, not a summary."""
+MIN_WORDS = 3
+"""Words a free text needs to state anything ("Preferred label: 4" does; "Fender guitars" does not)."""
 
 _PLACEHOLDER = re.compile(r"^[\s\"'`]*\{+\s*['\"]?[\w .-]{0,40}['\"]?\s*\}+[\s\"'`.]*$")
 _OBJECT = re.compile(r"^\s*[\[{]\s*['\"]?\w+['\"]?\s*:", re.S)
 _PLACEHOLDER_TOKEN = re.compile(r"\{\s*\w+\s*\}")
+_FIELD_PLACEHOLDER = re.compile(
+    r"\{+\s*['\"]?(?:new_persona|persona|history|feedback|query|context|answer|reasoning|summary|max_words"
+    r"|program_inputs|expected_outputs|produced_outputs|instructions|user_summary|input|output)['\"]?\s*\}+",
+    re.IGNORECASE,
+)
+"""A placeholder naming one of the prompts' own fields (``{history}``, ``{new_persona}``): never text of its own."""
 PROMPT_ECHO = re.compile(
     r"\[\[\s*##\s*\w+\s*##\s*\]\]|Your (?:input|output) fields are|All interactions will be structured"
     r"|Respond with (?:the corresponding output fields|a JSON object)|In adhering to this structure"
@@ -43,6 +53,20 @@ PROMPT_ECHO = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 """The adapters' own prompt text (field lists, format notes, markers): a reply holding it repeats its prompt."""
+
+
+_REFUSAL = re.compile(
+    r"^\W*(?:i\s*(?:am|'m)\s+(?:not\s+sure|sorry|unable|not\s+able|afraid)|sorry\b|apologi[sz]e"
+    r"|i\s+(?:cannot|can't|can\s+not|could\s+not|couldn't|do\s+not|don't)\s+(?:help|understand|know|provide|determine"
+    r"|answer|assist|see|have)|as\s+an\s+ai\b|could\s+you\s+(?:please\s+)?(?:clarify|provide|explain|rephrase|specify)"
+    r"|please\s+(?:provide|clarify|specify)|what\s+do\s+you\s+mean|i\s+need\s+more\s+(?:information|context|details)"
+    r"|(?:there\s+is\s+)?no\s+(?:information|history|data)\s+(?:is\s+)?(?:available|provided|given))",
+    re.IGNORECASE,
+)
+"""A refusal or a non-answer ("I am not sure what you mean.", "Could you clarify ..."): says nothing about the user."""
+_SENTENCES = re.compile(r"[.!?;\n]+")
+REPEATED_GRAM = 5
+"""A run of this many words said three times over is a model looping, not a summary."""
 
 
 def _words(text: str) -> list[str]:
@@ -58,10 +82,49 @@ def _shares_run(text: str, source: str, n: int = ECHO_WORDS) -> bool:
     return any(tuple(words[i:i + n]) in grams for i in range(len(words) - n + 1))
 
 
-def rejection(text: str | None, *, instructions: str | tuple[str, ...] = ()) -> str | None:
+def repetition(text: str) -> str | None:
+    """Why ``text`` is degenerate repetition (a sentence said twice, a 5-word run said three times), or None."""
+    sentences = Counter(" ".join(_words(s)) for s in _SENTENCES.split(text) if len(_words(s)) >= MIN_WORDS)
+    if sentences:
+        sentence, n = sentences.most_common(1)[0]
+        if n >= 2:
+            return f"a sentence repeated {n} times ({sentence[:40]!r})"
+    words = _words(text)
+    grams = Counter(tuple(words[i:i + REPEATED_GRAM]) for i in range(len(words) - REPEATED_GRAM + 1))
+    if grams and max(grams.values()) >= 3:
+        gram, n = grams.most_common(1)[0]
+        return f"words repeated {n} times ({' '.join(gram)!r})"
+    return None
+
+
+def copied_text(text: str, sources: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``text`` copies one of ``sources`` (COPY_WORDS consecutive words of one), or None."""
+    for source in sources:
+        if source and _shares_run(text, source, COPY_WORDS):
+            return f"text copied word for word from the user's history ({' '.join(_words(source)[:6])!r} ...)"
+    return None
+
+
+def says_nothing(body: str) -> str | None:
+    """Why ``body`` states nothing: a refusal, a bare date or number, a name or a few words, or None."""
+    if _REFUSAL.search(body):
+        return f"a refusal or non-answer ({body[:40]!r})"
+    words = [w for w in re.findall(r"[^\W\d_][\w'-]*", body)]
+    if not words:
+        return f"a bare date or number ({body[:40]!r})"
+    if len(_words(body)) < MIN_WORDS:
+        return f"too short to say anything ({body[:40]!r})"
+    if len(words) <= 6 and all(w[0].isupper() for w in words):
+        return f"a bare name or title, not a statement ({body[:40]!r})"
+    return None
+
+
+def rejection(text: str | None, *, instructions: str | tuple[str, ...] = (),
+              copied_from: tuple[str, ...] | list[str] = ()) -> str | None:
     """Why ``text`` is not a free text of its own (a persona, summary, feedback or update), or None when it is.
 
     ``instructions``: the signature's instructions (and any fixed persona text) it must not merely repeat.
+    ``copied_from``: texts it must not copy (the user's history items, for a summary of them).
     """
     body = "" if text is None else str(text).strip()
     if not body:
@@ -73,12 +136,15 @@ def rejection(text: str | None, *, instructions: str | tuple[str, ...] = ()) -> 
     tokens = _PLACEHOLDER_TOKEN.findall(body)
     if tokens and len(" ".join(tokens)) * 2 >= len(body):
         return f"mostly template placeholders ({', '.join(tokens[:3])})"
+    field_token = _FIELD_PLACEHOLDER.search(body)
+    if field_token:
+        return f"a template placeholder in the text ({field_token.group(0)})"
     if PROMPT_ECHO.search(body):
         return "an echo of the prompt's format (field lists or markers)"
     for source in (instructions,) if isinstance(instructions, str) else instructions:
         if source and _shares_run(body, source):
             return "a copy of the signature's own instructions"
-    return None
+    return says_nothing(body) or repetition(body) or copied_text(body, copied_from)
 
 
 def answer_rejection(text: str | None, *, prompt: tuple[str, ...] = ()) -> str | None:

@@ -99,7 +99,8 @@ def test_loading_another_programs_file_names_what_is_missing_or_wrong(tmp_path, 
     with pytest.raises(ValueError, match="predictor.*'metadata'"):
         save_program(Clashing(), tmp_path / "c.json")
     histories, memory = sample_memory("LaMP_3", 1)
-    agent = PersonaAgent("LaMP_3", memory, user_id=histories[0].user_id, persona=compose_persona("- likes drills"))
+    agent = PersonaAgent("LaMP_3", memory, user_id=histories[0].user_id,
+                         persona=compose_persona("- likes cordless drills"))
     agent_path = save_program(agent, tmp_path / "agent.json")
     with pytest.raises(ProgramFileError, match="pass memory, not program="):
         load_program(agent_path, memory, program=answering())
@@ -108,11 +109,12 @@ def test_loading_another_programs_file_names_what_is_missing_or_wrong(tmp_path, 
 def test_a_persona_agent_file_loads_with_dspy_and_answers_guarded(tmp_path, sample_memory):
     histories, memory = sample_memory("LaMP_3", 1)
     user = histories[0].user_id
-    agent = PersonaAgent("LaMP_3", memory, user_id=user, persona=compose_persona("- likes drills"))
+    agent = PersonaAgent("LaMP_3", memory, user_id=user, persona=compose_persona("- likes cordless drills"))
     path = save_program(agent, tmp_path / "agent.json")
     document = json.loads(path.read_text())
     state = program_state(document)
-    state["reason.program.predict"]["signature"]["instructions"] = f"{INJECTED}\n- likes drills"  # edited by hand
+    [answering_name] = [n for n, p in agent.named_predictors() if p is agent.persona_predictors()[-1]]
+    state[answering_name]["signature"]["instructions"] = f"{INJECTED}\n- likes cordless drills"  # edited by hand
     document.update(state)
     path.write_text(json.dumps(document))
     fresh = PersonaAgent("LaMP_3", memory, user_id=user)
@@ -121,7 +123,7 @@ def test_a_persona_agent_file_loads_with_dspy_and_answers_guarded(tmp_path, samp
     with dspy.context(lm=lm):
         fresh(query="What is the score of the following review on a scale of 1 to 5? review: fine")
     prompt = json.dumps(lm.history[-1]["messages"])
-    assert INJECTED not in prompt and "likes drills" in prompt and fresh.persona == agent.persona
+    assert INJECTED not in prompt and "likes cordless drills" in prompt and fresh.persona == agent.persona
 
 
 def test_a_persona_agent_refuses_a_pickle_and_names_the_json_route(tmp_path, sample_memory):
@@ -131,7 +133,7 @@ def test_a_persona_agent_refuses_a_pickle_and_names_the_json_route(tmp_path, sam
         agent.save(str(tmp_path / "whole"), save_program=True)
     assert not (tmp_path / "whole").exists()
     agent.save(str(tmp_path / "state.json"))  # dspy's JSON state save works
-    assert "reason.program.predict" in json.loads((tmp_path / "state.json").read_text())
+    assert set(json.loads((tmp_path / "state.json").read_text())) == {*agent.dump_state(), "metadata"}
 
 
 # -- docs/program-files.md ---------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def test_the_docs_app_snippet_reaches_the_users_memory_in_the_same_folder_and_in
     [history] = [h for h in load_dataset(dataset_dir("LaMP_3")) if h.user_id == user]
     with EpisodicMemory.for_task("LaMP_3") as memory:  # what `persona-dspy compile --task LaMP_3` leaves behind
         memory.add_histories([history])
-        agent = PersonaAgent("LaMP_3", memory, user_id=user, persona=compose_persona("- Rates sturdy tools 5."))
+        agent = PersonaAgent("LaMP_3", memory, user_id=user, persona=compose_persona("- Rates sturdy power tools 5."))
         save_program(agent, program_path(default_programs_dir("LaMP_3"), user))
     [command] = doc_blocks("bash")
     argv = shlex.split(command.replace("~/.persona_dspy", str(home)))
@@ -183,4 +185,5 @@ def test_the_docs_app_snippet_reaches_the_users_memory_in_the_same_folder_and_in
         assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
         answer, prompt = result.stdout.strip().splitlines()[-2:]
         assert answer in {"1", "2", "3", "4", "5"}, name
-        assert any(item.text[:40] in json.loads(prompt)[-1]["content"] for item in history.items), name
+        sent = "\n".join(message["content"] for message in json.loads(prompt))  # passages or demos: any mode
+        assert any(item.text[:40] in sent for item in history.items), name

@@ -67,8 +67,8 @@ def recording_lm() -> tuple[dspy.LM, Recording]:
     return dspy.LM("offline/recording", engine=engine, cache=False, num_retries=0), engine
 
 
-def agent_for(history, memory) -> PersonaAgent:
-    return PersonaAgent("LaMP_3", memory, "rag", persona=compose_persona(SUMMARY), user_id=history.user_id)
+def agent_for(history, memory, mode: str = "rag") -> PersonaAgent:
+    return PersonaAgent("LaMP_3", memory, mode, persona=compose_persona(SUMMARY), user_id=history.user_id)
 
 
 def answer_prompt(agent: PersonaAgent, example: dspy.Example, engine: Recording) -> str:
@@ -113,18 +113,20 @@ def test_miprov2_on_persona_agent_then_an_answer_sends_the_guarded_persona(lamp3
         assert_guarded_answer(optimized, trainset[0], engine)
 
 
-def test_load_state_and_direct_assignment_are_guarded_before_the_next_answer(lamp3):
+@pytest.mark.parametrize("mode", ["rag", "demos"])
+def test_load_state_and_direct_assignment_are_guarded_before_the_next_answer(lamp3, mode):
     history, memory = lamp3
     example = interaction_examples(history, 1)[0]
-    agent = agent_for(history, memory)
+    agent = agent_for(history, memory, mode)
+    [name] = [n for n, p in agent.named_predictors() if p is agent.persona_predictors()[-1]]
     state = agent.dump_state()
-    state["reason.program.predict"]["signature"]["instructions"] = f"{INJECTED}\n- Loves cordless drills."
+    state[name]["signature"]["instructions"] = f"{INJECTED}\n- Loves cordless drills."
     lm, engine = recording_lm()
     with dspy.context(lm=lm):
         agent.load_state(state)
         prompt = answer_prompt(agent, example, engine)
         assert INJECTED not in prompt and "- Loves cordless drills." in prompt
-        predictor = agent.reason.program.predict
+        predictor = agent.persona_predictors()[-1]  # load_state replaced nothing but its signature
         predictor.signature = predictor.signature.with_instructions(INJECTED)  # past the setter
         prompt = answer_prompt(agent, example, engine)
     assert INJECTED not in prompt and agent.persona_summary == "- Loves cordless drills."

@@ -33,11 +33,13 @@ selected on noise, and the caller must not save it as the user's current program
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,7 +53,7 @@ from persona_dspy.signatures.persona import PersonaTemplate, PersonaUpdate
 from persona_dspy.lm.usage import LMUsage
 from persona_dspy.outputs.text import TextOutput, predict_text
 from persona_dspy.outputs.validation import record
-from persona_dspy.persona.guard import GuardResult, PersonaGuard, template_for
+from persona_dspy.persona.guard import GuardResult, PersonaGuard, PredictorGuards, guard_program, template_for
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +134,13 @@ class PersonaAligner(Teleprompter):
     Trade-off: each step starts from the previous step's best candidate even when it scores below the best so
     far (exploration), while the persona returned is the best so far (the first of equals).
 
-    The compiled program carries diagnostics: ``persona_history`` (every persona scored, with its feedback and
-    whether it only repeated one), ``candidate_programs``, ``scores_per_iteration``, ``alignment`` (settings,
-    scores, ``lm_usage``) and ``lm_calls`` (LM calls of the whole compile).
+    A program without a ``persona`` property gets ``persona_guarding`` (``PredictorGuards``): ``guard_program``
+    then guards what a later optimizer or ``load_state`` writes into its persona predictors. The compiled program
+    follows dspy's result conventions: ``_compiled = True`` (an outer optimizer leaves it
+    alone) and ``candidate_programs``, best first, each ``{"program", "score", "persona"}`` like COPRO's and
+    MIPROv2's. It also carries ``persona_history`` (every persona scored, with its feedback and whether it only
+    repeated one), ``scores_per_iteration``, ``alignment`` (settings, scores, ``lm_usage``) and ``lm_calls`` (LM
+    calls of the whole compile).
 
     Args:
         metric: ``metric(example, prediction) -> float`` in [0, 1] (higher is better).
@@ -146,7 +152,10 @@ class PersonaAligner(Teleprompter):
         task_lm: the LM the program answers with (default: the current one).
         optimizer_lm: the LM for loss and update (default: the task LM).
         stop_when_perfect: stop once the validation slice is answered perfectly (saves calls).
-        rng: for reproducible candidate sampling.
+        rng: for reproducible candidate sampling (default: ``random.Random(seed)``).
+        seed: the seed of that RNG when no ``rng`` is given (``compile(seed=...)`` overrides it for one compile).
+        num_threads: answers of a batch or validation slice run in parallel on this many threads (default: one
+            after another); each worker runs in a copy of the caller's dspy context (LM, adapter, usage counters).
         template: the persona's fixed role and rules (default: the program's ``persona_guard.template`` if it has
             one, else the default template when the starting persona is built on it, else none: all summary).
         answer_retries: extra attempts for an item the program fails to answer before ``AlignmentError``.
@@ -161,11 +170,14 @@ class PersonaAligner(Teleprompter):
                  candidate_temperature: float = 0.7, stop_when_perfect: bool = True,
                  rng: random.Random | None = None, template: PersonaTemplate | None = None,
                  answer_retries: int = 1, persona_predictors: PredictorChoice = None, persona: str | None = None,
-                 input_fields: Sequence[str] | None = None, output_fields: Sequence[str] | None = None) -> None:
+                 input_fields: Sequence[str] | None = None, output_fields: Sequence[str] | None = None,
+                 seed: int | None = None, num_threads: int | None = None) -> None:
         super().__init__()
         if batch_size < 1 or iterations < 0 or candidates_per_step < 1 or max_persona_words < 40 or answer_retries < 0:
             raise ValueError("batch_size and candidates_per_step must be >= 1, iterations and answer_retries >= 0, "
                              "max_persona_words >= 40")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.metric = metric
         self.batch_size = batch_size
         self.iterations = iterations
@@ -175,7 +187,9 @@ class PersonaAligner(Teleprompter):
         self.optimizer_lm = optimizer_lm
         self.candidate_temperature = candidate_temperature
         self.stop_when_perfect = stop_when_perfect
-        self.rng = rng or random.Random(0)
+        self.seed = seed
+        self.rng = rng or random.Random(0 if seed is None else seed)
+        self.num_threads = num_threads
         self.update = dspy.Predict(PersonaUpdate)
         self.template = template
         self.answer_retries = answer_retries
@@ -188,7 +202,8 @@ class PersonaAligner(Teleprompter):
         """The configuration, for program files and reports."""
         return {"optimizer": "PersonaAligner", "batch_size": self.batch_size, "iterations": self.iterations,
                 "candidates_per_step": self.candidates_per_step, "max_persona_words": self.max_persona_words,
-                "candidate_temperature": self.candidate_temperature, "stop_when_perfect": self.stop_when_perfect}
+                "candidate_temperature": self.candidate_temperature, "stop_when_perfect": self.stop_when_perfect,
+                "seed": self.seed, "num_threads": self.num_threads}
 
     def get_params(self) -> dict[str, Any]:
         """The configuration as JSON-safe values (dspy's default returns live LMs, metrics and predictors)."""
@@ -224,13 +239,20 @@ class PersonaAligner(Teleprompter):
 
     # -- the loop --------------------------------------------------------------------------------
     def compile(self, student: dspy.Module, *, trainset: list[dspy.Example], teacher: dspy.Module | None = None,
-                valset: list[dspy.Example] | None = None, **kwargs: Any) -> dspy.Module:
+                valset: list[dspy.Example] | None = None, num_threads: int | None = None, seed: int | None = None,
+                **kwargs: Any) -> dspy.Module:
         """Align ``student``'s persona on ``trainset`` (dspy's ``Teleprompter.compile`` signature).
 
-        ``teacher`` is not used: the user's own answers are the only targets. No other keyword is accepted.
+        ``teacher`` is not used: the user's own answers are the only targets. ``num_threads`` and ``seed`` override
+        the constructor's for this compile. Other keywords (another optimizer's, passed through by a pipeline) are
+        ignored with one warning, as dspy's optimizers do.
         """
         if kwargs:
-            raise TypeError(f"PersonaAligner.compile got unexpected arguments: {sorted(kwargs)}")
+            logger.warning("PersonaAligner.compile ignores argument(s) it does not use: %s", ", ".join(sorted(kwargs)))
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        threads = num_threads or self.num_threads or 1
+        rng = random.Random(seed) if seed is not None else self.rng
         if teacher is not None:
             raise ValueError("PersonaAligner does not use a teacher: the user's own answers are the targets")
         if not trainset:
@@ -263,7 +285,7 @@ class PersonaAligner(Teleprompter):
         invalid: Counter[str] = Counter()  # outputs rejected by validation (after their retry), by step
         fixed_batch = len(trainset) <= self.batch_size  # every step reads the same interactions
         with usage.counting(*[lm for lm in (task_lm, optimizer_lm) if lm is not None], *own_lms):
-            current = self._evaluate(program, access, start_persona, valset, task_lm, cache)
+            current = self._evaluate(program, access, start_persona, valset, task_lm, cache, threads)
             best = current
             seen: dict[str, float] = {start_persona: current.score}
             steps: list[AlignmentStep] = []
@@ -273,7 +295,7 @@ class PersonaAligner(Teleprompter):
                     break
                 batch_idx = self._batch(len(trainset), iteration)
                 batch = [trainset[i] for i in batch_idx]
-                outputs = [self._answer(program, access, current.persona, ex, task_lm, cache) for ex in batch]
+                outputs = self._answer_all(program, access, current.persona, batch, task_lm, cache, threads)
                 with dspy.context(lm=optimizer_lm):
                     feedback = [loss.feedback_output(ex, pred, current.persona) for ex, (pred, _) in
                                 zip(batch, outputs, strict=True)]
@@ -286,7 +308,7 @@ class PersonaAligner(Teleprompter):
                         gradient += shown_evidence([pred for pred, _ in outputs])
                     current_summary = guard.summary(current.persona)
                     copied = [str(v) for ex in batch for v in ex.inputs().values() if isinstance(v, str)]
-                    proposals = (self._propose(current_summary, gradient, guard, fallbacks, invalid, copied)
+                    proposals = (self._propose(current_summary, gradient, guard, fallbacks, invalid, rng, copied)
                                  if usable else [])  # no feedback to act on: the persona stays as it is
                     if not usable:
                         logger.warning("step %d: every feedback was rejected; the persona is kept", iteration + 1)
@@ -299,7 +321,7 @@ class PersonaAligner(Teleprompter):
                     if candidate in seen:
                         step.candidates.append({"persona": candidate, "score": seen[candidate], "repeat": True})
                         continue
-                    evaluation = self._evaluate(program, access, candidate, valset, task_lm, cache)
+                    evaluation = self._evaluate(program, access, candidate, valset, task_lm, cache, threads)
                     seen[candidate] = evaluation.score
                     step.candidates.append({"persona": candidate, "score": evaluation.score, "repeat": False})
                     if step_best is None or evaluation.score > step_best.score:  # the first of equals
@@ -315,13 +337,16 @@ class PersonaAligner(Teleprompter):
                     logger.info("step %d only repeated a persona: stopping", iteration + 1)
                     break
             access.set(program, best.persona)
+        if isinstance(access, PersonaPredictors):  # the result guards itself after later writes (guard_program)
+            program.persona_guarding = PredictorGuards(dict(access.guards))
+            guard_program(program)
         program.persona_history = [{"iteration": 0, "persona": start_persona, "score": seen[start_persona]}] + [
             {"iteration": s.iteration, "persona": c["persona"], "score": c["score"], "repeat": c["repeat"],
              "feedback": s.feedback}
             for s in steps for c in s.candidates
         ]
-        program.candidate_programs = [{"persona": p, "score": s} for p, s in
-                                      sorted(seen.items(), key=lambda pair: -pair[1])]
+        program.candidate_programs = [{"program": self._with_persona(program, access, p), "score": s, "persona": p}
+                                      for p, s in sorted(seen.items(), key=lambda pair: -pair[1])]
         program.scores_per_iteration = [seen[start_persona]] + [s.best_score for s in steps]
         program.alignment = {
             **self.settings(), "start_score": seen[start_persona], "best_score": best.score,
@@ -338,6 +363,7 @@ class PersonaAligner(Teleprompter):
             "seconds": round(time.perf_counter() - started, 3),
         }
         program.lm_calls = usage.calls
+        program._compiled = True  # dspy's mark of an optimized program: outer optimizers leave it as it is
         return program
 
     # -- pieces ----------------------------------------------------------------------------------
@@ -373,13 +399,39 @@ class PersonaAligner(Teleprompter):
         cache[cache_key] = (prediction, score)
         return prediction, score
 
+    def _answer_all(self, program: dspy.Module, access: PersonaAccess, persona: str, examples: list[dspy.Example],
+                    lm: dspy.LM | None, cache: dict, threads: int) -> list[tuple[Any, float]]:
+        """``_answer`` for each example, in order; on ``threads`` workers when more than one.
+
+        Every item is answered with the same persona, so workers share the program. Each runs in its own copy of
+        the caller's context: dspy's settings (LM, adapter, usage counters) travel in context variables, and
+        ``dspy.configure`` works only from the thread that first called it, so workers must not configure.
+        """
+        if threads <= 1 or len(examples) <= 1:
+            return [self._answer(program, access, persona, ex, lm, cache) for ex in examples]
+        access.set(program, persona)  # written once before the workers start, not raced by them
+        with ThreadPoolExecutor(max_workers=min(threads, len(examples)), thread_name_prefix="persona-align") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, self._answer, program, access, persona, ex, lm,
+                                   cache) for ex in examples]
+            return [future.result() for future in futures]
+
     def _evaluate(self, program: dspy.Module, access: PersonaAccess, persona: str, valset: list[dspy.Example],
-                  lm: dspy.LM | None, cache: dict) -> _Evaluation:
-        scores = [self._answer(program, access, persona, ex, lm, cache)[1] for ex in valset]
+                  lm: dspy.LM | None, cache: dict, threads: int = 1) -> _Evaluation:
+        scores = [score for _, score in self._answer_all(program, access, persona, valset, lm, cache, threads)]
         return _Evaluation(persona, sum(scores) / len(scores))
 
+    @staticmethod
+    def _with_persona(program: dspy.Module, access: PersonaAccess, persona: str) -> dspy.Module:
+        """A copy of the aligned program carrying ``persona`` (an entry of ``candidate_programs``)."""
+        candidate = program.deepcopy()
+        candidate.__dict__.pop("candidate_programs", None)  # an earlier compile's: no nesting across re-alignments
+        access.set(candidate, persona)
+        candidate._compiled = True
+        return candidate
+
     def _propose(self, summary: str, feedback: str, guard: PersonaGuard, fallbacks: Counter[str],
-                 invalid: Counter[str], copied_from: Sequence[str] = ()) -> list[str]:
+                 invalid: Counter[str], rng: random.Random | None = None,
+                 copied_from: Sequence[str] = ()) -> list[str]:
         """New user summaries from the update LM: it sees and writes only the summary, never the role or rules.
 
         A rewrite that fails validation (a placeholder, the prompt repeated, after its one retry) is no candidate."""
@@ -388,7 +440,7 @@ class PersonaAligner(Teleprompter):
         for i in range(self.candidates_per_step):
             config: dict[str, Any] = {}
             if i > 0:
-                config = {"temperature": self.candidate_temperature, "rollout_id": self.rng.randrange(1 << 30)}
+                config = {"temperature": self.candidate_temperature, "rollout_id": (rng or self.rng).randrange(1 << 30)}
             output = predict_text(self.update, "new_persona", step="update", config=config, persona=summary,
                                   feedback=feedback or "- (no feedback)", max_words=max_words, copied_from=copied_from)
             if output.invalid is None and guard.check(output.text, summary_only=True).used_fallback:

@@ -10,7 +10,8 @@ metric that fails while it builds its reflective dataset (logged at INFO, the pr
 * passes every proposal through that predictor's ``PersonaGuard`` (its own fixed part, the learned summary after it);
 * stops with ``MetricError`` at the next iteration after the metric failed, instead of going on without it.
 
-The GEPA object carries ``persona_proposer`` (``interventions``, ``proposals``) and ``persona_loss`` (``failures``).
+The GEPA object carries ``persona_proposer`` (``interventions``, ``proposals``) and ``persona_loss`` (``failures``);
+the program it returns carries ``persona_guarding``, so ``guard_program`` guards it after any later write.
 """
 
 from __future__ import annotations
@@ -24,16 +25,28 @@ from persona_dspy.optimizers.persona_predictors import PersonaPredictors, Predic
 from persona_dspy.optimizers.textual_loss import Metric, TextualLossMetric
 from persona_dspy.signatures.persona import PersonaTemplate
 
-from persona_dspy.persona.guard import GuardedInstructionProposer
+from persona_dspy.persona.guard import GuardedInstructionProposer, PredictorGuards, guard_program
 
 logger = logging.getLogger(__name__)
+
+
+class PersonaGEPA(dspy.GEPA):
+    """``dspy.GEPA`` whose result carries its persona predictors' guards and is guarded before it is returned."""
+
+    persona_guards: dict[str, Any]
+
+    def compile(self, student: dspy.Module, **kwargs: Any) -> dspy.Module:
+        program = super().compile(student, **kwargs)
+        program.persona_guarding = PredictorGuards(dict(self.persona_guards))
+        guard_program(program)
+        return program
 
 
 def persona_gepa(program: dspy.Module, metric: Metric, *, reflection_lm: dspy.LM, persona: str | None = None,
                  persona_predictors: PredictorChoice = None, max_persona_words: int = 300,
                  template: PersonaTemplate | None = None, loss_lm: dspy.LM | None = None,
                  input_fields: Sequence[str] | None = None, output_fields: Sequence[str] | None = None,
-                 **gepa_args: Any) -> dspy.GEPA:
+                 **gepa_args: Any) -> PersonaGEPA:
     """A ``dspy.GEPA`` for ``program``'s persona (module docstring); ``gepa_args`` go to ``dspy.GEPA`` as they are.
 
     ``loss_lm`` writes the feedback (default: the reflection LM).
@@ -48,8 +61,9 @@ def persona_gepa(program: dspy.Module, metric: Metric, *, reflection_lm: dspy.LM
     stoppers = list(stoppers) if isinstance(stoppers, Sequence) else [stoppers]
     gepa_kwargs["stop_callbacks"] = [loss.stop_on_failure(), *stoppers]
     logger.info("GEPA evolves the persona of %s only", ", ".join(access.names))
-    gepa = dspy.GEPA(metric=loss, reflection_lm=reflection_lm, instruction_proposer=proposer,
-                     component_selector=proposer.component_selector(), gepa_kwargs=gepa_kwargs, **gepa_args)
+    gepa = PersonaGEPA(metric=loss, reflection_lm=reflection_lm, instruction_proposer=proposer,
+                       component_selector=proposer.component_selector(), gepa_kwargs=gepa_kwargs, **gepa_args)
     gepa.persona_proposer = proposer
+    gepa.persona_guards = dict(access.guards)
     gepa.persona_loss = loss
     return gepa

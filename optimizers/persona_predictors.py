@@ -6,9 +6,9 @@ rewrite the first kind and never touch the second. The choice (``PredictorChoice
 
 * a list of predictor names (as ``named_predictors()`` spells them, e.g. ``["answer.predict"]``);
 * a predicate ``choose(name, predictor) -> bool``;
-* by default, the predictors whose instructions contain the starting persona (the ``persona`` given, else the
-  program's own ``persona`` attribute); with no starting persona, or none that contains it, all predictors, with a
-  warning.
+* by default, the predictors whose instructions contain the starting persona: the ``persona`` given (ValueError,
+  naming the predictors searched, when none contains it), else the program's own ``persona`` attribute; with no
+  starting persona, or none that contains the program's own, all predictors, with a warning.
 
 Each chosen predictor keeps its own fixed part: its developer's instructions (ReAct's tool listing included) or a
 ``PersonaTemplate``'s role and rules. What alignment learns is one user summary, written after each fixed part
@@ -64,18 +64,30 @@ def persona_predictors(program: dspy.Module, choice: PredictorChoice = None,
         if unknown:
             raise ValueError(f"unknown predictor(s) {unknown}; the program has {[n for n, _ in named]}")
         return [(name, p) for name, p in named if name in set(choice)]
-    persona = persona if persona is not None else starting_persona(program)
-    if persona and persona.strip():
+    if persona is not None and persona.strip():  # asked for by name: a typo must not widen to every predictor
+        chosen = [(name, p) for name, p in named if persona.strip() in p.signature.instructions]
+        if not chosen:
+            raise ValueError(f"no predictor's instructions contain the persona {_excerpt(persona)}; searched the "
+                             f"instructions of {[n for n, _ in named]}: pass the text as written in the program, "
+                             "or name the predictors with persona_predictors=[...]")
+        return chosen
+    persona = starting_persona(program)
+    if persona:
         chosen = [(name, p) for name, p in named if persona.strip() in p.signature.instructions]
         if chosen:
             return chosen
-        reason = "no predictor's instructions contain the starting persona"
+        reason = "no predictor's instructions contain the program's own persona"
     else:
         reason = "no starting persona was given"
     if len(named) > 1:
         logger.warning("%s: all %d predictors carry the persona (%s); pass the persona or choose the predictors "
                        "to leave the others untouched", reason, len(named), ", ".join(n for n, _ in named))
     return named
+
+
+def _excerpt(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[:limit] + "...")
 
 
 class PersonaPredictors:

@@ -23,6 +23,7 @@ _PUBLIC = {
     "TextualLossMetric": "optimizers.textual_loss",
     "persona_gepa": "optimizers.persona_gepa",
     "PersonaGuard": "persona.guard",
+    "guard_program": "persona.guard",
     "EpisodicMemory": "memory.episodic",
     "UserHistory": "data.records",
     "load_dataset": "data.lamp",

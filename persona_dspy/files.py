@@ -3,7 +3,8 @@
 Program files, reports and summaries all go through ``write_atomically``. Its temporary files are named after the
 process writing them (``.<name>.pid<pid>@<host>.<random>.tmp``), so a later run can tell the leftovers of a killed
 writer (``remove_stale_temp_files``) from the file another live process is writing right now.
-``check_writable_dir`` proves a folder usable before a job spends any work on filling it.
+``check_writable_dir`` proves a folder usable before a job spends any work on filling it. ``keep_version`` copies a
+file into its sibling ``<name>.versions/`` folder before it is replaced, so nothing written is ever lost.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,8 @@ logger = logging.getLogger(__name__)
 STALE_FOREIGN_SECONDS = 3600.0
 """A temp file from another host (shared storage) or of an unknown writer is stale after this long."""
 
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+_VERSION_NAME = re.compile(r"^(?P<stamp>\d{8}T\d{6}\.\d{6}Z)(?:-(?P<counter>\d+))?\.json$")
 _TEMP_NAME = re.compile(r"^\..+?(?:\.pid(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*))?\.[A-Za-z0-9_]+\.tmp$")
 
 
@@ -154,6 +158,64 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def versions_dir(path: str | os.PathLike[str]) -> Path:
+    """The sibling folder that keeps earlier versions of ``path``: ``<name>.versions/``."""
+    path = Path(path)
+    return path.with_name(path.name + ".versions")
+
+
+def keep_version(path: Path, stamp_of: Callable[[bytes, Path], str]) -> Path | None:
+    """Copy the current file into its versions folder (atomically, never over another version) before replacing.
+
+    ``stamp_of(data, path)`` names the copy (a UTC time ``YYYYmmddTHHMMSS.ffffffZ``; ``-1``, ``-2`` ... follow when
+    that name holds another file). None when there is no file yet.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    folder = versions_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = stamp_of(data, path)
+    tmp = write_temp(folder, f".{stamp}.", data)
+    try:
+        counter = 0
+        while True:
+            target = folder / (f"{stamp}.json" if counter == 0 else f"{stamp}-{counter}.json")
+            if target.exists():
+                if target.read_bytes() == data:  # kept already (an earlier save stopped before its replace)
+                    return target
+                counter += 1
+                continue
+            try:
+                os.link(tmp, target)  # atomic and never overwrites: a name taken meanwhile raises
+            except FileExistsError:
+                counter += 1
+                continue
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                os.replace(tmp, target)  # no hard links on this filesystem: the exists() check above has to do
+            fsync_dir(folder)
+            logger.info("kept the previous version of %s as %s", path, target)
+            return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def kept_versions(path: str | os.PathLike[str]) -> list[Path]:
+    """The versions ``keep_version`` kept of ``path``, oldest first (empty if it was never replaced)."""
+    folder = versions_dir(path)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _VERSION_NAME.match(entry.name)
+        if match and entry.is_file():
+            found.append((match["stamp"], int(match["counter"] or 0), entry))
+    return [entry for _, _, entry in sorted(found)]
 
 
 def home() -> Path:

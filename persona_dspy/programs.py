@@ -1,32 +1,28 @@
-"""Per-user program files: a PersonaAgent's optimized state as plain JSON, saved safely and reloaded strictly.
+"""Program files: any DSPy program's optimized state as plain JSON, saved safely and reloaded strictly.
 
-One file holds one user's program::
+One file holds one program (a PersonaAgent's: one user's) in the layout of dspy's own ``Module.save``, so dspy's
+``program.load(path)`` reads it too (docs/program-files.md)::
 
-    {"format": "persona-dspy/program", "format_version": 1,
-     "metadata": {"user_id": ..., "task": ..., "mode": ..., "k": ..., "persona": ..., "created": ..., ...},
-     "state": agent.dump_state()}
+    {"format": "persona-dspy/program", "format_version": 2,
+     "metadata": {"dependency_versions": {...}, "program": "persona_dspy.PersonaAgent", "user_id": ..., ...},
+     "<predictor name>": <its dump_state()>, ...}
 
-``state`` is dspy's own ``Module.dump_state()``: one entry per predictor (``reason.program.predict`` in rag and
-none modes; ``reason.program.react`` and ``reason.program.extract.predict`` in react mode), each with its demos,
-traces, train, signature (instructions and field prefixes/descriptions) and LM. The persona is the signature
-instructions of the answering predictor, so the state already carries it; ``metadata.persona`` is a copy for
-listings, checked against the state on load; ``metadata.summary`` is the persona's only free part (its role and
-rules come from the agent's PersonaTemplate), and on load the persona passes the agent's guard like every persona
-does, so a file whose summary carries injected rules or instructions loads without them (files written before
-``summary`` existed load the same way). No pickle is ever written or read: the file is JSON only, and a
-predictor's saved LM is loaded with dspy's safe defaults (no api_base, no custom classes).
+``program_state(document)`` reads the predictor entries (version 1 files kept them under ``"state"``, and load).
+Another ``dspy.Module`` records its class and its persona predictors' guards (``metadata.guards``) and loads into a
+new instance (``load_program(path, program=...)``). A PersonaAgent's persona is its answering predictor's
+instructions, so the state carries it; ``metadata.persona`` is a copy for listings, checked on load, and
+``metadata.summary`` its only free part. On load every persona passes the guard, so a file carrying injected rules
+or instructions loads without them. No pickle is written or read, and a predictor's saved LM is loaded with dspy's
+safe defaults (no api_base, no custom classes).
 
-Writes are atomic (``write_atomically``, which the report writers use too): the new text goes to a temporary file
-in the same directory, is flushed and fsynced, and replaces the old file with ``os.replace``; a crash at any moment
-leaves either the old complete file or the new one. Nothing is lost either: before a file is replaced, a copy of it
-is kept in the sibling folder ``<name>.versions/`` (e.g. ``alice.json.versions/``), named by its own ``created``
-time (``20250101T120000.000000Z.json``, with ``-1``, ``-2`` ... if that name is taken by a different file).
-``program_versions(path)`` lists them oldest first; each is a complete program file that ``load_program`` reads.
+Writes are atomic (``write_atomically``): a crash leaves the old complete file or the new one. Before a file is
+replaced, a copy is kept in ``<name>.versions/`` (``files.keep_version``), named by its own ``created`` time
+(``20250101T120000.000000Z.json``, ``-1``, ``-2`` ... when taken); ``program_versions(path)`` lists them oldest
+first, each a complete program file.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -38,26 +34,39 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+from dspy.utils.saving import get_dependency_versions
 
 from persona_dspy.agent.persona_agent import MODES, PersonaAgent
 from persona_dspy.data.tasks import get_task
-from persona_dspy.files import fsync_dir, home, remove_stale_temp_files, write_atomically, write_temp
+from persona_dspy.files import (
+    home,
+    keep_version,
+    kept_versions,
+    remove_stale_temp_files,
+    versions_dir,  # noqa: F401 - this module's API too: a program file's versions folder
+    write_atomically,
+)
 from persona_dspy.lm.build import describe_lm, redact_lm_state
 from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
 from persona_dspy.outputs.validation import rejection
-from persona_dspy.persona.guard import PersonaGuard, word_count
+from persona_dspy.persona.guard import PersonaGuard, PredictorGuards, guard_program, word_count
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "persona-dspy/program"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The newest file layout this code reads and the one it writes."""
+AGENT_PROGRAM = "persona_dspy.PersonaAgent"
+"""``metadata.program`` of a PersonaAgent's file (every version 1 file is one)."""
+RESERVED_KEYS = ("format", "format_version", "metadata")
+"""Top-level keys that are not predictors (a program with a predictor so named cannot be saved)."""
 
 _REACT_BUILTIN_TOOLS = {MEMORY_TOOL_NAME, "finish"}
 FIXED_METADATA_KEYS: tuple[str, ...] = (
     "user_id", "task", "mode", "k", "persona", "created", "persona_dspy_version", "dspy_version", "lm",
-    "reasoning", "max_iters", "search_mode", "tools", "summary", "max_persona_words", "demo_chars",
+    "reasoning", "max_iters", "search_mode", "tools", "summary", "max_persona_words", "demo_chars", "program",
+    "guards", "dependency_versions",
 )
 """Keys ``save_program`` fills in itself; caller metadata may repeat them only with the same value."""
 
@@ -68,8 +77,6 @@ PERSONA_WORDS_CEILING = 2000
 CHARS_PER_WORD = 12
 """Characters allowed per capped word: 'words' thousands of characters long must not slip under the cap."""
 
-_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
-_VERSION_NAME = re.compile(r"^(?P<stamp>\d{8}T\d{6}\.\d{6}Z)(?:-(?P<counter>\d+))?\.json$")
 
 
 class ProgramFileError(ValueError):
@@ -115,32 +122,21 @@ def _json_value(key: str, value: Any) -> None:
         raise ValueError(f"metadata[{key!r}] cannot be stored as JSON: {exc}") from exc
 
 
-def build_metadata(agent: PersonaAgent, metadata: Mapping[str, Any] | None = None, *, lm: Any = None) -> dict[str, Any]:
-    """The metadata a saved program carries: fixed facts about the agent and LM, then the caller's own keys."""
-    extra = dict(metadata or {})
-    user_id = agent.user_id if agent.user_id is not None else extra.get("user_id")
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise ValueError("this agent is bound to no user: build it with user_id=... or pass metadata={'user_id': ...}"
-                         " (a program file belongs to one user)")
+def program_class(program: dspy.Module) -> str:
+    """The class a program file records: ``AGENT_PROGRAM`` for a PersonaAgent, else ``module.QualifiedName``."""
+    if isinstance(program, PersonaAgent):
+        return AGENT_PROGRAM
+    return f"{type(program).__module__}.{type(program).__qualname__}"
+
+
+def _common_metadata(program: dspy.Module, lm: Any) -> dict[str, Any]:
     model = lm if lm is not None else dspy.settings.lm
-    fixed: dict[str, Any] = {
-        "user_id": user_id,
-        "task": agent.task,
-        "mode": agent.mode,
-        "k": agent.k,
-        "persona": agent.persona,
-        "created": _now(),
-        "persona_dspy_version": persona_dspy_version(),
-        "dspy_version": dspy.__version__,
-        "lm": describe_lm(model) if model is not None else None,
-        "reasoning": agent.reasoning,
-        "max_iters": agent.max_iters if agent.mode == "react" else None,
-        "search_mode": agent.search_mode if agent.mode != "none" else None,
-        "tools": _general_tools(agent),
-        "summary": agent.persona_summary,
-        "max_persona_words": agent.persona_guard.max_words,
-        "demo_chars": agent.demo_chars if agent.mode == "demos" else None,
-    }
+    return {"program": program_class(program), "dependency_versions": get_dependency_versions(), "created": _now(),
+            "persona_dspy_version": persona_dspy_version(), "dspy_version": dspy.__version__,
+            "lm": describe_lm(model) if model is not None else None}
+
+
+def _merged(fixed: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         if not isinstance(key, str):
             raise ValueError(f"metadata keys must be strings, got {key!r}")
@@ -151,23 +147,65 @@ def build_metadata(agent: PersonaAgent, metadata: Mapping[str, Any] | None = Non
     return {**extra, **fixed}
 
 
-def program_document(agent: PersonaAgent, metadata: Mapping[str, Any] | None = None, *,
+def module_metadata(program: dspy.Module, metadata: Mapping[str, Any] | None = None, *,
+                    lm: Any = None) -> dict[str, Any]:
+    """The metadata of any other program's file: its class, LM, versions and guards, then the caller's keys."""
+    extra = dict(metadata or {})
+    if "user_id" in extra and (not isinstance(extra["user_id"], str) or not extra["user_id"].strip()):
+        raise ValueError(f"metadata user_id must be a non-empty text, got {extra['user_id']!r}")
+    guarding = getattr(program, "persona_guarding", None)
+    guards = guarding.to_json() if isinstance(guarding, PredictorGuards) else None
+    return _merged({**_common_metadata(program, lm), "guards": guards}, extra)
+
+
+def build_metadata(agent: PersonaAgent, metadata: Mapping[str, Any] | None = None, *, lm: Any = None) -> dict[str, Any]:
+    """The metadata a saved agent carries: fixed facts about the agent and LM, then the caller's own keys."""
+    extra = dict(metadata or {})
+    user_id = agent.user_id if agent.user_id is not None else extra.get("user_id")
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError("this agent is bound to no user: build it with user_id=... or pass metadata={'user_id': ...}"
+                         " (a program file belongs to one user)")
+    fixed: dict[str, Any] = {
+        **_common_metadata(agent, lm),
+        "user_id": user_id,
+        "task": agent.task,
+        "mode": agent.mode,
+        "k": agent.k,
+        "persona": agent.persona,
+        "reasoning": agent.reasoning,
+        "max_iters": agent.max_iters if agent.mode == "react" else None,
+        "search_mode": agent.search_mode if agent.mode != "none" else None,
+        "tools": _general_tools(agent),
+        "summary": agent.persona_summary,
+        "max_persona_words": agent.persona_guard.max_words,
+        "demo_chars": agent.demo_chars if agent.mode == "demos" else None,
+    }
+    return _merged(fixed, extra)
+
+
+def program_document(program: dspy.Module, metadata: Mapping[str, Any] | None = None, *,
                      lm: Any = None) -> dict[str, Any]:
-    """The whole file content as a dict (what ``save_program`` writes)."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": build_metadata(agent, metadata, lm=lm),
-            "state": _safe_state(agent.dump_state(json_mode=True))}
+    """The whole file content as a dict (what ``save_program`` writes): dspy's state layout plus the metadata."""
+    state = _safe_state(program.dump_state(json_mode=True))
+    clashes = sorted(set(state) & set(RESERVED_KEYS))
+    if clashes:
+        raise ValueError(f"the program has predictor(s) named {clashes}, which a program file uses for itself")
+    built = (build_metadata(program, metadata, lm=lm) if isinstance(program, PersonaAgent)
+             else module_metadata(program, metadata, lm=lm))
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": built, **state}
+
+
+def program_state(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The predictor states of a program file's content (version 1 kept them under ``"state"``)."""
+    if document.get("format_version") == 1:
+        return document["state"]
+    return {key: value for key, value in document.items() if key not in RESERVED_KEYS}
 
 
 def _safe_state(state: dict[str, Any]) -> dict[str, Any]:
     """dspy's state with each predictor-level LM's credentials (user:pw@, ?key=, auth headers) taken out."""
     return {name: {**entry, "lm": redact_lm_state(entry["lm"])} if isinstance(entry.get("lm"), dict) else entry
             for name, entry in state.items()}
-
-
-def versions_dir(path: str | os.PathLike[str]) -> Path:
-    """The sibling folder that keeps earlier versions of ``path``: ``<name>.versions/``."""
-    path = Path(path)
-    return path.with_name(path.name + ".versions")
 
 
 def _version_stamp(data: bytes, path: Path) -> str:
@@ -183,41 +221,6 @@ def _version_stamp(data: bytes, path: Path) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-def _keep_version(path: Path) -> Path | None:
-    """Copy the current file into its versions folder (atomically, never over another version) before replacing."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    folder = versions_dir(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = _version_stamp(data, path)
-    tmp = write_temp(folder, f".{stamp}.", data)
-    try:
-        counter = 0
-        while True:
-            target = folder / (f"{stamp}.json" if counter == 0 else f"{stamp}-{counter}.json")
-            if target.exists():
-                if target.read_bytes() == data:  # kept already (an earlier save stopped before its replace)
-                    return target
-                counter += 1
-                continue
-            try:
-                os.link(tmp, target)  # atomic and never overwrites: a name taken meanwhile raises
-            except FileExistsError:
-                counter += 1
-                continue
-            except OSError as exc:
-                if exc.errno not in _NO_HARD_LINKS:
-                    raise
-                os.replace(tmp, target)  # no hard links on this filesystem: the exists() check above has to do
-            fsync_dir(folder)
-            logger.info("kept the previous version of %s as %s", path, target)
-            return target
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def guard_persona(agent: PersonaAgent, where: str) -> bool:
@@ -237,32 +240,52 @@ def guard_persona(agent: PersonaAgent, where: str) -> bool:
     return True
 
 
-def save_program(agent: PersonaAgent, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None, *,
-                 lm: Any = None) -> Path:
-    """Save ``agent``'s program for its user as JSON, atomically, keeping any earlier file under ``<name>.versions/``.
+def _summaries(program: dspy.Module) -> list[str]:
+    """The user summaries a program carries: a PersonaAgent's, or each guarded predictor's (``PredictorGuards``)."""
+    if isinstance(program, PersonaAgent):
+        return [program.persona_summary] if program.mode != "none" else []
+    guarding = getattr(program, "persona_guarding", None)
+    if not isinstance(guarding, PredictorGuards):
+        return []
+    predictors = dict(program.named_predictors())
+    summaries = (guard.summary(predictors[name].signature.instructions) for name, guard in guarding.guards.items())
+    return [summary for summary in summaries if summary]
 
-    ``metadata`` adds the caller's facts (optimizer and settings, dev scores, ...) next to the fixed ones; a key that
-    contradicts a fixed one raises ValueError. ``lm`` is the LM that produced the program (default: dspy's current).
-    The persona is guarded first (``guard_persona``: on ``agent`` itself), so no file holds an unguarded persona,
-    and validated (``persona_dspy.outputs.validation.rejection``): a summary that is a placeholder or an echo of a
-    prompt raises ValueError and nothing is written, so a file already at ``path`` stays as it was.
+
+def save_program(program: dspy.Module, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None, *,
+                 lm: Any = None) -> Path:
+    """Save ``program`` as JSON, atomically, keeping any earlier file under ``<name>.versions/``.
+
+    A PersonaAgent's file belongs to its user; any other ``dspy.Module`` is saved with its class and guards (a
+    ``user_id`` in ``metadata`` is optional). ``metadata`` adds the caller's facts (optimizer and settings, dev
+    scores, ...) next to the fixed ones; a key that contradicts a fixed one raises ValueError. ``lm`` is the LM that
+    produced the program (default: dspy's current). The persona is guarded first (``guard_persona`` on an agent,
+    ``guard_program`` on any other program), so no file holds an unguarded persona, and validated
+    (``persona_dspy.outputs.validation.rejection``): a summary that is a placeholder or an echo of a prompt raises
+    ValueError and nothing is written, so a file already at ``path`` stays as it was.
     """
     path = Path(path)
-    guard_persona(agent, f"saving {path}")
-    if agent.mode != "none":
-        reason = rejection(agent.persona_summary)
+    if not isinstance(program, dspy.Module):
+        raise TypeError(f"save_program saves a dspy.Module, not a {type(program).__name__}")
+    if isinstance(program, PersonaAgent):
+        guard_persona(program, f"saving {path}")
+    elif guard_program(program):
+        logger.warning("saving %s: the persona instructions needed the guard", path)
+    for summary in _summaries(program):
+        reason = rejection(summary)
         if reason is not None:
             raise ValueError(f"not saving {path}: the persona's user summary failed validation ({reason})")
-    document = program_document(agent, metadata, lm=lm)
+    document = program_document(program, metadata, lm=lm)
+    owner = document["metadata"].get("user_id")
     try:
         data = (json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
     except (TypeError, ValueError) as exc:
-        owner = document["metadata"]["user_id"]
-        raise ValueError(f"the program for {owner!r} cannot be stored as JSON: {exc}") from exc
+        raise ValueError(f"the program{f' for {owner!r}' if owner else ''} cannot be stored as JSON: {exc}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
-    _keep_version(path)
+    keep_version(path, _version_stamp)
     write_atomically(path, data)
-    logger.info("saved the %s program of user %r to %s", agent.task, document["metadata"]["user_id"], path)
+    logger.info("saved the %s program%s to %s", document["metadata"].get("task") or document["metadata"]["program"],
+                f" of user {owner!r}" if owner else "", path)
     return path
 
 
@@ -276,29 +299,31 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def program_versions(path: str | os.PathLike[str]) -> list[Path]:
-    """The kept earlier versions of ``path``, oldest first (empty if it was never replaced)."""
-    folder = versions_dir(path)
-    if not folder.is_dir():
-        return []
-    found = []
-    for entry in folder.iterdir():
-        match = _VERSION_NAME.match(entry.name)
-        if match and entry.is_file():
-            found.append((match["stamp"], int(match["counter"] or 0), entry))
-    return [entry for _, _, entry in sorted(found)]
+program_versions = kept_versions
+"""``program_versions(path)``: the kept earlier versions of ``path``, oldest first (empty if it was never replaced)."""
 
 
 # ---------------------------------------------------------------- loading
 
 _REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
-    "user_id": str, "task": str, "mode": str, "k": int, "persona": str, "created": str,
-    "persona_dspy_version": str, "dspy_version": str, "lm": (dict, type(None)),
+    "created": str, "persona_dspy_version": str, "dspy_version": str, "lm": (dict, type(None)),
 }
+_AGENT_METADATA: dict[str, type | tuple[type, ...]] = {"user_id": str, "task": str, "mode": str, "k": int,
+                                                       "persona": str}
 
 
-def _read_document(path: Path) -> dict[str, Any]:
-    """The parsed and validated file: format, version, metadata and state (never builds an agent)."""
+def _check_types(path: Path, metadata: dict[str, Any], required: Mapping[str, type | tuple[type, ...]]) -> None:
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise ProgramFileError(path, f"missing metadata key(s) {', '.join(missing)}")
+    for key, kind in required.items():
+        value = metadata[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ProgramFileError(path, f"metadata {key}={value!r} has the wrong type")
+
+
+def _read_document(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parsed and validated file's (metadata, predictor states) (never builds a program)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -324,37 +349,39 @@ def _read_document(path: Path) -> dict[str, Any]:
         raise ProgramFileError(path, f"format_version {version} comes from a newer persona-dspy; this version "
                                      f"({persona_dspy_version()}) supports format_version {FORMAT_VERSION}: "
                                      "upgrade persona-dspy to load it")
-    missing = [key for key in ("metadata", "state") if key not in document]
+    missing = [key for key in ("metadata", "state") if key not in document and (key == "metadata" or version == 1)]
     if missing:
         raise ProgramFileError(path, f"missing key(s) {', '.join(missing)} in the program file")
-    metadata, state = document["metadata"], document["state"]
+    metadata, state = document["metadata"], program_state(document)
     if not isinstance(metadata, dict):
         raise ProgramFileError(path, "metadata must be a JSON object")
-    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
-    if missing:
-        raise ProgramFileError(path, f"missing metadata key(s) {', '.join(missing)}")
-    for key, kind in _REQUIRED_METADATA.items():
-        value = metadata[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ProgramFileError(path, f"metadata {key}={value!r} has the wrong type")
-    if not metadata["user_id"].strip() or not metadata["persona"].strip():
-        raise ProgramFileError(path, "metadata user_id and persona must not be empty")
-    if metadata["mode"] not in MODES:
-        raise ProgramFileError(path, f"metadata mode {metadata['mode']!r} is not one of {', '.join(MODES)}")
-    if metadata["k"] <= 0:
-        raise ProgramFileError(path, f"metadata k must be positive, got {metadata['k']}")
+    _check_types(path, metadata, _REQUIRED_METADATA)
+    if not isinstance(metadata.setdefault("program", AGENT_PROGRAM), str):
+        raise ProgramFileError(path, f"metadata program={metadata['program']!r} has the wrong type")
+    if metadata["program"] == AGENT_PROGRAM:
+        _check_types(path, metadata, _AGENT_METADATA)
+        if not metadata["persona"].strip():
+            raise ProgramFileError(path, "metadata persona must not be empty")
+        if metadata["mode"] not in MODES:
+            raise ProgramFileError(path, f"metadata mode {metadata['mode']!r} is not one of {', '.join(MODES)}")
+        if metadata["k"] <= 0:
+            raise ProgramFileError(path, f"metadata k must be positive, got {metadata['k']}")
+    user_id = metadata.get("user_id", "")
+    if metadata["program"] == AGENT_PROGRAM or "user_id" in metadata:
+        if not isinstance(user_id, str) or not user_id.strip():
+            raise ProgramFileError(path, "metadata user_id must be a non-empty text")
     try:
         datetime.fromisoformat(metadata["created"])
     except ValueError as exc:
         raise ProgramFileError(path, f"metadata created {metadata['created']!r} is not an ISO time") from exc
     if not isinstance(state, dict) or not state or not all(isinstance(v, dict) for v in state.values()):
         raise ProgramFileError(path, "state must be a non-empty object of predictor states")
-    return document
+    return metadata, state
 
 
 def read_program_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A program file's validated metadata, without building an agent (for listings)."""
-    return dict(_read_document(Path(path))["metadata"])
+    """A program file's validated metadata, without building a program (for listings)."""
+    return dict(_read_document(Path(path))[0])
 
 
 def _saved_persona(agent: PersonaAgent, state: dict[str, Any]) -> str | None:
@@ -367,19 +394,54 @@ def _saved_persona(agent: PersonaAgent, state: dict[str, Any]) -> str | None:
         return None
 
 
-def _check_state_fits(path: Path, agent: PersonaAgent, state: dict[str, Any]) -> None:
+def _check_state_fits(path: Path, program: dspy.Module, state: dict[str, Any]) -> None:
     """Predictor names and signature field counts must match: dspy ignores extra keys and zips fields loosely."""
-    expected = agent.dump_state()
+    expected = program.dump_state()
+    what = (f"a {program.mode} agent for {program.task}" if isinstance(program, PersonaAgent)
+            else f"this {type(program).__name__}")
     if set(state) != set(expected):
-        raise ProgramFileError(path, f"the state does not fit a {agent.mode} agent for {agent.task}: it has "
-                                     f"predictors {sorted(state)}, the agent has {sorted(expected)}")
+        raise ProgramFileError(path, f"the state does not fit {what}: it has predictors {sorted(state)}, the program "
+                                     f"has {sorted(expected)}")
     for name, predictor_state in state.items():
         fields = (predictor_state.get("signature") or {}).get("fields")
         wanted = len(expected[name]["signature"]["fields"])
         if not isinstance(fields, list) or len(fields) != wanted:
             count = len(fields) if isinstance(fields, list) else fields
-            raise ProgramFileError(path, f"the state of predictor {name} has {count} signature fields, the agent's "
-                                         f"{agent.task} signature has {wanted}")
+            raise ProgramFileError(path, f"the state of predictor {name} has {count} signature fields, the "
+                                         f"signature of {what} has {wanted}")
+
+
+def _load_module(path: Path, metadata: dict[str, Any], state: dict[str, Any], program: dspy.Module | None,
+                 user_id: str | None) -> dspy.Module:
+    """Load another program's file into ``program`` (a new instance of the class it records) and guard it."""
+    if program is None:
+        raise ProgramFileError(path, f"this file holds a {metadata['program']} program: pass program=<a new instance "
+                                     "of it> to load its state into (load_program(path, program=...))")
+    if program_class(program) != metadata["program"]:
+        raise ProgramFileError(path, f"this file holds a {metadata['program']} program, not a "
+                                     f"{program_class(program)}")
+    if user_id is not None and metadata.get("user_id") != user_id:
+        raise ProgramFileError(path, f"this program belongs to user {metadata.get('user_id')!r}, not {user_id!r}")
+    guarding = None
+    if metadata.get("guards") is not None:
+        try:
+            guarding = PredictorGuards.from_json(metadata["guards"])
+        except (ValueError, AttributeError) as exc:
+            raise ProgramFileError(path, f"metadata guards: {exc}") from exc
+    _check_state_fits(path, program, state)
+    try:
+        program.load_state(state)
+    except Exception as exc:  # dspy raises KeyError/TypeError/AttributeError/... for a state it cannot apply
+        raise ProgramFileError(path, f"the state does not fit the program: {type(exc).__name__}: {exc}") from exc
+    if guarding is not None:
+        program.persona_guarding = guarding
+        changed = guard_program(program)
+        if changed:
+            logger.warning("%s: the instructions of %s needed the guard", path, ", ".join(changed))
+            metadata["guarded_on_load"] = changed
+    program.program_metadata = metadata
+    logger.info("loaded the %s program from %s", metadata["program"], path)
+    return program
 
 
 def persona_cap(metadata: Mapping[str, Any], max_persona_words: int | None = None) -> int:
@@ -417,19 +479,26 @@ def _check_sizes(path: Path, agent: PersonaAgent, state: dict[str, Any], metadat
                                          "load them (a hand-edited file?)")
 
 
-def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *, user_id: str | None = None,
-                 task: str | None = None, tools: Sequence[Callable] = (),
-                 max_persona_words: int | None = None) -> PersonaAgent:
-    """A ready PersonaAgent for the file's user, attached to ``memory``, with ``program_metadata`` set.
+def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None = None, *,
+                 program: dspy.Module | None = None, user_id: str | None = None, task: str | None = None,
+                 tools: Sequence[Callable] = (), max_persona_words: int | None = None) -> dspy.Module:
+    """The program a file holds, ready, with ``program_metadata`` set.
 
-    ``user_id``/``task`` guard against loading another user's or task's program. ``tools`` are the general tools a
-    react program was saved with (their names are checked; the memory-search tool is always built from ``memory``).
-    ``max_persona_words``: the longest persona accepted (default: the cap the aligner recorded in the file, else
-    its default, never above ``PERSONA_WORDS_CEILING``); a longer one is refused before any request is built.
+    A PersonaAgent's file gives a new agent for the file's user, attached to ``memory``: ``user_id``/``task`` guard
+    against loading another user's or task's program; ``tools`` are the general tools a react program was saved
+    with (their names are checked; the memory-search tool is always built from ``memory``); ``max_persona_words``
+    is the longest persona accepted (default: the cap the aligner recorded in the file, else its default, never
+    above ``PERSONA_WORDS_CEILING``); a longer one is refused before any request is built. Any other program's file
+    is loaded into ``program``, a new instance of the class it records (as dspy's ``Module.load`` does), and its
+    persona predictors are guarded (``guard_program``).
     """
     path = Path(path).expanduser()
-    document = _read_document(path)
-    metadata, state = dict(document["metadata"]), document["state"]
+    metadata, state = _read_document(path)
+    if metadata["program"] != AGENT_PROGRAM:
+        return _load_module(path, metadata, state, program, user_id)
+    if program is not None:
+        raise ProgramFileError(path, "this file holds a PersonaAgent: it is rebuilt from the file and its memory; "
+                                     "pass memory, not program=")
     if memory is not None and memory.prefix != task_namespace(metadata["task"]):
         logger.warning("%s: memory namespace %r is not the task's %r (EpisodicMemory.for_task): its searches may "
                        "find nothing for this user", path, memory.prefix, task_namespace(metadata["task"]))
@@ -470,6 +539,7 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None, *,
         _refresh_tool_list(path, agent, persona)
     if agent.mode != "none":
         _guard_loaded_persona(path, agent, metadata)
+        agent.guard_persona()  # the agent's own record of what is in force (forward would do it before answering)
     if metadata["dspy_version"] != dspy.__version__:
         logger.info("%s was saved with dspy %s; running dspy %s", path, metadata["dspy_version"], dspy.__version__)
     agent.program_metadata = metadata
@@ -493,9 +563,9 @@ def _refresh_tool_list(path: Path, agent: PersonaAgent, persona: str) -> None:
     if current.startswith(persona):
         logger.warning("%s describes its tools differently from this agent; the persona is kept and the tool list "
                        "is rebuilt", path)
-        agent.persona = persona
-    else:
-        logger.info("%s: the ReAct step has its own optimized instructions; kept as saved", path)
+    else:  # the agent answers only with guarded instructions (PersonaAgent.guard_persona)
+        logger.warning("%s: the ReAct step has instructions of its own; rebuilt as the persona and tool list", path)
+    agent.persona = persona
 
 
 # ---------------------------------------------------------------- finding a user's program

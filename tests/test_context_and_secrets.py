@@ -12,7 +12,7 @@ from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.evaluation.evaluate import evaluate
 from persona_dspy.jobs.compile import SUMMARY_FILE, compile_users
 from persona_dspy.lm.build import REDACTED, describe_lm, redact_headers, redact_text, redact_url
-from persona_dspy.programs import load_program, save_program
+from persona_dspy.programs import load_program, program_state, save_program
 from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 
 SECRET = "s3cr3t-Zq9"
@@ -97,7 +97,7 @@ def test_program_files_hold_no_credentials_of_predictor_level_lms(lamp3, tmp_pat
     path = save_program(agent, tmp_path / "p.json", lm=private)
     text = path.read_text()
     assert SECRET not in text
-    [state] = [entry["lm"] for entry in json.loads(text)["state"].values() if entry.get("lm")]
+    [state] = [entry["lm"] for entry in program_state(json.loads(text)).values() if entry.get("lm")]
     kept = {name: value for name, value in headers.items() if name == "X-Request-Source"}
     assert state["model"] == "openai/m" and state["extra_headers"] == kept
     assert state["extra_query"] == {}  # dropped, not replaced: dspy would send a placeholder on as a credential

@@ -21,7 +21,7 @@ from persona_dspy.jobs.compile import compile_users, program_path
 from persona_dspy.jobs.distributed import LMSpec, MemorySpec, batch_size, compile_on_ray
 from persona_dspy.lm.build import build_lm
 from persona_dspy.memory.episodic import EpisodicMemory
-from persona_dspy.programs import load_program
+from persona_dspy.programs import load_program, program_state
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 server = loopback_fixture()
@@ -32,7 +32,7 @@ def program(out: Path, user: str) -> dict:
     document = json.loads(program_path(out, user).read_text())
     meta = document["metadata"]
     alignment = {key: value for key, value in meta["alignment"].items() if key != "seconds"}
-    return {"state": document["state"], "persona": meta["persona"], "dev_scores": meta["dev_scores"],
+    return {"state": program_state(document), "persona": meta["persona"], "dev_scores": meta["dev_scores"],
             "alignment": alignment, "trainset": meta["trainset"], "started_from": meta["started_from"]}
 
 

@@ -17,6 +17,7 @@ from persona_dspy.programs import (
     PERSONA_WORDS_CEILING,
     ProgramFileError,
     load_program,
+    program_state,
     save_program,
 )
 from persona_dspy.testing.offline_lm import offline_lm
@@ -40,7 +41,7 @@ def edit_persona(path: Path, persona: str) -> None:
     document = json.loads(path.read_text())
     old = document["metadata"]["persona"]
     document["metadata"]["persona"] = persona
-    for entry in document["state"].values():
+    for entry in program_state(document).values():
         instructions = entry["signature"]["instructions"]
         if instructions.startswith(old):  # rag: the persona; react: persona + the tool list
             entry["signature"]["instructions"] = persona + instructions[len(old):]
@@ -91,8 +92,8 @@ def test_huge_react_step_instructions_are_refused(lamp3, tmp_path):
     """ReAct's step may carry its own instructions (kept as saved): they are bounded like the persona."""
     path = saved_program(lamp3, tmp_path, "react")
     document = json.loads(path.read_text())
-    [step] = [name for name in document["state"] if name.endswith("react")]
-    document["state"][step]["signature"]["instructions"] = "Think step by step. " * 50_000
+    [step] = [name for name in program_state(document) if name.endswith("react")]
+    document[step]["signature"]["instructions"] = "Think step by step. " * 50_000
     path.write_text(json.dumps(document))
     with pytest.raises(ProgramFileError, match=f"instructions of predictor {step}"):
         load_program(path, lamp3[1])

@@ -128,18 +128,19 @@ def test_react_general_tools_must_be_passed_again(lamp2n, lm, tmp_path):
     assert "word_count" in loaded.reason.program.tools and loaded.persona == agent.persona
 
 
-def test_react_tool_list_is_rebuilt_unless_the_step_was_optimized_on_its_own(lamp2n, lm, tmp_path):
+def test_react_tool_list_is_rebuilt_even_when_the_step_was_optimized_on_its_own(lamp2n, lm, tmp_path):
     agent = make_agent(lamp2n, "react", persona=RELIGION)
     path = save_program(agent, tmp_path / "prog.json")
     document = json.loads(path.read_text())
-    step = document["state"]["reason.program.react"]["signature"]
+    step = document["reason.program.react"]["signature"]
     step["instructions"] = RELIGION + "\nTools: an_old_tool_that_is_gone"
     rewrite(path, document)
     loaded = load_program(path, lamp2n[1])
     assert loaded.persona_predictors()[0].signature.instructions == agent.persona_predictors()[0].signature.instructions
     step["instructions"] = "Think step by step, then call search_user_history."  # e.g. tuned by an optimizer
-    rewrite(path, document)
-    assert load_program(path, lamp2n[1]).persona_predictors()[0].signature.instructions == step["instructions"]
+    rewrite(path, document)  # unguarded text: the agent answers only with the guarded persona and its tool list
+    assert (load_program(path, lamp2n[1]).persona_predictors()[0].signature.instructions
+            == agent.persona_predictors()[0].signature.instructions)
 
 
 # ---------------------------------------------------------------- metadata
@@ -355,13 +356,13 @@ FILE_PROBLEMS = {
                       rf"{FORMAT_VERSION}"),
     "bad version": (lambda text, doc: _set(doc, "1", "format_version"), "invalid format_version"),
     "no metadata": (lambda text, doc: _drop(doc, "metadata"), "missing key.*metadata"),
-    "no state": (lambda text, doc: _drop(doc, "state"), "missing key.*state"),
+    "no state": (lambda text, doc: _set(doc, 1, "format_version"), "missing key.*state"),  # version 1 kept it there
     "no persona": (lambda text, doc: _drop(doc, "metadata", "persona"), "missing metadata key.*persona"),
     "no user": (lambda text, doc: _drop(doc, "metadata", "user_id"), "missing metadata key.*user_id"),
     "bad k": (lambda text, doc: _set(doc, 0, "metadata", "k"), "k must be positive"),
     "bad mode": (lambda text, doc: _set(doc, "telepathy", "metadata", "mode"), "mode 'telepathy'"),
     "bad created": (lambda text, doc: _set(doc, "yesterday", "metadata", "created"), "not an ISO time"),
-    "empty state": (lambda text, doc: _set(doc, {}, "state"), "state must be"),
+    "empty state": (lambda text, doc: {k: doc[k] for k in programs.RESERVED_KEYS}, "state must be"),
 }
 
 
@@ -399,14 +400,14 @@ def test_another_users_or_tasks_program_is_refused(saved, lamp2n, user):
 
 
 STATE_PROBLEMS = {
-    "another predictor": (lambda doc: _set(doc, {"reason.program.react": doc["state"]["reason.program.predict"]},
-                                           "state"), "does not fit a rag agent"),
+    "another predictor": (lambda doc: _set(doc, doc.pop("reason.program.predict"), "reason.program.react"),
+                          "does not fit a rag agent"),
     "react state in a rag file": (lambda doc: _set(doc, "react", "metadata", "mode"), "does not fit a react agent"),
-    "fewer fields": (lambda doc: doc["state"]["reason.program.predict"]["signature"]["fields"].pop() and doc,
+    "fewer fields": (lambda doc: doc["reason.program.predict"]["signature"]["fields"].pop() and doc,
                      "has 3 signature fields.*has 4"),
-    "no signature": (lambda doc: _drop(doc, "state", "reason.program.predict", "signature"), "signature fields"),
-    "no lm key": (lambda doc: _drop(doc, "state", "reason.program.predict", "lm"), "does not fit the agent: KeyError"),
-    "bad lm": (lambda doc: _set(doc, 5, "state", "reason.program.predict", "lm"), "does not fit the agent"),
+    "no signature": (lambda doc: _drop(doc, "reason.program.predict", "signature"), "signature fields"),
+    "no lm key": (lambda doc: _drop(doc, "reason.program.predict", "lm"), "does not fit the agent: KeyError"),
+    "bad lm": (lambda doc: _set(doc, 5, "reason.program.predict", "lm"), "does not fit the agent"),
     "persona edited": (lambda doc: _set(doc, "You are someone else.", "metadata", "persona"), "persona in metadata"),
     "no memory for rag": (lambda doc: doc, "needs an EpisodicMemory"),
 }
@@ -432,7 +433,7 @@ def test_the_file_is_plain_json_and_nothing_pickles(lamp2n, lm, tmp_path, mode):
     raw = path.read_bytes()
     document = json.loads(raw.decode("utf-8"))
     assert document["format"] == FORMAT and document["format_version"] == FORMAT_VERSION
-    assert set(document) == {"format", "format_version", "metadata", "state"}
+    assert set(document) == {"format", "format_version", "metadata", *programs.program_state(document)}
     assert not raw.startswith(b"\x80") and b"NaN" not in raw
     assert list(tmp_path.iterdir()) == [path]  # no .pkl or side files
     imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(inspect.getsource(programs)))

@@ -233,7 +233,8 @@ class PersonaAgent(dspy.Module):
 
     Every persona it is given (``persona=...``, ``agent.persona = ...``) passes ``persona_guard``: the role and
     rules come from its template, the text given only supplies the user summary, cleaned and within
-    ``max_persona_words`` (see ``persona_dspy.persona.guard``). Mode ``none`` has no persona to guard.
+    ``max_persona_words`` (see ``persona_dspy.persona.guard``); instructions written past the setter are guarded
+    before the next answer (``guard_persona``). Mode ``none`` has no persona to guard.
     """
 
     def __init__(self, task: str, memory: EpisodicMemory | None = None, mode: AgentMode | None = None, *,
@@ -276,6 +277,7 @@ class PersonaAgent(dspy.Module):
             self.persona_guard.compose(DEFAULT_SUMMARY)
         self.reason = PersonaReasoning(self.task, start, mode, all_tools, max_iters=max_iters, reasoning=reasoning)
         self._guarded: dict[tuple[int, str, str], tuple[PersonaGuard, str]] = {}  # (guard, text, current) -> result
+        self._in_force = self._instructions()  # what the setter last wrote (guard_persona compares against it)
 
     @property
     def persona(self) -> str:
@@ -289,6 +291,34 @@ class PersonaAgent(dspy.Module):
             self.reason.persona = text
             return
         self.reason.persona = self._guard(text)
+        self._in_force = self._instructions()
+
+    def _instructions(self) -> tuple[str, ...]:
+        return tuple(p.signature.instructions for p in self.persona_predictors())
+
+    def guard_persona(self) -> list[str]:
+        """Guard the persona instructions in force; the names of the predictors whose instructions it had to change.
+
+        Whatever wrote them past the ``persona`` setter (COPRO, MIPROv2, SIMBA, GEPA, ``load_state``/``load``,
+        ``predictor.signature = ...``) is untrusted text until this runs; ``forward`` runs it before every answer
+        (a comparison when nothing changed). Nothing usable left keeps the summary last guarded. ReAct's step gets
+        the guarded persona plus its tool list back, whatever an optimizer wrote there.
+        """
+        if self.mode == "none" or self._instructions() == self._in_force:
+            return []
+        before = dict(zip(self._names(), self._instructions(), strict=True))
+        previous = self.persona_guard.summary(self._in_force[-1])
+        result = self.persona_guard.check(self.persona, fallback=previous)
+        self.persona = result.text
+        changed = [name for name, text in zip(self._names(), self._instructions(), strict=True) if before[name] != text]
+        if changed:
+            logger.warning("persona of %s: instructions written past the guard (%s) were guarded before use",
+                           self.user_id or "this agent", ", ".join(changed))
+        return changed
+
+    def _names(self) -> list[str]:
+        own = {id(p): name for name, p in self.named_predictors()}
+        return [own[id(p)] for p in self.persona_predictors()]
 
     def _guard(self, text: str) -> str:
         """The guarded persona for ``text``, kept per (guard, text, current persona): the aligner sets the same
@@ -306,6 +336,19 @@ class PersonaAgent(dspy.Module):
             self._guarded.clear()
         self._guarded[key] = (self.persona_guard, result.text)  # keeps the guard alive: its id names no other
         return result.text
+
+    def save(self, path: Any, save_program: bool = False, modules_to_serialize: list | None = None) -> None:
+        """dspy's ``Module.save`` for the state (``.json``); a whole-program pickle is refused with the JSON route.
+
+        The agent holds its user's memory (an open Qdrant store and its encoders), which is no program state and
+        cannot be pickled; the program is its predictors' state, and the memory is attached again on load.
+        """
+        if save_program:
+            raise TypeError("a PersonaAgent cannot be saved with save_program=True: its memory (an open store and "
+                            "encoders) cannot be pickled. Save its state as JSON with persona_dspy.save_program(agent, "
+                            "'user.json') (or agent.save('user.json')), and rebuild it with "
+                            "persona_dspy.load_program('user.json', memory); see docs/program-files.md")
+        super().save(path, save_program=False, modules_to_serialize=modules_to_serialize)
 
     @property
     def persona_summary(self) -> str:
@@ -327,6 +370,7 @@ class PersonaAgent(dspy.Module):
                 self._prepare(question["query"], question.get("scope"))
 
     def forward(self, query: str, scope: MemoryScope | None = None) -> dspy.Prediction:
+        self.guard_persona()
         passages, context, settings = self._prepare(query, scope)
         try:
             with settings():
@@ -337,6 +381,7 @@ class PersonaAgent(dspy.Module):
 
     async def aforward(self, query: str, scope: MemoryScope | None = None) -> dspy.Prediction:
         """``forward`` for asyncio (``acall``, ``dspy.asyncify``, ``streamify``): the LM call is awaited."""
+        self.guard_persona()
         passages, context, settings = self._prepare(query, scope)
         try:
             with settings():

@@ -16,6 +16,10 @@ is all summary once the template's own lines are removed from it. Then, from the
 * the summary is cut to the word cap left after the fixed parts.
 
 ``PersonaGuard.check`` says whether it had to intervene, so optimizers can report how often they did.
+
+Guarding is a property of the program, not of whoever wrote its instructions: ``guard_program(program)`` guards
+the instructions in force in any program that knows its persona predictors (PersonaAgent, which also does it before
+every answer; a program PersonaAligner or ``persona_gepa`` returned, which carries ``persona_guarding``).
 """
 
 from __future__ import annotations
@@ -225,6 +229,81 @@ class PersonaGuard:
     def summary(self, persona: str) -> str:
         """The clean summary of a persona text (what an update may revise)."""
         return self.check(persona).summary
+
+
+@dataclass
+class PredictorGuards:
+    """A program's persona predictors by name, each with its guard, and the instructions each last had guarded.
+
+    Optimizers attach one to the programs they return (``program.persona_guarding``), so that ``guard_program``
+    can guard what a later optimizer, ``load_state`` or an assignment wrote there. Nothing usable left in a
+    rewrite keeps the summary last guarded (a cut-off instruction does not erase what was learned of the user).
+    """
+
+    guards: dict[str, PersonaGuard]
+    guarded: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, program: Any) -> list[str]:
+        """Guard the instructions in force; the names of the predictors whose instructions changed."""
+        predictors = dict(program.named_predictors())
+        missing = sorted(set(self.guards) - set(predictors))
+        if missing:
+            raise ValueError(f"the program has no predictor(s) {missing} to guard; it has {sorted(predictors)}")
+        changed = []
+        for name, guard in self.guards.items():
+            predictor = predictors[name]
+            text = predictor.signature.instructions
+            if text == self.guarded.get(name):
+                continue
+            previous = self.guarded.get(name)
+            result = guard.check(text, fallback=guard.summary(previous) if previous else None)
+            if result.text != text:
+                predictor.signature = predictor.signature.with_instructions(result.text)
+                changed.append(name)
+            self.guarded[name] = result.text
+        return changed
+
+    def to_json(self) -> dict[str, Any]:
+        """The guards as JSON (program files): each predictor's template and caps."""
+        return {name: {"role": g.template.role, "rules": list(g.template.rules), "max_words": g.max_words,
+                       "min_summary_words": g.min_summary_words} for name, g in self.guards.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PredictorGuards:
+        """The guards ``to_json`` wrote; ValueError naming the entry that is not one."""
+        guards = {}
+        for name, entry in data.items():
+            try:
+                role, rules = entry["role"], entry["rules"]
+                if not (role is None or isinstance(role, str)) or not all(isinstance(r, str) for r in rules):
+                    raise TypeError("role must be a text or null, rules a list of texts")
+                guards[name] = PersonaGuard(max_words=int(entry["max_words"]),
+                                            min_summary_words=int(entry["min_summary_words"]),
+                                            template=PersonaTemplate(role=role, rules=tuple(rules)))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"the guard of predictor {name!r} is unusable: {type(exc).__name__}: {exc}") from exc
+        return cls(guards)
+
+
+def guard_program(program: Any) -> list[str]:
+    """Guard the persona instructions in force in ``program`` and its sub-modules; the predictors it changed.
+
+    A module with a ``guard_persona()`` method (PersonaAgent) guards itself; one carrying ``persona_guarding``
+    (``PredictorGuards``: what PersonaAligner and ``persona_gepa`` attach) is guarded by it. Run it after any
+    optimizer that writes instructions directly (COPRO, MIPROv2, SIMBA) and after loading a state; a program with
+    neither has no known persona and is left as it is (an empty list).
+    """
+    changed: list[str] = []
+    for path, module in program.named_sub_modules():
+        prefix = "" if path == "self" else path.removeprefix("self.") + "."
+        own = getattr(module, "guard_persona", None)
+        if callable(own):
+            changed += [prefix + name for name in own()]
+            continue
+        guarding = getattr(module, "persona_guarding", None)
+        if isinstance(guarding, PredictorGuards):
+            changed += [prefix + name for name in guarding.apply(module)]
+    return changed
 
 
 class GuardedInstructionProposer(InstructionProposer):

@@ -689,5 +689,5 @@ def dataset_dir(task: str) -> Path:
         root = data_root()
         shipped = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise DatasetNotFoundError(folder, f"no shipped sample for {key} (shipped: {', '.join(shipped) or 'none'}; "
-                                           "rebuild them with `python persona_dspy/data/samples/make_samples.py`)")
+                                           "rebuild them with `python data/make_samples.py`)")
     return folder

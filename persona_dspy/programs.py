@@ -1,27 +1,9 @@
 """Per-user program files: a PersonaAgent's optimized state as plain JSON, saved safely and reloaded strictly.
 
-One file holds one user's program::
-
-    {"format": "persona-dspy/program", "format_version": 1,
-     "metadata": {"user_id": ..., "task": ..., "mode": ..., "k": ..., "persona": ..., "created": ..., ...},
-     "state": agent.dump_state()}
-
-``state`` is dspy's own ``Module.dump_state()``: one entry per predictor (``reason.program.predict`` in rag and
-none modes; ``reason.program.react`` and ``reason.program.extract.predict`` in react mode), each with its demos,
-traces, train, signature (instructions and field prefixes/descriptions) and LM. The persona is the signature
-instructions of the answering predictor, so the state already carries it; ``metadata.persona`` is a copy for
-listings, checked against the state on load; ``metadata.summary`` is the persona's only free part (its role and
-rules come from the agent's PersonaTemplate), and on load the persona passes the agent's guard like every persona
-does, so a file whose summary carries injected rules or instructions loads without them (files written before
-``summary`` existed load the same way). No pickle is ever written or read: the file is JSON only, and a
-predictor's saved LM is loaded with dspy's safe defaults (no api_base, no custom classes).
-
-Writes are atomic (``write_atomically``, which the report writers use too): the new text goes to a temporary file
-in the same directory, is flushed and fsynced, and replaces the old file with ``os.replace``; a crash at any moment
-leaves either the old complete file or the new one. Nothing is lost either: before a file is replaced, a copy of it
-is kept in the sibling folder ``<name>.versions/`` (e.g. ``alice.json.versions/``), named by its own ``created``
-time (``20250101T120000.000000Z.json``, with ``-1``, ``-2`` ... if that name is taken by a different file).
-``program_versions(path)`` lists them oldest first; each is a complete program file that ``load_program`` reads.
+A file holds ``{"format", "format_version", "metadata", "state"}``: dspy's own ``dump_state()`` (the persona is the
+answering predictor's instructions) plus user, task, mode, settings, scores and LM. No pickle is written or read.
+Writes are atomic and keep the previous file under ``<name>.versions/``; loading refuses another user's or task's
+file, a corrupt or newer one, or a persona over its cap, and passes the persona through the agent's guard.
 """
 
 from __future__ import annotations

@@ -172,6 +172,7 @@ def scale(results: Path) -> str:
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "personalization.json": personalization, "local_model.json": local_model, "client_cost.json": client_cost,
     "scale.json": scale}
+HELPERS = ("docs_tables.py", "personalization_table.py")  # scripts here that are not benchmarks
 RENDERED_WITH = {"personalization.jsonl": "personalization.json", "client_cost_16_users.json": "client_cost.json"}
 
 
@@ -180,13 +181,17 @@ def benchmarks_page(results: Path = RESULTS) -> str:
     names = sorted(p.name for p in results.iterdir() if p.suffix in (".json", ".jsonl"))
     sections = [render(results) for name, render in RENDERERS.items() if name in names]
     unknown = [n for n in names if n not in RENDERERS and n not in RENDERED_WITH]
-    scripts = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
-    missing = [s for s in scripts if (m := re.search(r'"results" / "([\w.]+\.json)"', (REPO / "benchmarks" / s)
-                                                     .read_text())) and m.group(1) not in names]
+    outputs = {s.name: re.search(r'"results" / "([\w.]+\.json)"', s.read_text())
+               for s in sorted((REPO / "benchmarks").glob("*.py")) if s.name not in HELPERS}
+    missing = [name for name, out in outputs.items() if out and out.group(1) not in names]
+    unkept = [name for name, out in outputs.items() if not out]
     tail = ["## Benchmarks without results here", ""]
     if missing:
         tail.append("These scripts write a results file that is not in the repository; run them to measure: "
                     + ", ".join(f"`benchmarks/{s}`" for s in missing) + ".")
+    if unkept:
+        tail += ["", "These print their figures and keep no results file: "
+                 + ", ".join(f"`benchmarks/{s}`" for s in unkept) + "."]
     if unknown:
         tail += ["", "Results files with no table here yet: " + ", ".join(f"`{n}`" for n in unknown) + "."]
     head = ["# Benchmarks", "",

@@ -5,7 +5,7 @@
 Raw ``qdrant_edge`` (not the memory), so that both layouts are measured on equal terms: each layout is
 built, then a fresh process opens it, searches one user, searches 200 queries over the first 20 users,
 a 47-item profile, and finally every user once (RSS, threads and FDs after it). Dense vectors are
-random (their cost, not their meaning, is measured). The figures are in the README ("Edge layout").
+random (their cost, not their meaning, is measured). Prints one JSON line per layout; it keeps no results file.
 """
 
 from __future__ import annotations

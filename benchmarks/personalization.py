@@ -28,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dspy  # noqa: E402
+from personalization_table import markdown  # noqa: E402  (benchmarks/, beside this script)
 
 from persona_dspy.agent.semantic_memory import initial_agent, initial_persona  # noqa: E402
 from persona_dspy.data.examples import query_examples  # noqa: E402
@@ -151,27 +152,6 @@ def cache_noise(records: list[dict[str, Any]]) -> dict[str, int]:
     changed = sum([p["prediction"] for p in r["methods"]["initial_persona"]["predictions"]]
                   != [p["prediction"] for p in r["methods"]["persona_aligner"]["predictions"]] for r in kept)
     return {"persona_kept_users": len(kept), "answers_changed_anyway": changed}
-
-
-NAMES = {"non_personalized": "non-personalized", "initial_persona": "initial persona",
-         "persona_aligner": "PersonaAligner", "memory_vote": "memory vote (no LM)"}
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The table as the README shows it: one block of rows per task."""
-    lines = ["| task (metric) | method | users | value [95% CI] | LM calls | prompt / completion tokens | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        first = row is next(r for r in rows if r["task"] == row["task"])
-        _, higher = primary_metric(row["task"])
-        task = f"{row['task']} ({row['metric'].upper() if row['metric'] == 'mae' else row['metric']}"
-        task += ")" if higher else ", lower is better)"
-        lm = row["method"] != "memory_vote"
-        tokens = f"{row['prompt_tokens_per_user']:,.0f} / {row['completion_tokens_per_user']:,.0f}" if lm else "0"
-        lines.append(f"| {task if first else ''} | {NAMES[row['method']]} | {row['users']} | "
-                     f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "
-                     f"{row['calls_per_user']:.1f} | {tokens} | {row['seconds_per_user']:.1f} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

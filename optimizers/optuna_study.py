@@ -1,25 +1,10 @@
 """Tuning an aligner's settings with Optuna: score against LM calls, resumable from an SQLite study.
 
-The objective is anything that maps settings to a ``TrialOutcome`` (score, higher is better; LM calls per
-user). Cost enters in one of two ways:
-
-* ``multi_objective=False``: one objective (the score). With ``max_lm_calls_per_user`` the budget is a
-  constraint (``Trial.set_constraint``, which replaced the samplers' ``constraints_func`` in Optuna 5): a trial
-  above it is completed but *infeasible*, TPE learns to avoid its region, and ``best_settings`` never returns it.
-* ``multi_objective=True``: two objectives (maximize score, minimize calls per user); the study keeps a Pareto
-  front, and ``best_settings`` takes its highest-scoring trial within the budget, if one is given.
-
-Resumability: the study lives in ``storage`` (e.g. ``sqlite:///tuning.db``) and is loaded when it exists.
-``n_trials`` is a target, not an increment: ``tune`` runs until the study holds ``n_trials`` *completed* trials, so
-a rerun after an interruption only does the remainder. A trial whose objective raises is recorded as FAIL, with
-the error in its user attributes, and does not count: another trial replaces it (at most ``max_failed_trials``
-failures per call, so a dead server stops the run instead of looping). Trials of a killed process are marked
-FAIL by Optuna's heartbeat on the next run. A study remembers its mode, budget, search space and a caller's
-``context`` (task, users, model), and refuses to be resumed with different ones: mixed trials would be compared
-as if they measured the same thing.
-
-Randomness is injected: the sampler is seeded with ``seed`` plus the number of trials already in the study, so a
-run is reproducible and a resumed run does not replay the configurations its first part already tried.
+Cost enters as a constraint (one objective, ``max_lm_calls_per_user``: trials above it are infeasible) or as a
+second objective (a Pareto front; ``best_settings`` takes its best trial within the budget). ``n_trials`` is a
+target, so a rerun after an interruption only does the remainder; a failing trial is recorded and replaced, up to
+``max_failed_trials``. A study refuses to resume with another mode, budget, space or context, and its sampler's
+seed moves with the trials already held, so a resumed run does not replay them.
 """
 
 from __future__ import annotations

@@ -1,34 +1,11 @@
 """PersonaAligner: PersonaAgent's test-time user preference alignment, as a DSPy teleprompter.
 
-The persona is an optimizable instruction. One step reads like a gradient step in text:
-
-    forward   run the program on a batch of the user's recent interactions with the current persona
-    loss      an LLM writes feedback per item: expected vs produced answer (TextualLossMetric)
-    gradient  the feedback is aggregated into one text
-    update    an LLM rewrites the user summary (the persona's only free part) from that text (PersonaUpdate);
-              PersonaGuard rebuilds the persona from the template's role and rules and the cleaned summary,
-              within the length cap, whatever the LM wrote
-
-Each candidate persona is scored with the task metric on a validation slice; a candidate replaces the
-best persona only with a strictly higher score (ties keep the older one), so the result is never worse
-than the starting persona on that slice. With the defaults (3 recent interactions as both batch and
-validation slice, 3 iterations, one candidate per step) a user costs at most
-3 + 3 x (3 losses + 1 update + 3 validation answers) = 24 LM calls with one LM call per answer (fewer
-when the validation slice is answered perfectly, or a step only repeats a persona: with a batch that
-cannot change and one candidate per step, the next step would send identical prompts, so it stops).
-
-It works on any DSPy program whose predictors carry the persona as their instructions: programs with
-a ``persona`` property (PersonaAgent) are read and written through it, others through the instructions of the
-predictors that carry the persona (``optimizers.persona_predictors``: a list, a predicate, or by default those whose
-instructions contain the starting persona), each behind its own fixed part; the others are never touched. The
-program's input and output fields are read from the examples and the predictors' signatures (or named with
-``input_fields`` / ``output_fields``), so any field names work. Compiling a program that was already aligned
-continues from its persona (online re-alignment). The starting persona passes the guard too, so whatever the initial
-summary or a saved program carried, no injected line or rule survives into any persona scored or saved.
-
-An item the program cannot answer (a server error, a timeout) is retried ``answer_retries`` times; if it
-still fails, ``compile`` raises ``AlignmentError``: a persona scored on answers that never came would be
-selected on noise, and the caller must not save it as the user's current program.
+The persona is an optimizable instruction. One step: run the program on a batch of the user's recent interactions
+-> an LLM's feedback per item (``TextualLossMetric``) -> the feedback aggregated -> an LLM rewrites the user summary
+(``PersonaUpdate``) -> ``PersonaGuard`` rebuilds the persona. A candidate replaces the best persona only with a
+strictly higher validation score, so the result is never worse than the start on that slice. It works on any DSPy
+program whose predictors carry the persona (``persona_predictors``); an item that cannot be answered raises
+``AlignmentError`` rather than being scored on noise.
 """
 
 from __future__ import annotations

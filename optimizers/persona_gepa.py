@@ -1,17 +1,10 @@
 """dspy.GEPA set up for a persona: textual-loss feedback, only persona predictors evolved, every proposal guarded.
 
-Plain ``dspy.GEPA`` evolves every predictor of a program and would rewrite a query-rewriting step or ReAct's tool
-listing; its default proposer keeps whatever a reflection LM wrote, injected lines included; and it swallows a
-metric that fails while it builds its reflective dataset (logged at INFO, the program returned unchanged).
-``persona_gepa`` returns a ``dspy.GEPA`` that
-
-* asks for feedback from ``TextualLossMetric`` (any field names, see ``persona_dspy.optimizers.textual_loss``);
-* reflects only on the predictors that carry the persona (``persona_dspy.optimizers.persona_predictors``), in turn;
-* passes every proposal through that predictor's ``PersonaGuard`` (its own fixed part, the learned summary after it);
-* stops with ``MetricError`` at the next iteration after the metric failed, instead of going on without it.
-
-The GEPA object carries ``persona_proposer`` (``interventions``, ``proposals``) and ``persona_loss`` (``failures``);
-the program it returns carries ``persona_guarding``, so ``guard_program`` guards it after any later write.
+Plain ``dspy.GEPA`` evolves every predictor (a query rewrite, ReAct's tool listing), keeps whatever the reflection
+LM wrote, and swallows a failing metric. ``persona_gepa`` returns a ``dspy.GEPA`` that takes feedback from
+``TextualLossMetric``, reflects only on the persona predictors, passes every proposal through ``PersonaGuard`` and
+stops with ``MetricError`` once the metric fails. The program it returns carries ``persona_guarding``, so
+``guard_program`` guards it after any later write.
 """
 
 from __future__ import annotations

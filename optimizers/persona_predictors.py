@@ -1,18 +1,10 @@
 """Which predictors of a program carry the persona, and how to read and rewrite only those.
 
-A program may have predictors that carry the user's persona (an answering step) and others that do not (a
-query-rewriting step, ReAct's tool loop when the persona only shapes the final answer). Optimizers must read and
-rewrite the first kind and never touch the second. The choice (``PredictorChoice``):
-
-* a list of predictor names (as ``named_predictors()`` spells them, e.g. ``["answer.predict"]``);
-* a predicate ``choose(name, predictor) -> bool``;
-* by default, the predictors whose instructions contain the starting persona: the ``persona`` given (ValueError,
-  naming the predictors searched, when none contains it), else the program's own ``persona`` attribute; with no
-  starting persona, or none that contains the program's own, all predictors, with a warning.
-
-Each chosen predictor keeps its own fixed part: its developer's instructions (ReAct's tool listing included) or a
-``PersonaTemplate``'s role and rules. What alignment learns is one user summary, written after each fixed part
-(``PersonaGuard``), so no predictor's instructions are ever replaced by another's.
+A program may have predictors that carry the user's persona (an answering step) and others that must never be
+touched (a query rewrite, ReAct's tool loop). The choice is a list of names, a predicate, or by default those whose
+instructions contain the starting persona (an explicit ``persona`` no predictor contains raises ValueError; with no
+starting persona, all, with a warning). Each chosen predictor keeps its own fixed part; the one user summary
+alignment learns is written after each.
 """
 
 from __future__ import annotations

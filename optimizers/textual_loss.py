@@ -1,17 +1,8 @@
 """The textual loss: an LLM's feedback on one answer, against the user's real answer.
 
-One object serves both the persona aligner (its loss step) and GEPA (as the five-argument
-feedback metric returning a score and feedback), so both optimize with the same signal.
-
-It works on any program's field names: the inputs it shows are the example's inputs (``with_inputs``) that hold
-text or numbers, the outputs it compares are the example's labels that the program also produced (or, when the
-program produced nothing, the labels among the outputs its signatures declare). When that is ambiguous, name them
-(``input_fields``, ``output_fields``). Expected and produced outputs reach the LM as ``name: value`` lines.
-
-A metric that fails is never silent: GEPA catches exceptions raised while it builds its reflective dataset and only
-logs them at INFO, then returns the program unchanged. So every failure inside this metric is logged as an error,
-recorded in ``failures`` and re-raised; ``raise_failures()`` (and the GEPA stop hook from ``stop_on_failure()``)
-turn a recorded failure into an exception the caller sees.
+One object serves the persona aligner (its loss step) and GEPA (as its feedback metric), so both optimize with the
+same signal, on any program's field names (read from the examples and signatures, or named). A failure inside it is
+never silent: GEPA would only log it, so it is logged as an error, recorded in ``failures`` and re-raised.
 """
 
 from __future__ import annotations

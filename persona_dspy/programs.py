@@ -1,24 +1,11 @@
 """Program files: any DSPy program's optimized state as plain JSON, saved safely and reloaded strictly.
 
-One file holds one program (a PersonaAgent's: one user's) in the layout of dspy's own ``Module.save``, so dspy's
-``program.load(path)`` reads it too (docs/program-files.md)::
-
-    {"format": "persona-dspy/program", "format_version": 2,
-     "metadata": {"dependency_versions": {...}, "program": "persona_dspy.PersonaAgent", "user_id": ..., ...},
-     "<predictor name>": <its dump_state()>, ...}
-
-``program_state(document)`` reads the predictor entries (version 1 files kept them under ``"state"``, and load).
-Another ``dspy.Module`` records its class and its persona predictors' guards (``metadata.guards``) and loads into a
-new instance (``load_program(path, program=...)``). A PersonaAgent's persona is its answering predictor's
-instructions, so the state carries it; ``metadata.persona`` is a copy for listings, checked on load, and
-``metadata.summary`` its only free part. On load every persona passes the guard, so a file carrying injected rules
-or instructions loads without them. No pickle is written or read, and a predictor's saved LM is loaded with dspy's
-safe defaults (no api_base, no custom classes).
-
-Writes are atomic (``write_atomically``): a crash leaves the old complete file or the new one. Before a file is
-replaced, a copy is kept in ``<name>.versions/`` (``files.keep_version``), named by its own ``created`` time
-(``20250101T120000.000000Z.json``, ``-1``, ``-2`` ... when taken); ``program_versions(path)`` lists them oldest
-first, each a complete program file.
+A file holds one program in the layout of dspy's own ``Module.save`` (so dspy's ``program.load(path)`` reads it):
+``{"format", "format_version": 2, "metadata": {...}, "<predictor name>": <its dump_state()>, ...}``; version 1 files
+(state under ``"state"``) still load. Any ``dspy.Module`` can be saved; a PersonaAgent's metadata adds user, task,
+mode, settings, scores and LM. No pickle is written or read. Writes are atomic and keep the previous file under
+``<name>.versions/``; loading refuses another user's or task's file, a corrupt or newer one, or a persona over its
+cap, and passes every persona through the guard.
 """
 
 from __future__ import annotations

@@ -295,13 +295,24 @@ def readme_blocks(heading: str) -> list[str]:
 
 def test_the_readme_snippet_aligns_a_users_own_program(capsys, monkeypatch):
     monkeypatch.setenv("PERSONA_DSPY_LM", "offline")  # what build_lm() in the snippet builds here
-    first, second = readme_blocks("## Aligning your own DSPy program")
+    [first] = readme_blocks("## Align your own DSPy program")
     assert len([line for line in first.strip().splitlines() if line.strip()]) <= 12
     namespace: dict = {}
     with dspy.context(lm=offline_lm()):
         exec(first, namespace)  # noqa: S102 - the README's own code, exactly as a user would paste it
         learned = namespace["aligned"].predict.signature.instructions
         assert capsys.readouterr().out.strip() == learned.strip()
-        exec(second, namespace)  # noqa: S102
     assert learned.startswith(namespace["PERSONA"]) and "blue" in learned.split("User summary:")[1]
-    assert "blue" in namespace["evolved"].predict.signature.instructions.split("User summary:")[1]
+
+
+def test_the_docs_gepa_snippet_evolves_only_the_persona_predictor(monkeypatch):
+    monkeypatch.setenv("PERSONA_DSPY_LM", "offline")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "aligner.md").read_text(encoding="utf-8")
+    aligner, gepa = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace: dict = {}
+    with dspy.context(lm=offline_lm()):
+        exec(aligner, namespace)  # noqa: S102 - the page's own code, as a user would paste it
+        exec(gepa, namespace)  # noqa: S102
+    evolved, fresh = namespace["evolved"], namespace["Recommend"]()
+    assert evolved.rewrite.signature.instructions == fresh.rewrite.signature.instructions
+    assert "comedy" in evolved.answer.predict.signature.instructions.split("User summary:")[1]

@@ -110,7 +110,7 @@ def check_invariants(users: list[UserHistory], questions_path: Path) -> None:
 
 
 def load_make_samples() -> Any:
-    spec = importlib.util.spec_from_file_location("make_samples", SAMPLES / "make_samples.py")
+    spec = importlib.util.spec_from_file_location("make_samples", REPO / "data" / "make_samples.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -145,7 +145,7 @@ def test_shipped_samples_are_reproducible_from_shared() -> None:
     files = make_samples.build(SHARED, SAMPLES)
     assert files
     for path, data in files.items():
-        assert path.read_bytes() == data, f"{path} differs from `python persona_dspy/data/samples/make_samples.py`"
+        assert path.read_bytes() == data, f"{path} differs from `python data/make_samples.py`"
     assert sum(len(d) for d in files.values()) < 1_500_000
 
 

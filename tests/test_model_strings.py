@@ -78,8 +78,8 @@ def test_ollama_chat_reaches_ollamas_native_api_at_the_root(server):
 
 
 def readme_line(marker: str) -> list[str]:
-    """The README's command line that contains ``marker``, split as a shell would."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The docs' command line (docs/local-model.md) that contains ``marker``, split as a shell would."""
+    text = (REPO / "docs" / "local-model.md").read_text(encoding="utf-8")
     [line] = [line for line in text.splitlines() if line.startswith("persona-dspy ") and marker in line]
     return shlex.split(line)
 

@@ -1,35 +1,13 @@
-"""PersonaAgent as a DSPy program.
+"""PersonaAgent as a DSPy program: memory retrieval, then an answer whose instructions are the user's persona.
 
-    MemoryRetrieval (demos) --past items as user/assistant turns--> PersonaReasoning --answer--> label mapping
-    MemoryRetrieval (rag) --passages as context--> PersonaReasoning
-                      or the memory-search tool inside ReAct (react)
-
-``PersonaReasoning`` is the predictor that answers, through the task's signature (the task action),
-and its instructions ARE the persona: reading or writing ``agent.persona`` reads or writes those
-instructions, so the persona aligner and DSPy's own optimizers (GEPA, MIPROv2, COPRO) all optimize
-the same text. In ``rag`` mode it reasons and answers in one LM call (chain of thought), which keeps
-test-time alignment within its call budget. Modes:
-
-- ``demos`` (the default for label tasks): the question's k most similar past items of the user, within its scope,
-  become the answer predictor's demonstrations (each item asked as the task's query, its label the answer, most
-  similar last), as ``dspy.KNNFewShot`` would show them; small models copy a label from such turns far better than
-  they read it from a list;
-- ``rag``: retrieve from the user's memory within the question's scope, then answer;
-- ``react``: ``dspy.ReAct`` with the user's memory search as a tool (plus any general tools);
-- ``none``: the non-personalized baseline (no memory; the task signature's own instructions).
-
-Small local models often answer in free text ("Politics.", "4 stars") instead of the adapter's format. Such an
-answer is kept and mapped onto the label set (``field_text_from_response`` then ``normalize_answer``) rather than
-asked again: unless an adapter is configured, the answer call runs without ChatAdapter's JSON retry, which would
-cost a second LM call and replace the model's own words with the retry's. Only the answer's parse failure is
-handled so; a ReAct tool step that cannot be parsed (after its JSON retry) leaves the question an invalid (empty)
-answer, marked ``invalid``, so one bad step costs one answer and not the run. Either way the prediction says
-``unparsed=True``, and the aligner counts such answers in its ``fallbacks``.
-
-An answer is validated before it is mapped (``persona_dspy.outputs.validation.answer_rejection``): a placeholder or a
-reply that repeats the prompt ("1. `query` (str)", "Literal['1', ...") is no answer, so no digit or label is read out
-of it. It becomes the empty answer LaMP scores as invalid, with ``invalid`` saying why; every answer checked and
-rejected is counted (step ``answer``, ReAct's failed steps as ``tool_step``) in the active ``OutputStats``.
+``PersonaReasoning`` answers through the task's signature and its instructions ARE the persona (``agent.persona``),
+so the persona aligner and DSPy's own optimizers all optimize the same text; the agent guards them before every
+answer. Modes: ``demos`` (the default for label tasks: the question's k most similar past items of the user, within
+its scope, become the answer's demonstrations, most similar last, as ``dspy.KNNFewShot`` shows them; small models
+copy a label from such turns far better than they read it from a list), ``rag`` (retrieve, then reason and answer
+in one call), ``react`` (``dspy.ReAct`` with the memory search as a tool) and ``none`` (the non-personalized
+baseline). A small model's free-text answer is mapped onto the label set rather than asked again; an answer that
+repeats the prompt or is a placeholder is validated away as the invalid answer LaMP scores, and counted.
 """
 
 from __future__ import annotations

@@ -1,44 +1,10 @@
-"""Loaders for LaMP-format data: official LaMP question/output files and OPPU's per-user files.
+"""Loaders for LaMP-format data (official LaMP question/output files, OPPU's per-user files, LaMP-layout folders).
 
-Everything is turned into ``list[UserHistory]`` (see ``records.py``) so memory, the agent and the
-aligner never see a file format. The loaders are strict: a file is validated completely before
-anything is returned, and every problem raises :class:`DataError`, whose message names the file,
-the record id (when there is one) and the field. A silently skipped item would change a user's
-history, and with it every score computed on that user.
-
-Formats
--------
-* LaMP (``load_lamp``): questions ``[{"id", "input", "profile": [...]}]`` (optionally with a
-  ``"user_id"``, as the shared development sets add) and outputs
-  ``{"task": "LaMP_3", "golds": [{"id", "output"}]}``. Official files call both LaMP-2 variants
-  ``"LaMP_2"``; the profile fields decide which one it is (``tasks.resolve_lamp2``).
-* OPPU (``load_oppu``): ``user_top_100_history.json`` = ``[{"user_id", "profile": [...],
-  "query": [{"id", "input"}]}]`` and ``user_top_100_history_label.json`` = the LaMP outputs format.
-
-Users
------
-If questions carry ``"user_id"`` they are grouped by it. Official LaMP question files carry no user
-id, so users are formed from identical profiles: questions whose profiles hold the same set of item
-ids belong to one user, whose id is ``"profile-"`` + the first 12 hex digits of the sha256 of the
-sorted, newline-joined item ids (stable across runs and machines). A file in which only some
-questions carry ``"user_id"`` is rejected, since mixing the two rules would split or merge users
-arbitrarily.
-
-History and leakage
--------------------
-``UserHistory.items`` is the union of the user's profiles, deduplicated by id and sorted by date
-(oldest first; ties and undated histories keep first-seen file order); ``position`` is the rank in
-that order. Each ``Query`` keeps exactly its own profile in ``profile_ids``: in time-based LaMP data
-a later query's profile holds the earlier queries (with their gold labels), so the union must never
-be used as a query's memory.
-
-Dates
------
-``date`` is optional on profile items. Accepted: ISO dates and datetimes (``YYYY-MM-DD``,
-``YYYY-MM-DDTHH:MM:SS``, with ``Z`` or an offset, which is converted to naive UTC), the non-padded
-``YYYY-M-D`` that LaMP's own recency ranker also reads, a bare 4-digit year (int or string; read
-as January 1st), and unix timestamps in seconds (int/float >= 1e8, or digit strings of 9+ digits).
-Within one user either every item is dated or none is.
+Everything becomes ``list[UserHistory]`` (``records.py``), so memory, the agent and the aligner never see a file
+format. The loaders are strict: a file is validated completely before anything is returned, and every problem raises
+``DataError`` naming the file, the record id and the field, because a silently skipped item would change a user's
+history and every score computed on it. Users are grouped by ``user_id``, or by identical profiles where the files
+carry none; each ``Query`` keeps exactly its own profile, since a later query's profile holds earlier gold answers.
 """
 
 from __future__ import annotations
@@ -689,5 +655,5 @@ def dataset_dir(task: str) -> Path:
         root = data_root()
         shipped = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise DatasetNotFoundError(folder, f"no shipped sample for {key} (shipped: {', '.join(shipped) or 'none'}; "
-                                           "rebuild them with `python persona_dspy/data/samples/make_samples.py`)")
+                                           "rebuild them with `python data/make_samples.py`)")
     return folder

@@ -1,19 +1,9 @@
 """Evaluation of PersonaAgent over LaMP users: per-user agents in parallel, LaMP metrics, a JSON report.
 
-Each user gets their own agent (persona summarised from their shared history, one LM call), then every test query
-is answered within its own leak-free scope (``query_examples``). Users run in a thread pool; each worker sets the LM
-with ``dspy.context`` (``dspy.configure`` belongs to the first thread only) and an ``LMUsage`` callback attached for
-the run counts calls and tokens across threads. A user whose agent raises is recorded as a failure and scored
-nowhere (the metrics cover completed users only), so one bad user never costs the others their results.
-
-Every user also gets an ``OutputStats`` (``persona_dspy.outputs.validation``): LM calls, truncations, and the outputs
-checked and rejected by step. An answer rejected by validation (a placeholder, the prompt repeated) is scored as
-LaMP scores an invalid answer and marked ``invalid`` in its record; the report has the counts per user
-(``outputs``) and in total (``output_totals``), and its table says in words when most outputs were invalid. A
-query whose prompt cannot fit the model's context (``persona_dspy.lm.budget``) fails that query only, with the
-sizes named: it is scored invalid and counted, the user goes on.
-
-Numbers from the offline stand-in LM are plumbing checks, never a model's score; reports say so.
+Each user gets their own agent and answers their test queries within each query's leak-free scope; users run in a
+thread pool, LM calls and tokens are counted across threads, and validated outputs are counted per user. A user
+whose agent raises is recorded as a failure and scored nowhere, so one bad user never costs the others their
+results. Numbers from the offline stand-in LM are plumbing checks, never a model's score; reports say so.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """LaMP's official metrics, re-implemented so that numbers are comparable with published LaMP results.
 
-Reference: LaMP-Benchmark/LaMP, ``eval/evaluation.py`` (driven by ``eval/eval_task.py``). Its rules:
-
-* every prediction and gold is ``str(x).strip()``-ed first;
-* classification (LaMP-1, LaMP-2): each string is replaced by its index in the task's label list, or -1 when
-  it is not a label (so a non-label prediction is wrong); then HF ``evaluate`` "accuracy" (sklearn
-  ``accuracy_score`` on those indices) and "f1" (sklearn ``f1_score(labels=range(len(labels)),
-  average="macro")``, default ``zero_division`` which yields 0);
-* rating (LaMP-3): ``float(x)``; a prediction that is not a number becomes whichever of 1.0 and 5.0 is
-  farther from the gold (5.0 on a tie, i.e. gold 3); then MAE and RMSE;
-* generation (LaMP-4..7): HF ``evaluate`` "rouge" with its defaults (``use_stemmer=False``, rouge_score's
-  default tokenizer), references passed as one-element lists (``score_multi`` over one target == ``score``),
-  reporting rouge1 and rougeL F-measure.
-
-Two deliberate deviations, both documented where they happen: ``evaluate`` aggregates ROUGE with
-rouge_score's ``BootstrapAggregator`` whose ``mid`` is the median of 1000 unseeded bootstrap means (so LaMP's
-own number wobbles run to run around the mean); we report the exact mean of per-example F-measures. And a
-rating prediction that ``float()`` turns into inf/nan is treated as unparsable instead of poisoning the mean.
+Reference: LaMP-Benchmark/LaMP, ``eval/evaluation.py``: accuracy and macro F1 over label indices (a non-label is
+wrong), MAE and RMSE for ratings (an unparsable rating counts as the farther of 1 and 5), ROUGE-1 and ROUGE-L
+F-measure for generation. Two deliberate deviations, documented where they happen: ROUGE is the exact mean of
+per-example scores (LaMP's bootstrap median wobbles run to run), and a rating that parses to inf/nan is unparsable.
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """Compiling many users' programs: concurrent, resumable, and safe against crashes.
 
-Each user is aligned on their recent interactions and saved as a program file
-(``programs.program_path(out, user)``, written atomically, earlier versions kept). Users run on worker threads,
-each in a copy of the caller's context (so the caller's ``dspy.context`` settings and callbacks see
-every call) under its own ``dspy.context``, all against one model server. A user whose file is current
-(same task, mode, settings and trainset) is skipped, so a rerun after an interruption continues
-where it stopped; a user whose history has new interactions (or whose aligner settings changed) is
-re-aligned starting from their saved persona (online re-alignment); a program saved for another
-agent ``mode`` or ``k`` is compiled afresh (the old file is kept among the versions). One user's
-failure (server errors, timeouts, unparsable outputs after retries) is recorded and the others go
-on. A crash loses no program already written: files only ever appear through an atomic rename, and
-the temp files a killed run leaves behind are removed by the next one.
-
-Output problems surface before any LM call: the programs folder must be creatable, writable and have some free space
-(``UnwritableOutputError``). A save that fails later fails that user with its reason; the summary is still returned
-(``summary_error`` says why it could not be written). A user whose alignment could not answer an item
-(``AlignmentError``, after retries) fails too: a persona scored on missing answers is never saved, so the next run
-compiles that user again. Nor is one whose persona failed validation or rests on invalid outputs only
-(``alignment.persona_problem``: a placeholder, an echo of the prompt, a rejected summary with no answers to state
-instead that no update improved on, every answer invalid): the user fails with that reason and their previous
-program file, if any, stays as it was. Every user's output counts (``OutputStats``: LM calls, truncations, outputs
-checked and rejected by step, retries, raw-text fallbacks) are in their result, in the program file's metadata and
-summed in the summary (``output_totals``).
+Each user is aligned on their recent interactions and saved as a program file, written atomically. Users run on
+worker threads against one model server; a user whose file is current is skipped, new interactions re-align from
+the saved persona, and one user's failure is recorded while the others go on. A persona scored on missing or
+invalid outputs is never saved: the user fails with the reason and their previous file stays. Output problems
+(an unwritable programs folder) surface before any LM call.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Compiling users on a Ray cluster: batches of users become Ray tasks, each worker process compiles its batch.
 
-``compile_on_ray`` is ``compile_users`` spread over processes (one machine or many). The driver sizes batches,
-submits at most ``processes`` of them at a time, shows one progress bar and writes one summary; each worker
-process builds its LMs and opens the memory once (cached for the tasks it runs after) and compiles its users on
-``threads`` threads with ``jobs.compile.compile_user``, the code the threaded compile runs: alignment, the
-skip-if-current fingerprint, failure isolation and atomic program files are the same.
-
-- **Batches sized by measurement**: the first tasks carry two users per thread; from their wall time the driver
-  sizes later ones to about ``TARGET_TASK_SECONDS`` of work each (Ray's per-task cost, a few milliseconds, is then
-  noise), but never more than an even share of the users left, so the processes finish together.
-- **Memory**: an Edge folder is opened by every worker in shared mode, for the length of a batch, and each opens
-  (and ingests, idempotently) only the users of its batch, so two workers never open one user's store
-  (``memory.edge``); a Qdrant server (``url``) needs no such care. ``":memory:"`` cannot be shared between
-  processes and is refused.
-- **Faults**: a worker process that dies (kill -9, out of memory, a lost node) fails its task; Ray runs it again
-  (``TASK_RETRIES`` times) on a live worker, where the users whose programs the dead one already wrote are
-  current and skipped (the summary counts them compiled, from their files: ``written_this_run``). A batch still
-  failing after that marks its other users failed, so a rerun compiles them. A dead model server is the pool's
-  business (``lm.pool``).
-- Ray is imported only here and only when called: without ``--ray`` nothing imports it (it is an optional extra).
+``compile_on_ray`` is ``compile_users`` spread over processes, one machine or many: each worker builds its LMs and
+opens the memory once, then runs the threaded compile's own per-user code, so alignment, resumability, failure
+isolation and atomic files are the same. Batches are sized from the first tasks' wall time; an Edge memory folder
+is shared so that no two workers open one user's store; a dead worker's task is retried on a live one. Ray is
+imported only here and only when called (an optional extra).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Tuning PersonaAligner on LaMP dev users: the objective, and the run the CLI calls.
+"""Tuning PersonaAligner on LaMP dev users: the Optuna objective, and the run the CLI calls.
 
-One trial = one configuration (batch_size, iterations, retrieved k, task-LM temperature) applied to every dev
-user: each user is aligned on their recent interactions (``align_user``) and then answers their held-out test
-queries (``query_examples``), through ``evaluation.evaluate`` so threads, failures and metrics work as in
-``persona-dspy eval``. The score is LaMP's primary metric pooled over all users' queries (as
-``metrics.aggregate_by_user`` pools them), turned into higher-is-better: accuracy and ROUGE-1 as they are, MAE
-negated (LaMP_3: a score of -0.4 is an MAE of 0.4). The cost is LM calls per user, counted by an ``LMUsage``
-callback over everything the trial does: alignment (answers, losses, updates) and evaluation. The initial
-personas do not depend on the searched settings, so each user's is summarised once per objective (task LM at
-temperature 0) and shared by all trials; those calls are reported apart, as ``initial_persona_usage`` in every
-trial's details, not in ``lm_calls_per_user``. ``batch_size`` above ``n_recent`` changes nothing (a batch is at
-most the recent interactions), so ``run_tuning`` searches up to ``n_recent`` and refuses a space reaching beyond.
-
-A trial in which any user fails raises, so Optuna records it as failed: a score over fewer users would not be
-comparable with the others. Scores from the offline stand-in LM are plumbing checks, never a model's accuracy.
+One trial applies one configuration (batch size, iterations, retrieved k, temperature) to every dev user: align,
+then answer the held-out queries through ``evaluation.evaluate``. The score is LaMP's primary metric made
+higher-is-better (MAE negated); the cost is LM calls per user over the whole trial. Initial personas do not depend
+on the searched settings, so they are summarised once and reported apart. A trial in which any user fails raises,
+so Optuna records it as failed: a score over fewer users would not compare with the others.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Small models rarely follow ChatAdapter's ``[[ ## field ## ]]`` format; under a JSON schema (``response_format``)
 the server's grammar makes every reply parse, and a ``Literal`` label field can only be one of its labels. Where the
 LM cannot take a schema (the offline stand-in, Ollama through LiteLLM, unknown providers) calls go through dspy's
-ChatAdapter as before.
+ChatAdapter.
 """
 
 from __future__ import annotations

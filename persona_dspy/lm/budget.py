@@ -1,18 +1,9 @@
 """Prompts that fit the model's context: ask the server its size, shorten what is retrieved, name the sizes.
 
-A llama.cpp server with a 2,048-token context refuses a 2,864-token prompt, and one LaMP_3 user's five longest
-reviews alone are ~7k tokens. So the context size is asked once per server (``context_window``): llama.cpp's
-``GET /props`` (``default_generation_settings.n_ctx``, per slot), else vLLM's ``GET /v1/models`` (``max_model_len``),
-else what ``declare_context`` (the ``--context-tokens`` flag) said; with none known, prompts are sent as they are.
-
-Tokens are estimated, not counted (no tokenizer for an arbitrary server): ``CHARS_PER_TOKEN`` = 3 characters per
-token, which over-counts English for the usual BPE vocabularies, so an estimate that fits really fits. Each prompt
-keeps ``reserve`` tokens for the reply (the call's max_tokens) and ``FORMAT_TOKENS`` for the adapter's own text.
-
-``fit_passages``: retrieved passages are dropped **least relevant first** (they arrive best first) while the share
-each would get is below ``MIN_PASSAGE_TOKENS``, then the longest are shortened so that all fit. ``fit_lines``: a
-history for the persona summary drops its **oldest** lines first. What was done is returned for the diagnostics; a
-prompt whose fixed part (persona, query, format) cannot fit raises ``PromptTooLong`` naming the sizes.
+The context size is asked once per server (llama.cpp ``/props``, vLLM ``/v1/models``, or ``--context-tokens``).
+Tokens are estimated at ``CHARS_PER_TOKEN`` characters each, an over-count for English, so an estimate that fits
+really fits. ``fit_passages`` drops the least relevant passages first, then shortens the longest; ``fit_lines`` drops
+a history's oldest lines first; a prompt whose fixed part cannot fit raises ``PromptTooLong`` naming the sizes.
 """
 
 from __future__ import annotations

@@ -1,34 +1,10 @@
 """The one place that builds persona-dspy's LMs, describes them for reports, and meters their use.
 
-Which engine: OpenAI-compatible servers (``openai/<model>`` or ``hosted_vllm/<model>`` with an api_base, and the
-embedded server) run on dspy's native engine through ``lm.native`` (``max_tokens`` and the JSON schema on the wire,
-a fraction of LiteLLM's client CPU per call); LiteLLM (``engine="litellm"``) stays for Ollama, providers without an
-api_base, and ``cache=True`` (the per-server cache header is a setting only LiteLLM carries).
-``PERSONA_DSPY_ENGINE=litellm`` sends everything through LiteLLM, as before (a switch for comparisons). Every LM
-built here carries the LM-call meter (``persona_dspy.lm.usage.METER``). Model strings:
-
-* ``local`` (the default when no model is named): the embedded llama.cpp server (``lm.local_server``) started on
-  127.0.0.1 with the default model (SmolLM2-135M-Instruct, fetched once into the cache, see ``lm.models``);
-  ``local/<path.gguf>`` or ``local/<known model name>`` serves another GGUF.
-* ``offline`` (or ``offline/stand-in``): the deterministic stand-in, no server, no model.
-* ``openai/<model>`` with an api_base: vLLM, SGLang or llama.cpp's server (``http://host:port/v1``).
-* a bare model id with an api_base, as users paste it from a server's command line (``qwen2.5``,
-  ``Qwen/Qwen2.5-7B-Instruct``: its first part is not a LiteLLM provider): the same, ``openai/`` is prefixed.
-* ``hosted_vllm/<model>`` with an api_base: vLLM through LiteLLM's vLLM provider.
-* ``ollama_chat/<model>``: Ollama (api_base ``http://host:11434``, without ``/v1``).
-
-With ``cache=True`` the response cache is keyed by server (dspy's own key ignores api_base, so two servers would
-share answers): see ``CACHE_SCOPE_HEADER``. Whatever describes an LM in a file or report goes through
-``describe_lm``/``redact_lm_state``, which drop credentials from URLs and headers.
-
-Structured outputs: OpenAI-compatible servers (the embedded one, llama.cpp, vLLM, SGLang) decode under a JSON schema
-(``response_format``), so labels are always one of the task's labels. The native ``ServerLM`` says so itself; LiteLLM
-only sends a schema for models it knows support one, so ``_build`` declares it for those LMs (``structured=False``
-turns it off for a server that rejects schemas); ``lm.adapters`` then picks dspy's JSONAdapter for them.
-
-Settings come from arguments first, then the environment: PERSONA_DSPY_LM, PERSONA_DSPY_API_BASE,
-PERSONA_DSPY_API_KEY, and for an optional separate loss/update LM PERSONA_DSPY_OPTIMIZER_LM,
-PERSONA_DSPY_OPTIMIZER_API_BASE, PERSONA_DSPY_OPTIMIZER_API_KEY.
+Model strings (``local``, ``offline``, ``openai/<model>``, a bare server model id with an api_base,
+``hosted_vllm/<model>``, ``ollama_chat/<model>``) and the environment (``PERSONA_DSPY_LM``, ``..._API_BASE``,
+``..._API_KEY`` and their ``OPTIMIZER_`` twins) become a ``dspy.LM`` on the right engine: dspy's native one for
+OpenAI-compatible servers, LiteLLM for the rest. Every LM carries the call meter, servers that decode under a JSON
+schema are declared so, and ``describe_lm`` drops credentials from whatever a file or report records.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The embedded local model: llama.cpp's OpenAI-compatible server (xllamacpp) in this process, on 127.0.0.1.
 
-The package talks to it like to any other server (``openai/local`` at ``http://127.0.0.1:<port>/v1``), so the
-default path and a GPU server (vLLM, SGLang, Ollama, llama-server) are the same code. The server serves from C++
-threads, so Python threads answering users in parallel are not held back by the GIL while a request runs.
-
-Defaults, measured on a 2-core machine with SmolLM2-135M: one llama.cpp thread per spare core, not all cores. On an
-idle machine 2 threads were 1.6x faster than 1 (``benchmarks/local_model.py``), but in a one-off measurement with
-another process busy on the second core, 2 threads fell to ~6 generated tokens/s (OpenMP spin-waits) while 1 thread
-held ~67 (not a committed benchmark: rerun it before changing the default). ``OMP_WAIT_POLICY=PASSIVE`` is set
-(unless set already) before llama.cpp loads, for the same reason. A slot per worker (``slots``); context per slot:
-the model's own (8192 for SmolLM2), so no prompt the tasks build is cut; a prompt that does not fit is refused by
-the server (HTTP 400) and never truncated silently.
+The package talks to it like to any other server, so the default path and a GPU server are the same code; it serves
+from C++ threads, so Python threads answering users in parallel are not held back by the GIL. Defaults: one
+llama.cpp thread per spare core (all cores collapse when another process is busy: OpenMP spin-waits, hence
+``OMP_WAIT_POLICY=PASSIVE`` too), a slot per worker, and the model's own context per slot, so no prompt is cut: one
+that does not fit is refused by the server, never truncated.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""OpenAI-compatible servers on dspy's native engine (lm15): the hot path of every compile.
+"""OpenAI-compatible servers on dspy's native engine: the hot path of every compile.
 
-LiteLLM cost a compile ~56% of its client CPU per LM call (its cost lookup for an unpriced model, its success-logging
-thread, its response objects); dspy's native engine sends the same request with a fraction of that. Its built-in
-``openai/`` route speaks OpenAI's own dialect, which spells the token limit ``max_completion_tokens``: llama.cpp
-ignores that field (a reply then runs to the server's own limit). So the package declares one provider to dspy,
-``openai-compatible``, whose dialect is what llama.cpp, vLLM and SGLang read: ``max_tokens``, the system role for
-instructions, ``response_format: json_schema`` sent as is, no reasoning or prompt-cache fields. ``openai/<model>``
-and ``hosted_vllm/<model>`` with an api_base, and the embedded server, are built as
-``ServerLM("openai-compatible/<model>")``; ``served_as`` keeps the model as the user named it, for reports.
-Timeouts (connect 10 s, then ``timeout`` for every read, write and pool wait), retries (dspy's loop: ``num_retries``,
-honouring ``Retry-After``) and errors (``LMServerError``, ``LMTimeoutError``... from ``dspy.utils.exceptions``, as
-with LiteLLM) are dspy's own.
-
-A program file records the LM as dspy's plain ``LM`` with the ``openai-compatible/`` model: loading it needs this
-module imported (it registers the provider on import), as any dspy program needs its providers registered.
+dspy's native engine sends a request for a fraction of LiteLLM's client CPU, but its ``openai/`` route spells the
+token limit ``max_completion_tokens``, which llama.cpp ignores. So the package registers one provider,
+``openai-compatible``, in the dialect llama.cpp, vLLM and SGLang read (``max_tokens``, ``response_format`` as is);
+timeouts, retries and errors are dspy's own. A program file records such an LM as ``openai-compatible/<model>``:
+loading it needs this module imported, as any dspy program needs its providers registered.
 """
 
 from __future__ import annotations

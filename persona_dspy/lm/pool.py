@@ -1,20 +1,10 @@
 """A pool of model servers behind one dspy LM: each call goes to one server, failures are retried elsewhere.
 
-One GPU server answers a bounded number of calls at once; a compile of many users wants several. ``--api-base``
-may name several servers (``http://a:8000/v1,http://b:8000/v1``) or a file listing them (one URL per line, ``#``
-comments); ``build_pool_lm`` then returns a ``dspy.LM`` whose engine is a ``ServerPool``:
-
-* one ``dspy.LM`` per server, built by ``build_lm`` as for a single server, so the pool works whatever engine
-  dspy uses for that server (LiteLLM or its native one): the pool hands each server LM dspy's own request;
-* at most ``max_in_flight`` calls per server at once; a call goes to the healthy server with the fewest calls in
-  flight (ties in turn), and waits when every server is full;
-* a server whose call fails with a server-side error (connection refused, timeout, HTTP 5xx, rate limit) is taken
-  out for ``cooldown`` seconds (doubling on each further failure, at most ``max_cooldown``) and the call is
-  retried on another server; a request the server rejects as such (bad request, context too long, auth) is
-  raised at once without blaming the server. When every server is out, a call waits for the first to come back.
-
-The outer LM keeps dspy's cache, callbacks and history (one entry per call, whichever server answered); the
-server LMs run with no retries, no cache, no callbacks and no active counter, so a call is counted once.
+One GPU server answers a bounded number of calls at once; a compile of many users wants several. ``build_pool_lm``
+returns a ``dspy.LM`` whose engine (``ServerPool``) holds one LM per server, sends each call to the healthy server
+with the fewest calls in flight (at most ``max_in_flight`` each), takes a server that fails server-side out for a
+growing cooldown and retries the call on another; a request the server rejects as such fails at once. The outer LM
+keeps dspy's cache, callbacks and history, so a call is counted once.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 dspy's ``track_usage`` is per context and is lost across worker threads. A counter installed as a dspy callback in
 the context (``dspy.context(callbacks=[usage])``) sees every LM call, but dspy then wakes every callback on every
-module, predictor, adapter and tool call too (it binds each call's arguments to hand them over), which cost ~8% of a
+module, predictor, adapter and tool call too (it binds each call's arguments to hand them over), a measurable share of a
 compile's client CPU. So counting lives on the LM instead: every LM the package builds carries ``METER``, one
 callback that dspy runs for that LM's calls only, and ``counting(...)`` makes counters active for the calls made in
 a ``with`` block, in this thread and in worker threads that copy the context (the counters travel in dspy's

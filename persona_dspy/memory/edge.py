@@ -1,28 +1,10 @@
 """The embedded memory store: Qdrant Edge (``qdrant-edge-py``), Qdrant's own engine in-process, on disk.
 
-Layout, chosen by measurement (``benchmarks/memory.py``, figures in the README): one Edge shard per user,
-``<folder>/edge/<namespace>/<sha256(user)[:24]>/shard``, opened on the user's first use and kept in a
-bounded LRU of open shards. Opening a store costs nothing; a user's first search opens only that user's
-shard, and a user's BM25 statistics are the shard's own. (One shared shard filtered by a tenant key,
-with ``IdfParams(corpus=<user filter>)`` for per-user IDF, opened 3-20x slower at 100 users x 1k items,
-held 3x the RSS and searched 1.5-3.5x slower, both growing with the whole store; it uses far less
-*apparent* disk. ``benchmarks/edge_layout.py``.)
-
-Settings: ``max_search_threads=1`` (the default starts 8 threads per shard, which was slower here),
-dense vectors ``on_disk`` (memory-mapped, not pinned in RAM: 17 MB instead of 49 MB per open shard),
-the WAL on (an acknowledged write survives kill -9; it is also the lock that keeps a second process
-out). Search is exact: ``optimize()`` is never called, so no HNSW graph is built, and dense search
-passes ``exact=True`` anyway.
-
-Processes: a folder is opened by one process (the default, exclusive), or by several in **shared** mode
-(``shared=True``: the workers of ``compile --ray``), each of which opens only the users it was given. A user's
-shard is held by one process at a time (Edge's own WAL lock: another process opening it gets a
-``MemoryStoreError`` naming the user), and a folder open in shared mode refuses an exclusive opener (ingest, eval,
-a threaded compile) and the other way round (a shared or exclusive ``flock`` on ``edge/.lock``).
-
-Each shard preallocates sparse files (two 32 MiB WAL segments, 32 MiB pages): ~140-175 MB apparent,
-~1.4-5 MB used at 1k items. On a file system that does not keep files sparse (FAT, exFAT, some network
-mounts) that apparent size is real; use a Qdrant server there.
+One Edge shard per user, opened on first use and kept in a bounded LRU, so opening a store costs nothing, an app
+that loads one user pays for that user only, and BM25 statistics are per user (``benchmarks/edge_layout.py``
+compares this with one shared shard). Search is exact, dense vectors are memory-mapped, the WAL is on (it survives
+kill -9 and locks a user's shard to one process). A folder is opened by one process, or by several in shared mode
+(``compile --ray``), each opening only its own users. Shards are sparse files: large apparent size, little used.
 """
 
 from __future__ import annotations

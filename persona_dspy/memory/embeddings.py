@@ -1,10 +1,9 @@
 """Text embeddings for episodic memory, offline-first.
 
-BM25 sparse vectors are the default: Qdrant Edge's built-in ``Bm25`` (English stopwords and Snowball
-stemmer, k=1.2, b=0.75, avg_len=256), which needs no model weights and is fastembed's ``Qdrant/bm25``
-token for token except that it splits words at underscores (``sr_1_1`` in a URL: 1 of 2,836 LaMP dev
-documents) and ran 4x faster here. A dense model is optional, through fastembed: a model name
-(downloaded when online) or a local ONNX folder such as ``../shared/models/all-MiniLM-L6-v2-onnx``.
+BM25 sparse vectors are the default: Qdrant Edge's built-in ``Bm25`` (English stopwords and Snowball stemmer,
+k=1.2, b=0.75, avg_len=256), which needs no model weights and is fastembed's ``Qdrant/bm25`` token for token except
+that it splits words at underscores (``sr_1_1`` in a URL), and faster. A dense model is optional, through fastembed:
+a model name (downloaded when online) or a local ONNX folder such as ``../shared/models/all-MiniLM-L6-v2-onnx``.
 With both, memory searches both and fuses the ranks.
 """
 

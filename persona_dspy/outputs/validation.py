@@ -1,21 +1,10 @@
 """What an LM wrote is checked before anything keeps it, and every check is counted.
 
-A weak model answers under the adapter's format and still says nothing: it repeats its prompt, fills in the
-template's placeholder (``{persona}``, ``{'persona': {'persona': ...}}``) or copies the signature's own
-instructions. Such text parses, so the adapter cannot tell; ``rejection`` can. A persona, a feedback or an update is
-kept only when it is text of its own (``rejection`` returns None); an answer only when it is not an echo of the
-prompt (``answer_rejection``). Callers count what they checked in ``OutputStats``:
-
-* ``checked``/``invalid`` by step (``answer``, ``loss``, ``update``, ``summary``, ``tool_step``), ``retries`` and
-  ``fallbacks`` (a reply read as raw text, see ``persona_dspy.outputs.text``; a rejected persona summary replaced by
-  the user's most frequent answers), with the first reasons kept;
-* ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): it sees every LM call made
-  while it is active, the way ``LMUsage`` is (``with counting(usage, stats):``, see ``persona_dspy.lm.usage``; being
-  among ``dspy.settings.callbacks`` works too, at the cost of dspy waking it for every module); the finish reason
-  is read from the call's history entry (with dspy's history disabled, truncations are not seen).
-
-``record(...)`` adds to every ``OutputStats`` active here (a run's and a user's, each once), so any code path
-counts without being handed the counter.
+A weak model can fill the adapter's format and still say nothing: repeat its prompt, write the template's
+placeholder or copy the instructions. Such text parses, so the adapter cannot tell; ``rejection`` (personas,
+feedback, updates) and ``answer_rejection`` (answers) can. ``OutputStats`` counts, by step, what was checked,
+rejected, retried or read as raw text, and the calls and truncations it sees while active; ``record(...)`` adds to
+every active ``OutputStats``, so any code path counts without being handed the counter.
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """Keeping every persona safe: its role and rules are fixed, its length is capped, history stays data.
 
-Optimizers and LMs rewrite personas after reading a user's history, and history is untrusted text ("Ignore all
-previous instructions", "Rules:\\n- Always answer 5"). Prompts tell the LM to treat it as data, but a guard must not
-depend on the LM obeying. So a persona is never taken as it is written: it is rebuilt as
-``template.compose(summary)``, where the role and rules come from the ``PersonaTemplate`` (configuration) and only the
-user summary comes from the text. The fixed parts are never located by searching the text for a "Rules:" header
-(which a summary can contain): a text that is exactly ``head + summary + tail`` yields that summary; any other text
-is all summary once the template's own lines are removed from it. Then, from the summary, wherever it came from
-(the initial summary, an aligner candidate, GEPA/MIPROv2/COPRO results, a program file, ``agent.persona = ...``):
-
-* lines matching the injection pattern (``_INJECTION``: "ignore ... instructions", "you are now", "from now on",
-  "always answer ...") are dropped;
-* a header that opens rules or instructions ("Rules:", "Instructions:", "System prompt:") is dropped with the lines
-  under it, except bullets that describe the user (``- Preferred label: 4``, see ``describes_user``);
-* the summary is cut to the word cap left after the fixed parts.
-
-``PersonaGuard.check`` says whether it had to intervene, so optimizers can report how often they did.
-
-Guarding is a property of the program, not of whoever wrote its instructions: ``guard_program(program)`` guards
-the instructions in force in any program that knows its persona predictors (PersonaAgent, which also does it before
-every answer; a program PersonaAligner or ``persona_gepa`` returned, which carries ``persona_guarding``).
+Optimizers and LMs rewrite personas after reading a user's untrusted history, and a guard must not depend on the LM
+obeying. So a persona is always rebuilt as ``template.compose(summary)``: role and rules come from the
+``PersonaTemplate``, only the user summary from text, and from the summary injection lines and rules or
+instructions blocks are dropped and the word cap applied. ``PersonaGuard.check`` says whether it had to intervene.
+Guarding is a property of the program: ``guard_program(program)`` guards the instructions in force in any program
+that knows its persona predictors (PersonaAgent also does it before every answer).
 """
 
 from __future__ import annotations

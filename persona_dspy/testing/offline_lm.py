@@ -1,32 +1,10 @@
 """A deterministic offline stand-in for an LM, so every DSPy program here runs without a model.
 
-``OfflineEngine`` is a test double, never a model: it reads the prompt a DSPy adapter built (output field names
-and types from the system message, input values from the last user message) and answers with fixed rules, so
-its outputs are valid for any signature and identical for identical prompts. Scores obtained with it say
-nothing about any model; they only show that the plumbing works. Reports record its model name,
-``offline/stand-in``, so such numbers cannot pass for a model's.
-
-Rules, per output field:
-
-* Literal / enum: a label named on a preference line of the instructions (or of a persona input), such as
-  ``Preferred label: X`` or ``prefers X``; with several, the one the evidence names most often (ties: the latest
-  line). Otherwise the label the evidence inputs (context, passages, history, trajectory) name most often,
-  case-insensitive and whole-word, ties broken by a digest of the prompt; with no evidence, the first label.
-* ``feedback``/``loss``: ``Expected "X" but answered "Y"; ...`` from the expected and produced answer inputs.
-* ``persona``/``new_persona``: the current persona plus ``- Preferred label: X`` for the answer the feedback most
-  often expected (older preference lines go first when over ``max_words``); with no current persona, a summary
-  of the history's most frequent label and words.
-* GEPA's ``new_instruction``/``improved_instruction``: the ``current_instruction`` updated like a persona, from the
-  feedback in its examples.
-* ReAct's ``next_tool_name``/``next_tool_args``: the first tool other than ``finish``, once, with arguments built
-  from its schema; then ``finish``.
-* Other text (generation answers): the query's first eight words; ``reasoning``: how the other fields were chosen.
-  int 1, float 0.5, bool True, lists and JSON-schema types a minimal valid instance.
-
-Supported prompt formats: dspy's ChatAdapter (``[[ ## field ## ]]`` sections ending with
-``[[ ## completed ## ]]``), JSONAdapter (a JSON object; chosen when the prompt or ``response_format`` asks for
-JSON), XMLAdapter (``<field>`` tags) and plain prompts (a short text). ``answer_messages`` exposes the same logic
-for OpenAI-style message lists, which the loopback HTTP test server uses.
+``OfflineEngine`` is a test double, never a model: it reads the prompt a DSPy adapter built (chat, JSON, XML or
+plain) and answers each output field by fixed rules (a label named on a persona's preference line or most often in
+the evidence, feedback from expected vs produced answers, a persona with a preference line added, ...), so its
+outputs are valid for any signature and identical for identical prompts. Its scores say nothing about any model;
+reports record its name, ``offline/stand-in``. ``answer_messages`` serves the loopback HTTP test server.
 """
 
 from __future__ import annotations

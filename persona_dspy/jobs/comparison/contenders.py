@@ -95,7 +95,7 @@ def persona_aligner_spec() -> OptimizerSpec:
 
 def gepa_spec(max_metric_calls: int = GEPA_MAX_METRIC_CALLS, auto: Literal["light", "medium", "heavy"] | None = None,
               name: str = "gepa") -> OptimizerSpec:
-    """dspy.GEPA on the persona predictor, with the textual loss as feedback (budget: see the module docstring).
+    """dspy.GEPA on the persona predictor, with the textual loss as feedback (budget: see docs/optimizers.md).
 
     ``auto`` uses GEPA's own budget presets instead of ``max_metric_calls`` (the benchmark measures "light").
     """

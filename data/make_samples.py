@@ -1,7 +1,7 @@
 """Build the small LaMP samples shipped as package data (persona_dspy/data/samples/) from the shared dev sets.
 
-    python persona_dspy/data/samples/make_samples.py           # rebuild <task>/dev_{questions,outputs}.json here
-    python persona_dspy/data/samples/make_samples.py --check   # exit 1 if the shipped files differ from a rebuild
+    python data/make_samples.py           # rebuild persona_dspy/data/samples/<task>/dev_{questions,outputs}.json
+    python data/make_samples.py --check   # exit 1 if the shipped files differ from a rebuild
 
 Reads ../shared/lamp/<task>/dev_{questions,outputs}.json (relative to the repository root; override
 with --source). For each task a fixed number of users is taken, ranked by sha256(user_id) so the
@@ -25,8 +25,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SAMPLES = Path(__file__).resolve().parent
-REPO_ROOT = SAMPLES.parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = REPO_ROOT / "persona_dspy" / "data" / "samples"
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "lamp"
 DEFAULT_OUT = SAMPLES
 

@@ -42,7 +42,8 @@ import dspy
 from persona_dspy.agent.persona_agent import MODES, PersonaAgent
 from persona_dspy.data.tasks import get_task
 from persona_dspy.files import fsync_dir, home, remove_stale_temp_files, write_atomically, write_temp
-from persona_dspy.lm.build import describe_lm, redact_lm_state
+from persona_dspy.lm.redact import redact_lm_state
+from persona_dspy.lm.report import describe_lm
 from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
 from persona_dspy.outputs.validation import rejection

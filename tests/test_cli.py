@@ -18,7 +18,7 @@ from persona_dspy.agent import semantic_memory
 from persona_dspy.cli import main
 from persona_dspy.data.lamp import dataset_dir, load_dataset
 from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
-from persona_dspy.lm import build as lm_module
+from persona_dspy.lm import config as lm_module
 
 server = loopback_fixture()
 
@@ -377,10 +377,10 @@ def test_user_selection_means_the_same_in_every_command(capsys, tmp_path):
 
 
 def test_embedded_server_flags_reach_its_settings():
-    from persona_dspy.cli import _server_options, build_parser
+    from persona_dspy.cli import build_parser, server_options
 
     args = build_parser().parse_args(["eval", "--task", "LaMP_2N", "--workers", "3", "--server-threads", "2",
                                       "--no-prompt-cache"])
-    assert _server_options(args) == {"slots": 3, "threads": 2, "prompt_cache": False}
+    assert server_options(args) == {"slots": 3, "threads": 2, "prompt_cache": False}
     defaults = build_parser().parse_args(["eval", "--task", "LaMP_2N"])
-    assert "prompt_cache" not in _server_options(defaults)  # the server's own default (on) stays
+    assert "prompt_cache" not in server_options(defaults)  # the server's own default (on) stays

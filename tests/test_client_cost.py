@@ -23,7 +23,7 @@ from persona_dspy.agent import persona_agent
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.jobs import alignment
 from persona_dspy.jobs.alignment import align_user
-from persona_dspy.lm import build as lm_module
+from persona_dspy.lm import config as lm_module
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.build import build_lm
 from persona_dspy.lm.usage import ACTIVE_KEY, METER, LMUsage, counting

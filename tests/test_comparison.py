@@ -24,7 +24,7 @@ from persona_dspy.jobs.comparison import (
     harness,
     plot_score_vs_calls,
 )
-from persona_dspy.lm.build import OFFLINE_MODEL
+from persona_dspy.lm.providers import OFFLINE_MODEL
 from persona_dspy.lm.usage import LMUsage
 from persona_dspy.testing.offline_lm import offline_lm
 

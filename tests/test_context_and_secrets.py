@@ -11,7 +11,8 @@ from dspy.utils.callback import BaseCallback
 from persona_dspy.agent.persona_agent import PersonaAgent
 from persona_dspy.evaluation.evaluate import evaluate
 from persona_dspy.jobs.compile import SUMMARY_FILE, compile_users
-from persona_dspy.lm.build import REDACTED, describe_lm, redact_headers, redact_text, redact_url
+from persona_dspy.lm.redact import REDACTED, redact_headers, redact_text, redact_url
+from persona_dspy.lm.report import describe_lm
 from persona_dspy.programs import load_program, save_program
 from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 

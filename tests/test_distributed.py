@@ -18,8 +18,9 @@ from loopback_server import LoopbackServer, loopback_fixture
 from persona_dspy.cli import main
 from persona_dspy.data.lamp import dataset_dir, load_dataset
 from persona_dspy.jobs.compile import compile_users, program_path
-from persona_dspy.jobs.distributed import LMSpec, MemorySpec, batch_size, compile_on_ray
+from persona_dspy.jobs.distributed import MemorySpec, batch_size, compile_on_ray
 from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.config import lm_config
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import load_program
 
@@ -95,8 +96,8 @@ def test_a_worker_killed_mid_run_loses_no_program_and_its_users_are_retried(tmp_
     with LoopbackServer(latency=0.1) as slow:
         killer = threading.Thread(target=kill_a_worker, daemon=True)
         killer.start()
-        summary = compile_on_ray(histories, out_dir=out, lm=LMSpec("openai/test-model", slow.api_base),
-                                 memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), threads=1, batch=3,
+        summary = compile_on_ray(histories, out_dir=out, lm=lm_config("openai/test-model", slow.api_base),
+                                 memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), workers=1, batch=3,
                                  progress=False, iterations=1)
         killer.join(timeout=5)
     assert "pid" in killed, "no worker was caught running a batch"
@@ -107,8 +108,8 @@ def test_a_worker_killed_mid_run_loses_no_program_and_its_users_are_retried(tmp_
     with EpisodicMemory.for_task("LaMP_3", tmp_path / "mem") as memory:
         for history in histories:
             load_program(program_path(out, history.user_id), memory, user_id=history.user_id, task="LaMP_3")
-    again = compile_on_ray(histories, out_dir=out, lm=LMSpec("offline"),
-                           memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), threads=1, progress=False,
+    again = compile_on_ray(histories, out_dir=out, lm=lm_config("offline"),
+                           memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), workers=1, progress=False,
                            iterations=1)
     assert again.count("skipped") == 6  # a rerun finds every user done
 
@@ -117,8 +118,8 @@ def test_a_dead_model_server_does_not_stop_the_run(server, tmp_path):
     histories = load_dataset(dataset_dir("LaMP_3"))[:2]
     pool = f"{server.api_base},http://127.0.0.1:9/v1"  # nothing listens on port 9
     summary = compile_on_ray(histories, out_dir=tmp_path / "programs",
-                             lm=LMSpec("openai/test-model", pool, options={"num_retries": 1, "timeout": 10}),
-                             memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), threads=2, progress=False,
+                             lm=lm_config("openai/test-model", pool, num_retries=1, timeout=10),
+                             memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), workers=2, progress=False,
                              iterations=1)
     assert summary.count("compiled") == 2, [r.error for r in summary.results]
     assert summary.lm["servers"] == [server.api_base, "http://127.0.0.1:9/v1"]
@@ -139,5 +140,5 @@ def test_a_memory_of_one_process_cannot_be_shared(tmp_path):
     histories = load_dataset(dataset_dir("LaMP_3"))[:1]
     with EpisodicMemory.for_task("LaMP_3", tmp_path / "mem"):  # this process holds the folder alone
         with pytest.raises(ValueError, match="open for itself; close it before compiling on Ray"):
-            compile_on_ray(histories, out_dir=tmp_path / "out", lm=LMSpec("offline"),
+            compile_on_ray(histories, out_dir=tmp_path / "out", lm=lm_config("offline"),
                            memory=MemorySpec("LaMP_3", str(tmp_path / "mem")), progress=False)

@@ -17,7 +17,7 @@ from persona_dspy.data.lamp import dataset_dir, load_dataset
 from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, EvalReport, evaluate
 from persona_dspy.evaluation.metrics import score_task
 from persona_dspy.evaluation.tables import format_table
-from persona_dspy.lm.build import LMUsage
+from persona_dspy.lm.usage import LMUsage
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.testing.offline_lm import OFFLINE_MODEL, offline_lm
 

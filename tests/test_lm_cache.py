@@ -8,7 +8,9 @@ from dspy.clients.cache import Cache
 from loopback_server import loopback_fixture
 from persona_dspy.signatures.task_signatures import task_signature
 
-from persona_dspy.lm.build import CACHE_SCOPE_HEADER, build_lm, describe_lm
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.engine import CACHE_SCOPE_HEADER
+from persona_dspy.lm.report import describe_lm
 
 server_a = loopback_fixture()
 server_b = loopback_fixture()

@@ -15,17 +15,11 @@ from loopback_server import loopback_fixture
 from persona_dspy.signatures.labels import LAMP_3_LABELS
 from persona_dspy.signatures.task_signatures import task_signature
 
-from persona_dspy.lm import build as lm_module
-from persona_dspy.lm.build import (
-    OFFLINE_MODEL,
-    LMConfigError,
-    LMUsage,
-    build_lm,
-    build_optimizer_lm,
-    check_api_base,
-    describe_lm,
-    is_offline,
-)
+from persona_dspy.lm import config as lm_module
+from persona_dspy.lm.build import build_lm, build_optimizer_lm
+from persona_dspy.lm.providers import OFFLINE_MODEL, LMConfigError, check_api_base
+from persona_dspy.lm.report import describe_lm, is_offline
+from persona_dspy.lm.usage import LMUsage
 from persona_dspy.testing.offline_lm import OfflineEngine
 
 ENV_NAMES = [name for name in vars(lm_module) if name.startswith("ENV_")]

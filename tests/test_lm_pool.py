@@ -11,8 +11,10 @@ import pytest
 from dspy.utils.exceptions import LMInvalidRequestError, LMServerError
 from loopback_server import LoopbackServer
 
-from persona_dspy.lm.build import LMConfigError, build_lm, describe_lm
-from persona_dspy.lm.pool import ServerPool, is_server_fault, server_list
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.pool import ServerPool, is_server_fault
+from persona_dspy.lm.providers import LMConfigError, server_list
+from persona_dspy.lm.report import describe_lm
 from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.outputs.validation import OutputStats
 

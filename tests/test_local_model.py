@@ -18,7 +18,8 @@ from pathlib import Path
 import dspy
 import pytest
 
-from persona_dspy.lm.build import LMConfigError, build_lm, resolve_lm_settings
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.config import lm_config
 from persona_dspy.lm.local_server import LocalServer, LocalServerError, ServerSettings
 from persona_dspy.lm.models import (
     DEFAULT_MODEL,
@@ -31,6 +32,7 @@ from persona_dspy.lm.models import (
     remove_model,
     resolve_model,
 )
+from persona_dspy.lm.providers import LMConfigError
 
 CONTENT = b"GGUF" + b"\0" * 60
 
@@ -120,9 +122,9 @@ def test_resolving_paths_and_names(tmp_path, monkeypatch):
 def test_local_is_the_default_lm_and_takes_no_api_base(monkeypatch):
     monkeypatch.delenv("PERSONA_DSPY_LM", raising=False)
     monkeypatch.delenv("PERSONA_DSPY_API_BASE", raising=False)
-    assert resolve_lm_settings().local and resolve_lm_settings("local/x.gguf").local
+    assert lm_config().local and lm_config("local/x.gguf").local
     with pytest.raises(LMConfigError, match="starts its own server"):
-        resolve_lm_settings("local", "http://127.0.0.1:8000/v1")
+        lm_config("local", "http://127.0.0.1:8000/v1")
 
 
 def test_server_refuses_a_non_gguf_file_and_a_taken_port(tmp_path):

@@ -13,8 +13,10 @@ from loopback_server import loopback_fixture
 from persona_dspy.signatures.task_signatures import task_signature
 
 from persona_dspy.cli import main
-from persona_dspy.lm import build as lm_module
-from persona_dspy.lm.build import LMConfigError, build_lm, describe_lm
+from persona_dspy.lm import config as lm_module
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.providers import LMConfigError
+from persona_dspy.lm.report import describe_lm
 
 REPO = Path(__file__).resolve().parents[1]
 HF_ID = "Qwen/Qwen2.5-7B-Instruct"

@@ -12,7 +12,9 @@ from persona_dspy.signatures.labels import label_list
 from persona_dspy.signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
 from persona_dspy.signatures.task_signatures import TASK_SIGNATURES, task_signature
 
-from persona_dspy.lm.build import OFFLINE_MODEL, LMUsage, describe_lm, is_offline
+from persona_dspy.lm.providers import OFFLINE_MODEL
+from persona_dspy.lm.report import describe_lm, is_offline
+from persona_dspy.lm.usage import LMUsage
 from persona_dspy.testing.offline_lm import OfflineEngine, answer_messages, offline_lm
 
 ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}

@@ -23,7 +23,7 @@ from persona_dspy import files
 from persona_dspy.cli import main
 from persona_dspy.files import UnwritableOutputError
 from persona_dspy.jobs.compile import SUMMARY_FILE, compile_users, program_path
-from persona_dspy.lm import build as lm_module
+from persona_dspy.lm import config as lm_module
 from persona_dspy.programs import remove_stale_temps
 from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 

@@ -30,7 +30,8 @@ from persona_dspy.evaluation.metrics import aggregate_by_user
 from persona_dspy.jobs import tuning as tuning_job
 from persona_dspy.jobs.alignment import align_user
 from persona_dspy.jobs.tuning import aligner_objective, aligner_space, run_tuning
-from persona_dspy.lm.build import LMUsage
+from persona_dspy.lm.config import lm_config
+from persona_dspy.lm.usage import LMUsage
 from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -342,7 +343,7 @@ def test_batch_size_is_searched_up_to_n_recent_only(lamp3, tmp_path):
     assert aligner_space(3).batch_size == (1, 3) and aligner_space(2, k=(2, 4)).k == (2, 4)
     with pytest.raises(ValueError, match=r"batch_size bounds \(1, 5\) reach above n_recent=3"):
         aligner_space(3, batch_size=(1, 5))
-    common = dict(lm_model="offline", api_base=None, storage=sqlite(tmp_path), study_name="batch", workers=2)
+    common = dict(lm=lm_config("offline"), storage=sqlite(tmp_path), study_name="batch", workers=2)
     with pytest.raises(ValueError, match="n_recent=2"):
         run_tuning("LaMP_3", histories[:1], memory, n_trials=1, n_recent=2, space=AlignerSearchSpace(), **common)
     run_tuning("LaMP_3", histories[:1], memory, n_trials=2, n_recent=2, **common)
@@ -366,7 +367,7 @@ def test_a_user_failure_fails_the_trial(lamp3, tmp_path, monkeypatch):
 
 def test_run_tuning_offline_resumes_and_summarises(lamp3, tmp_path):
     histories, memory = lamp3
-    common = dict(lm_model="offline", api_base=None, storage=sqlite(tmp_path), study_name="lamp3", workers=3)
+    common = dict(lm=lm_config("offline"), storage=sqlite(tmp_path), study_name="lamp3", workers=3)
     summary = run_tuning("LaMP_3", histories, memory, n_trials=3, max_lm_calls_per_user=30, **common)
     assert summary["trials_done"] == 3 and summary["trials_failed"] == 0 and summary["mode"] == "single_objective"
     assert summary["offline"] is True and summary["note"] and summary["metric"] == "mae"
@@ -389,7 +390,7 @@ def test_run_tuning_offline_resumes_and_summarises(lamp3, tmp_path):
 
 def test_run_tuning_multi_objective_reports_the_front(lamp3, tmp_path):
     histories, memory = lamp3
-    summary = run_tuning("LaMP_3", histories[:2], memory, lm_model="offline", api_base=None,
+    summary = run_tuning("LaMP_3", histories[:2], memory, lm=lm_config("offline"),
                          storage=sqlite(tmp_path), study_name="front", n_trials=4, multi_objective=True, workers=2)
     assert summary["mode"] == "multi_objective" and summary["trials_done"] == 4
     front = summary["pareto_front"]

@@ -16,7 +16,7 @@ from loopback_server import loopback_fixture
 
 from persona_dspy.cli import main
 from persona_dspy.lm import budget
-from persona_dspy.lm import build as lm_module
+from persona_dspy.lm import config as lm_module
 from persona_dspy.outputs.validation import STEPS
 
 server = loopback_fixture()

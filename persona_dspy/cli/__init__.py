@@ -21,9 +21,9 @@ error hints, ``--strict``), ``interrupts`` (Ctrl-C), ``errors`` (``CLIError``), 
 ``memory_commands``, ``answer_commands``, ``optimize_commands``, ``server_commands``.
 """
 
-from persona_dspy.cli.arguments import _server_options
+from persona_dspy.cli.arguments import server_options
 from persona_dspy.cli.entry_point import main
 from persona_dspy.cli.errors import CLIError
 from persona_dspy.cli.parser import build_parser
 
-__all__ = ["CLIError", "_server_options", "build_parser", "main"]
+__all__ = ["CLIError", "build_parser", "main", "server_options"]

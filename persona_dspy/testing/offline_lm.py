@@ -52,7 +52,7 @@ from dspy.clients.engines.base import validate_request  # noqa: E402
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events  # noqa: E402
 
 from persona_dspy.data.tasks import TASKS  # noqa: E402
-from persona_dspy.lm.build import OFFLINE_MODEL  # noqa: E402
+from persona_dspy.lm.providers import OFFLINE_MODEL  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -154,6 +154,16 @@ def test_no_import_circle_at_module_level():
     _assert_no_circle(graph)
 
 
+MAX_LINES = 600
+
+
+def test_every_file_is_readable_in_one_sitting():
+    """No source or test file over ``MAX_LINES`` lines: a longer one is split by concern."""
+    roots = [*_sources(), *(REPO / "tests").rglob("*.py")]
+    long = {str(p.relative_to(REPO)): n for p in roots if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
 def test_no_import_circle_in_lm_even_lazily():
     """``lm`` and the stand-in import one way, inside functions too: config -> build -> pool, never back."""
     parts = ("persona_dspy.lm", "persona_dspy.testing")

@@ -108,3 +108,11 @@ def test_fitting_to_a_server_on_this_machine_is_a_decision_not_a_patch(monkeypat
     assert fit_to_server(lm_config("openai/m", "http://10.0.0.1:8000/v1"), workers=8) == ServerFit()
     assert fit_to_server(lm_config("local"), workers=8) == ServerFit()  # the embedded server fits itself
     assert fit_to_server(LMConfig("offline/stand-in"), workers=8) == ServerFit()
+
+
+def test_the_declared_context_comes_with_every_lm_built_from_the_config():
+    from persona_dspy.lm.budget import context_window
+
+    config = lm_config("openai/m", "http://127.0.0.1:8123/v1", context_tokens=1234)
+    assert context_window(build_lm(config)) == 1234  # declared, so the server is never asked
+    assert context_window(build_lm(config.copy(temperature=0.9))) == 1234

@@ -39,17 +39,12 @@ def lm_configs(args: argparse.Namespace) -> tuple[LMConfig, LMConfig | None]:
 
 
 def build_task_lm(args: argparse.Namespace, config: LMConfig | None = None) -> dspy.LM:
-    """The task LM (``config``, else the one the flags name); built, and its context declared, before any call."""
-    from persona_dspy.lm import budget
+    """The task LM (``config``, else the one the flags name), built before any call."""
     from persona_dspy.lm.build import build_lm
-    from persona_dspy.lm.server_fit import lm_api_base
 
     config = config if config is not None else lm_configs(args)[0]
     logger.info("building the LM (%s)", "local: starts the model" if config.local else config.model)
     lm = build_lm(config)
-    if config.context_tokens:
-        for api_base in config.servers or (lm_api_base(lm),):
-            budget.declare_context(api_base, config.context_tokens)
     if lm.kwargs.get("api_base") or config.servers:
         import litellm
 

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from persona_dspy.lm.budget import declare_context
 from persona_dspy.lm.config import LMConfig, lm_config, optimizer_lm_config
 from persona_dspy.lm.engine import (
     CACHE_SCOPE_HEADER,
@@ -82,6 +83,8 @@ def _build(config: LMConfig, api_base: str | None, callbacks: list[BaseCallback]
     model, api_key = config.model, config.api_key
     if config.local:
         model, api_base, api_key = start_local(config)
+    if config.context_tokens and api_base:  # prompts are fitted to it (``lm.budget``)
+        declare_context(api_base, config.context_tokens)
     common = {"temperature": config.temperature, "max_tokens": config.max_tokens, "timeout": config.read_timeout,
               "num_retries": config.num_retries, "cache": config.cache, "callbacks": callbacks}
     if uses_native(config, model, api_base):

@@ -18,7 +18,7 @@ from persona_dspy.lm.build import build_lm
 from persona_dspy.lm.providers import LMConfigError
 from persona_dspy.lm.report import describe_lm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HF_ID = "Qwen/Qwen2.5-7B-Instruct"
 LAMP3_USER = "A1L7M2JXN4EZCR"
 

@@ -22,7 +22,7 @@ from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.programs import load_program, read_program_metadata
 from persona_dspy.testing.offline_lm import Message, OfflineEngine, TextPart, offline_lm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from persona_dspy.lm import config as lm_module
 from persona_dspy.programs import remove_stale_temps
 from persona_dspy.testing.offline_lm import OfflineEngine, offline_lm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAMP3_USER = "A1L7M2JXN4EZCR"
 
 server = loopback_fixture()

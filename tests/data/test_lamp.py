@@ -22,7 +22,7 @@ from persona_dspy.data.lamp import (
 )
 from persona_dspy.data.records import UserHistory
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "lamp"
 SAMPLES = REPO / "persona_dspy" / "data" / "samples"
 needs_shared = pytest.mark.skipif(

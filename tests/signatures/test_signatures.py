@@ -17,7 +17,7 @@ from persona_dspy.signatures.task_signatures import (
 
 from persona_dspy.data.tasks import TASKS, get_task, normalize_task_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "persona_dspy", "optimizers", "signatures")
 LAMP3_USER = "A1L7M2JXN4EZCR"
 

@@ -19,7 +19,7 @@ from persona_dspy.console import plural, show_progress
 from persona_dspy.data.lamp import dataset_dir, load_dataset
 from persona_dspy.programs import default_programs_dir, find_program, program_path, read_program_metadata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USERS = [h.user_id for h in load_dataset(dataset_dir("LaMP_3"))]
 OFFLINE = ["--task", "LaMP_3", "--lm", "offline", "--no-progress"]
 

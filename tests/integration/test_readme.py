@@ -17,7 +17,7 @@ from pathlib import Path
 
 from loopback_server import loopback_fixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 server = loopback_fixture()
 

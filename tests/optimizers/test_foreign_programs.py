@@ -289,7 +289,7 @@ def test_persona_predictors_write_one_summary_behind_each_fixed_part():
 
 
 def readme_blocks(heading: str) -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 

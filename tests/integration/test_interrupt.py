@@ -19,7 +19,7 @@ from loopback_server import loopback_fixture
 
 from persona_dspy.evaluation.runner import INTERRUPT_GRACE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 server = loopback_fixture()
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "optimizer_comparison.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "optimizer_comparison.ipynb"
 
 
 def test_notebook_is_stored_without_outputs():

@@ -39,7 +39,8 @@ from persona_dspy.evaluation.tables import format_table  # noqa: E402
 from persona_dspy.files import write_atomically  # noqa: E402
 from persona_dspy.jobs.alignment import align_user  # noqa: E402
 from persona_dspy.lm.adapters import default_adapter  # noqa: E402
-from persona_dspy.lm.build import build_lm, describe_lm  # noqa: E402
+from persona_dspy.lm.build import build_lm  # noqa: E402
+from persona_dspy.lm.report import describe_lm  # noqa: E402
 from persona_dspy.lm.usage import LMUsage  # noqa: E402
 from persona_dspy.memory.episodic import EpisodicMemory  # noqa: E402
 

@@ -39,8 +39,9 @@ from loopback_server import LoopbackServer  # noqa: E402
 
 from persona_dspy.evaluation.tables import format_table  # noqa: E402
 from persona_dspy.jobs.compile import compile_users  # noqa: E402
-from persona_dspy.jobs.distributed import LMSpec, MemorySpec, compile_on_ray  # noqa: E402
+from persona_dspy.jobs.distributed import MemorySpec, compile_on_ray  # noqa: E402
 from persona_dspy.lm.build import build_lm  # noqa: E402
+from persona_dspy.lm.config import lm_config  # noqa: E402
 from persona_dspy.memory.episodic import EpisodicMemory  # noqa: E402
 
 MODEL = "openai/bench-model"
@@ -81,9 +82,9 @@ def run_ray(server: LoopbackServer, histories, concurrency: int, processes: int)
         ingest(folder, histories)
         server0 = cpu_seconds(server._proc.pid)
         summary = compile_on_ray(histories, out_dir=Path(tmp) / "out",
-                                 lm=LMSpec(MODEL, server.api_base, options={"timeout": 120, "num_retries": 0}),
+                                 lm=lm_config(MODEL, server.api_base, timeout=120, num_retries=0),
                                  memory=MemorySpec("LaMP_3", str(folder)), processes=processes,
-                                 threads=concurrency // processes, progress=False, **ALIGNER)
+                                 workers=concurrency // processes, progress=False, **ALIGNER)
         server_cpu = cpu_seconds(server._proc.pid) - server0
     return {"summary": summary, "client_cpu_s": None, "server_cpu_s": server_cpu}
 

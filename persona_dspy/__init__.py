@@ -28,10 +28,13 @@ _PUBLIC = {
     "UserHistory": "data.records",
     "load_dataset": "data.lamp",
     "build_lm": "lm.build",
+    "LMConfig": "lm.config",
+    "lm_config": "lm.config",
     "load_program": "programs",
     "save_program": "programs",
     "evaluate": "evaluation.evaluate",
     "compile_users": "jobs.compile",
+    "CompileConfig": "jobs.compile_config",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -33,7 +33,8 @@ from persona_dspy.files import (
     versions_dir,  # noqa: F401 - this module's API too: a program file's versions folder
     write_atomically,
 )
-from persona_dspy.lm.build import describe_lm, redact_lm_state
+from persona_dspy.lm.redact import redact_lm_state
+from persona_dspy.lm.report import describe_lm
 from persona_dspy.memory.episodic import EpisodicMemory, task_namespace
 from persona_dspy.memory.retrieval import MEMORY_TOOL_NAME
 from persona_dspy.outputs.validation import rejection

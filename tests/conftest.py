@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 _HOME = Path(os.environ.get("PERSONA_DSPY_HOME") or Path.home() / ".persona_dspy").expanduser()
 os.environ.setdefault("PERSONA_DSPY_MODELS", str(_HOME / "models"))
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO_ROOT = TESTS.parent
+if str(TESTS) not in sys.path:  # shared helpers (``loopback_server``) import the same from every folder of tests/
+    sys.path.insert(0, str(TESTS))
 SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO_ROOT.parent / "shared"))
 DENSE_MODEL_DIR = SHARED / "models" / "all-MiniLM-L6-v2-onnx"
 

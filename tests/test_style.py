@@ -124,13 +124,8 @@ def test_package_parts_import_downwards_only():
             assert rank[part] <= rank[own], where
 
 
-def test_no_import_circle_at_module_level():
-    """Within a layer, module-level imports form no circle (a lazy import inside a function is not an edge)."""
-    graph = {}
-    for path in _sources():
-        module = _module_name(path)
-        graph[module] = {name for name, top_level in _imports(path)
-                         if top_level and _module_path(name) is not None and name != module}
+def _assert_no_circle(graph: dict[str, set[str]]) -> None:
+    """Fail naming the first circle found in ``graph`` (module -> modules it imports)."""
     state: dict[str, int] = {}
 
     def visit(node: str, trail: list[str]) -> None:
@@ -147,6 +142,49 @@ def test_no_import_circle_at_module_level():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_no_import_circle_at_module_level():
+    """Within a layer, module-level imports form no circle (a lazy import inside a function is not an edge)."""
+    graph = {}
+    for path in _sources():
+        module = _module_name(path)
+        graph[module] = {name for name, top_level in _imports(path)
+                         if top_level and _module_path(name) is not None and name != module}
+    _assert_no_circle(graph)
+
+
+MAX_LINES = 600
+
+
+def test_every_file_is_readable_in_one_sitting():
+    """No source or test file over ``MAX_LINES`` lines: a longer one is split by concern."""
+    roots = [*_sources(), *(REPO / "tests").rglob("*.py")]
+    long = {str(p.relative_to(REPO)): n for p in roots if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_no_import_circle_in_lm_even_lazily():
+    """``lm`` and the stand-in import one way, inside functions too: config -> build -> pool, never back."""
+    parts = ("persona_dspy.lm", "persona_dspy.testing")
+    graph = {}
+    for path in _sources():
+        module = _module_name(path)
+        if module.startswith(parts) and module not in parts:
+            graph[module] = {name for name, _ in _imports(path) if name.startswith(parts) and name not in parts
+                             and _module_path(name) is not None and name != module}
+    _assert_no_circle(graph)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name with a leading underscore is its module's own: another module imports only public names."""
+    found = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("persona_dspy")):
+                found += [f"{path.relative_to(REPO)}: {alias.name} from {node.module}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not found, "private names imported across modules:\n" + "\n".join(found)
 
 
 def test_the_product_path_does_not_load_the_stand_in():

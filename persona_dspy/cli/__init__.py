@@ -5,9 +5,9 @@ fastembed or llama.cpp (a test checks it); each command imports what it uses, af
 ``entry_point`` holds ``main``; ``parser`` every command and flag; the ``*_commands`` modules run them.
 """
 
-from persona_dspy.cli.arguments import _server_options
+from persona_dspy.cli.arguments import server_options
 from persona_dspy.cli.entry_point import main
 from persona_dspy.cli.errors import CLIError
 from persona_dspy.cli.parser import build_parser
 
-__all__ = ["CLIError", "_server_options", "build_parser", "main"]
+__all__ = ["CLIError", "build_parser", "main", "server_options"]

@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persona_dspy.cli.arguments import _progress
+from persona_dspy.cli.arguments import progress_flag
 from persona_dspy.cli.errors import CLIError
-from persona_dspy.cli.interrupts import _INTERRUPTS
-from persona_dspy.cli.lm_options import _build_lm, _lm_hint, _strict
-from persona_dspy.cli.task_data import _data_folder, _ingest, _open_memory, _programs_dir, _task_histories
+from persona_dspy.cli.interrupts import INTERRUPTS
+from persona_dspy.cli.lm_options import build_task_lm, check_strict, lm_hint
+from persona_dspy.cli.task_data import data_folder, ingest_histories, open_memory, programs_dir, task_histories
 from persona_dspy.console import plural
 from persona_dspy.data.tasks import default_agent_mode
 
@@ -42,7 +42,7 @@ def _program_sources(task: str, histories: list[UserHistory], args: argparse.Nam
     sources = {h.user_id: "initial" for h in histories}
     if args.initial or mode == "none":
         return sources
-    folder, other_mode = _programs_dir(task, args), []
+    folder, other_mode = programs_dir(task, args), []
     for history in histories:
         path = find_program(task, history.user_id, folder)
         if path is None:
@@ -82,27 +82,27 @@ def _agent_factory(task: str, memory: EpisodicMemory | None, sources: dict[str, 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every user with their compiled program (else the initial persona); table and JSON report."""
-    task, histories = _task_histories(args)
+    task, histories = task_histories(args)
     mode = args.mode or default_agent_mode(task)
     if args.vs_initial and (args.initial or mode == "none"):
         raise CLIError("--vs-initial compares compiled programs with the initial persona: drop --initial/--mode none")
-    lm = _build_lm(args)  # LM settings are checked before anything heavy is imported
+    lm = build_task_lm(args)  # LM settings are checked before anything heavy is imported
     from persona_dspy.evaluation.evaluate import evaluate
 
     sources = _program_sources(task, histories, args, mode)
     compiled = sum(source != "initial" for source in sources.values())
-    where = _programs_dir(task, args)
+    where = programs_dir(task, args)
     print("answering with: " + ("the initial persona (--initial)" if args.initial else
                                 "no persona (mode none)" if mode == "none" else
                                 f"{plural(compiled, 'compiled program')} from {where}, "
                                 f"the initial persona for {plural(len(sources) - compiled, 'other user')}"))
-    options = dict(mode=mode, lm=lm, workers=args.workers, k=args.k, progress=_progress(args),
+    options = dict(mode=mode, lm=lm, workers=args.workers, k=args.k, progress=progress_flag(args),
                    max_failures=args.max_failures or None)
-    memory_cm = _open_memory(task, args) if mode != "none" else contextlib.nullcontext(None)
+    memory_cm = open_memory(task, args) if mode != "none" else contextlib.nullcontext(None)
     with memory_cm as memory:  # the baseline (mode none) reads no memory: nothing to ingest
         if memory is not None:
-            _ingest(memory, histories, args)
-        with _INTERRUPTS.graceful() as interrupt:
+            ingest_histories(memory, histories, args)
+        with INTERRUPTS.graceful() as interrupt:
             logger.info("evaluating %s", plural(len(histories), "user"))
             report = evaluate(histories, memory=memory, agent_factory=_agent_factory(task, memory, sources, args, mode),
                               interrupt=interrupt, **options)
@@ -115,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                      "calls": baseline.calls, "failures": [f.user_id for f in baseline.failures]}
                 report.interrupted = baseline.interrupted
     report.agents = sources
-    report.dataset = {"path": str(_data_folder(task, args)), "split": args.split}
+    report.dataset = {"path": str(data_folder(task, args)), "split": args.split}
     print(report.summary_table())
     path = report.to_json(_report_path(args, task, mode))
     print(f"report: {path}")
@@ -127,8 +127,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         first = report.failures[0] if report.failures else None
         cause = f"; first: user {first.user_id} at {first.stage}: {first.error_type}: {first.error}" if first else ""
         raise CLIError(f"no user could be evaluated ({len(report.failures)} failed, {len(report.skipped_users)} "
-                       f"skipped){cause}{_lm_hint(lm, first.error if first else '')}")
-    _strict(report.output_totals, args)
+                       f"skipped){cause}{lm_hint(lm, first.error if first else '')}")
+    check_strict(report.output_totals, args)
     if not report.complete:
         print(f"persona-dspy: warning: {plural(len(report.failures), 'user')} failed and "
               f"{len(report.skipped_users)} skipped; the metrics cover the other "
@@ -153,7 +153,7 @@ def _predict_program(task: str, user_id: str, args: argparse.Namespace) -> tuple
         return None, "none: the initial persona (--initial)"
     if args.mode == "none":
         return None, "none: mode none answers without a persona"
-    folder = _programs_dir(task, args)
+    folder = programs_dir(task, args)
     path = find_program(task, user_id, folder)
     if path is None:
         return None, f"none: the initial persona (no compiled program for this user in {folder})"
@@ -169,7 +169,7 @@ def _predict_program(task: str, user_id: str, args: argparse.Namespace) -> tuple
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Answer one query of one user and show what the agent retrieved: a look at single cases."""
-    task, histories = _task_histories(args)
+    task, histories = task_histories(args)
     history = _find_user(histories, args.user)
     if args.query_id is not None and args.query_id not in {str(q.id) for q in history.queries}:
         raise CLIError(f"user {history.user_id!r} has no query {args.query_id!r}; their queries: "
@@ -183,7 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from persona_dspy.data.examples import query_examples
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
     from persona_dspy.lm.adapters import default_adapter
-    from persona_dspy.lm.build import LMUsage, describe_lm, is_offline
+    from persona_dspy.lm.report import describe_lm, is_offline
+    from persona_dspy.lm.usage import LMUsage
 
     program, used = _predict_program(task, history.user_id, args)
     mode = args.mode or default_agent_mode(task)
@@ -195,7 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         query, scope, where = args.text, None, "free text (the user's whole memory)"
 
-    lm = _build_lm(args)
+    lm = build_task_lm(args)
     usage = LMUsage()
 
     def answer(memory: EpisodicMemory | None) -> dspy.Prediction:
@@ -214,11 +215,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if mode == "none" and program is None:
             prediction = answer(None)
         else:
-            with _open_memory(task, args) as memory:
+            with open_memory(task, args) as memory:
                 memory.add_histories([history])
                 prediction = answer(memory)
     except LMError as exc:
-        raise CLIError(f"the LM call failed: {exc}{_lm_hint(lm, exc)}") from exc
+        raise CLIError(f"the LM call failed: {exc}{lm_hint(lm, exc)}") from exc
 
     print(f"task: {task}  user: {history.user_id}  mode: {mode}  lm: {describe_lm(lm)['model']}")
     print(f"program: {used}")

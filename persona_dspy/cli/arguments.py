@@ -13,7 +13,7 @@ from typing import Any
 SHIPPED_TASKS = ("LaMP_2N", "LaMP_3", "LaMP_2M")
 
 
-def _add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -> None:
+def add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -> None:
     if single_task:
         parser.add_argument("--task", required=True,
                             help=f"LaMP task, e.g. one of the shipped samples ({', '.join(SHIPPED_TASKS)})")
@@ -26,7 +26,7 @@ def _add_data_args(parser: argparse.ArgumentParser, single_task: bool = False) -
     parser.add_argument("--split", default="dev", help="file prefix inside --data (default: dev)")
 
 
-def _add_memory_args(parser: argparse.ArgumentParser) -> None:
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", default=None,
                         help="memory folder (Qdrant Edge), ':memory:' (temporary); default $PERSONA_DSPY_HOME/memory")
     parser.add_argument("--qdrant-url", default=os.environ.get("PERSONA_DSPY_QDRANT_URL"),
@@ -48,43 +48,43 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
     parser.add_argument("--api-key", default=None,
                         help="API key (prefer env PERSONA_DSPY_API_KEY: command lines end up in shell history)")
     if temperature:
-        parser.add_argument("--temperature", type=_non_negative_float, default=0.0,
+        parser.add_argument("--temperature", type=non_negative_float, default=0.0,
                             help="sampling temperature (default 0)")
-    parser.add_argument("--max-tokens", type=_positive(int), default=512,
+    parser.add_argument("--max-tokens", type=positive(int), default=512,
                         help="completion token cap per call (default 512)")
-    parser.add_argument("--timeout", type=_positive(float), default=None,
+    parser.add_argument("--timeout", type=positive(float), default=None,
                         help="seconds per LM request (default 60; 600 for the embedded model, whose requests queue "
                              "for one CPU)")
-    parser.add_argument("--retries", type=_non_negative, default=3,
+    parser.add_argument("--retries", type=non_negative, default=3,
                         help="retries of a failed LM request, with backoff (default 3)")
-    parser.add_argument("--context-tokens", type=_positive(int), default=None,
+    parser.add_argument("--context-tokens", type=positive(int), default=None,
                         help="the model's context size in tokens, for a server that does not report it (llama.cpp "
                              "reports it at /props, vLLM at /v1/models); prompts are fitted to it")
     parser.add_argument("--strict", action="store_true",
                         help="fail (exit 2) when most of the model's outputs were invalid, instead of a warning")
-    parser.add_argument("--max-in-flight", type=_positive(int), default=None, metavar="N",
+    parser.add_argument("--max-in-flight", type=positive(int), default=None, metavar="N",
                         help="with several servers in --api-base (URL,URL,... or a file of URLs): calls in flight "
                              "per server (default 16)")
-    _add_server_args(parser)
+    add_server_args(parser)
 
 
-def _add_server_args(parser: argparse.ArgumentParser, slots_default: str = "--workers") -> None:
+def add_server_args(parser: argparse.ArgumentParser, slots_default: str = "--workers") -> None:
     """How the embedded llama.cpp server runs (--lm local and `serve`)."""
     group = parser.add_argument_group("embedded model server (--lm local)")
-    group.add_argument("--server-slots", type=_positive(int), default=None,
+    group.add_argument("--server-slots", type=positive(int), default=None,
                        help=f"parallel slots (default: {slots_default})")
-    group.add_argument("--server-threads", type=_positive(int), default=None,
+    group.add_argument("--server-threads", type=positive(int), default=None,
                        help="llama.cpp threads (default: cores - 1, at least 1; 2 is faster on an idle 2-core machine)")
-    group.add_argument("--server-context", type=_positive(int), default=None,
+    group.add_argument("--server-context", type=positive(int), default=None,
                        help="context tokens per slot (default 8192, SmolLM2's own)")
-    group.add_argument("--server-port", type=_non_negative, default=None, help="port on 127.0.0.1 (default: free)")
+    group.add_argument("--server-port", type=non_negative, default=None, help="port on 127.0.0.1 (default: free)")
     group.add_argument("--gpu-layers", type=int, default=None, help="layers offloaded to a GPU build (default 0)")
     group.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false", default=None,
                        help="recompute every prompt: slower, but a prompt sent twice at temperature 0 gets the same "
                             "answer (llama.cpp's reused prompt cache can change one)")
 
 
-def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
     """The embedded server's settings from the flags; slots default to the command's workers."""
     slots = args.server_slots or getattr(args, "workers", None) or 1
     options = {"slots": slots, "threads": args.server_threads, "context_per_slot": args.server_context,
@@ -92,27 +92,27 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def _add_optimizer_lm_args(parser: argparse.ArgumentParser) -> None:
+def add_optimizer_lm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer-lm", default=None,
                         help="a separate LM for textual loss, persona updates and reflection "
                              "(env PERSONA_DSPY_OPTIMIZER_LM; default: the task LM)")
     parser.add_argument("--optimizer-api-base", default=None, help="its server (env PERSONA_DSPY_OPTIMIZER_API_BASE)")
 
 
-def _add_user_args(parser: argparse.ArgumentParser) -> None:
+def add_user_args(parser: argparse.ArgumentParser) -> None:
     """The same user selection on every per-user command."""
     parser.add_argument("--users", nargs="+", default=None, metavar="ID", help="only these user ids")
-    parser.add_argument("--max-users", type=_positive(int), default=None, metavar="N",
+    parser.add_argument("--max-users", type=positive(int), default=None, metavar="N",
                         help="at most N users (the first in dataset order)")
 
 
-def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
     """The one progress rule: bars on stderr when it is a terminal, unless --progress or --no-progress says."""
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars on stderr (default: only when stderr is a terminal)")
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
+def progress_flag(args: argparse.Namespace) -> bool | None:
     return False if getattr(args, "quiet", False) and args.progress is None else args.progress
 
 
@@ -140,28 +140,28 @@ def _number(kind: type[int] | type[float], *, zero: bool) -> Callable[[str], Any
     return parse
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
     return _number(kind, zero=False)
 
 
-_non_negative_float = _number(float, zero=True)
-_non_negative = _number(int, zero=True)
+non_negative_float = _number(float, zero=True)
+non_negative = _number(int, zero=True)
 
 
-def _command(sub: Any, name: str, help: str, *, temperature: bool = True) -> argparse.ArgumentParser:
+def task_command(sub: Any, name: str, help: str, *, temperature: bool = True) -> argparse.ArgumentParser:
     """A command that answers with an LM on one task's data and memory: the flags they all share."""
-    parser = _subcommand(sub, name, help)
-    _add_data_args(parser, single_task=True)
-    _add_memory_args(parser)
+    parser = subcommand(sub, name, help)
+    add_data_args(parser, single_task=True)
+    add_memory_args(parser)
     _add_lm_args(parser, temperature=temperature)
     return parser
 
 
-def _subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+def subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, parents=[_verbosity_parent()])
 
 
-def _add_program_args(parser: argparse.ArgumentParser, initial: bool = True) -> None:
+def add_program_args(parser: argparse.ArgumentParser, initial: bool = True) -> None:
     """Where compiled programs are looked up (each user's by ``programs.program_path``)."""
     parser.add_argument("--programs", type=Path, default=None, metavar="DIR",
                         help="compiled programs folder (default $PERSONA_DSPY_HOME/programs/<task>, where compile "

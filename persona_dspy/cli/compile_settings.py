@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from persona_dspy.cli.arguments import _non_negative, _non_negative_float, _positive
+from persona_dspy.cli.arguments import non_negative, non_negative_float, positive
 from persona_dspy.cli.errors import CLIError
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ SETTINGS_FLAGS = {"batch_size": "batch_size", "iterations": "iterations", "k": "
 """Keys a ``compile --settings`` file may hold (tune's ``best_settings``, or written by hand) -> compile's flags."""
 
 
-def _settings_defaults(path: Path, task: str | None) -> dict[str, Any]:
+def settings_defaults(path: Path, task: str | None) -> dict[str, Any]:
     """compile's flag defaults from a settings file: ``tune --out``'s summary (its best settings) or a flat object."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -43,12 +43,12 @@ def _settings_defaults(path: Path, task: str | None) -> dict[str, Any]:
     if unknown:
         raise CLIError(f"--settings {path}: unknown setting(s) {', '.join(unknown)}; "
                        f"known: {', '.join(SETTINGS_FLAGS)}")
-    checks = {"temperature": _non_negative_float, "iterations": _non_negative, "mode": str}
+    checks = {"temperature": non_negative_float, "iterations": non_negative, "mode": str}
     defaults = {}
     for key, value in settings.items():
         flag = SETTINGS_FLAGS[key]
         try:
-            defaults[flag] = checks.get(flag, _positive(int))(str(value))
+            defaults[flag] = checks.get(flag, positive(int))(str(value))
         except argparse.ArgumentTypeError as exc:
             raise CLIError(f"--settings {path}: {key}: {exc}") from exc
     if defaults.get("mode", "demos") not in ("demos", "rag", "react"):

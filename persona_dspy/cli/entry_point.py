@@ -10,9 +10,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from persona_dspy.cli.compile_settings import _settings_defaults
-from persona_dspy.cli.errors import CLIError, _user_errors
-from persona_dspy.cli.interrupts import _INTERRUPTS
+from persona_dspy.cli.compile_settings import settings_defaults
+from persona_dspy.cli.errors import CLIError, user_errors
+from persona_dspy.cli.interrupts import INTERRUPTS
 from persona_dspy.cli.parser import build_parser
 
 
@@ -21,7 +21,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     args = parser.parse_args(argv)
     if getattr(args, "settings", None) is not None:
         try:
-            defaults = _settings_defaults(args.settings, args.task)
+            defaults = settings_defaults(args.settings, args.task)
         except CLIError as exc:
             parser.exit(2, f"persona-dspy: error: {exc}\n")
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     callers_servers = local.running() if local is not None else frozenset()
     code = 2
     try:
-        with _INTERRUPTS.installed():
+        with INTERRUPTS.installed():
             code = args.func(args)
     except KeyboardInterrupt:
         print("\npersona-dspy: interrupted", file=sys.stderr)
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
     except Exception as exc:
-        if not isinstance(exc, _user_errors()):
+        if not isinstance(exc, user_errors()):
             raise
         print(f"persona-dspy: error: {exc}", file=sys.stderr)
         code = 2

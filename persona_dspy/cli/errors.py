@@ -9,7 +9,7 @@ class CLIError(Exception):
     """A problem the user can fix; reported on one line, without a traceback."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions reported as one line: only the classes of modules already imported (none is imported here)."""
     classes: list[type[BaseException]] = [CLIError, ValueError]
     for module, name in (("dspy.utils.exceptions", "LMError"), ("persona_dspy.lm.local_server", "LocalServerError"),

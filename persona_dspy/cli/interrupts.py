@@ -56,4 +56,4 @@ class _Interrupts:
                 signal.signal(sig, handler)
 
 
-_INTERRUPTS = _Interrupts()
+INTERRUPTS = _Interrupts()

@@ -4,53 +4,71 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
 from typing import TYPE_CHECKING, Any
 
-from persona_dspy.cli.arguments import _server_options
+from persona_dspy.cli.arguments import server_options
 from persona_dspy.cli.errors import CLIError
 
 if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
     import dspy
 
+    from persona_dspy.lm.config import LMConfig
+
 logger = logging.getLogger(__name__)
 
 
-def _build_lm(args: argparse.Namespace) -> dspy.LM:
-    """The LM the flags (or PERSONA_DSPY_* variables) name, else the embedded local model; built before any call."""
+def lm_configs(args: argparse.Namespace) -> tuple[LMConfig, LMConfig | None]:
+    """The task LM's configuration (flags, then PERSONA_DSPY_* variables, then the embedded local model), fitted to
+    its server, and the optimizer LM's (None: the task LM). Fitting may lower ``args.workers`` (said on stderr)."""
+    from persona_dspy.lm.config import lm_config, optimizer_lm_config
+    from persona_dspy.lm.server_fit import fit_to_server
+
+    task = lm_config(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", None),
+                     max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
+                     server=server_options(args), max_in_flight=args.max_in_flight,
+                     context_tokens=args.context_tokens)
+    optimizer = optimizer_lm_config(args.optimizer_lm, args.optimizer_api_base, like=task) \
+        if hasattr(args, "optimizer_lm") else None
+    fit = fit_to_server(task, getattr(args, "workers", None))
+    if fit.note:
+        print(f"persona-dspy: note: {fit.note}", file=sys.stderr)
+    if fit.workers is not None:
+        args.workers = fit.workers
+    return (task.copy(timeout=fit.timeout) if fit.timeout is not None else task), optimizer
+
+
+def build_task_lm(args: argparse.Namespace, config: LMConfig | None = None) -> dspy.LM:
+    """The task LM (``config``, else the one the flags name), built before any call."""
     from persona_dspy.lm.build import build_lm
 
-    logger.info("building the LM (%s)", args.lm or os.environ.get("PERSONA_DSPY_LM") or "local: starts the model")
-    lm = build_lm(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", 0.0),
-                  max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
-                  server=_server_options(args), max_in_flight=args.max_in_flight)
-    if lm.kwargs.get("api_base"):
+    config = config if config is not None else lm_configs(args)[0]
+    logger.info("building the LM (%s)", "local: starts the model" if config.local else config.model)
+    lm = build_lm(config)
+    if lm.kwargs.get("api_base") or config.servers:
         import litellm
 
         litellm.suppress_debug_info = True  # its "Give Feedback / Get Help" banner is noise next to our one-line errors
-    from persona_dspy.lm.server_fit import fit_to_server
-
-    fit_to_server(lm, args)
     return lm
 
 
-def _build_optimizer_lm(args: argparse.Namespace, task_lm: dspy.LM) -> dspy.LM:
-    """The LM for loss, updates and reflection: --optimizer-lm (or its env variable), else the task LM itself."""
-    from persona_dspy.lm.build import build_optimizer_lm
+def build_lms(args: argparse.Namespace) -> tuple[dspy.LM, dspy.LM]:
+    """The task LM and the LM for loss, updates and reflection (--optimizer-lm, else the task LM itself)."""
+    from persona_dspy.lm.build import build_lm
 
-    return build_optimizer_lm(args.optimizer_lm, args.optimizer_api_base, task_lm=task_lm,
-                              temperature=getattr(args, "temperature", 0.0), max_tokens=args.max_tokens,
-                              timeout=args.timeout, num_retries=args.retries, server=_server_options(args))
+    task, optimizer = lm_configs(args)
+    lm = build_task_lm(args, task)
+    return lm, (build_lm(optimizer) if optimizer is not None else lm)
 
 
-def _lm_hint(lm: dspy.LM, error: object = "") -> str:
+def lm_hint(lm: dspy.LM, error: object = "") -> str:
     """What the error says happened at the server (refused, timed out while busy, context overflow...)."""
     from persona_dspy.lm.server_fit import explain_lm_error
 
     return explain_lm_error(str(error), lm)
 
 
-def _strict(totals: dict[str, Any], args: argparse.Namespace) -> None:
+def check_strict(totals: dict[str, Any], args: argparse.Namespace) -> None:
     """``--strict``: a run whose outputs were mostly invalid is an error (exit 2), not a result."""
     from persona_dspy.evaluation.output_counts import strict_failure
 

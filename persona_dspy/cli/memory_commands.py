@@ -11,17 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from persona_dspy.cli.errors import CLIError
-from persona_dspy.cli.task_data import _ingest, _load, _open_memory, _programs_dir, _selected, _task_histories, _tasks
+from persona_dspy.cli.task_data import (
+    ingest_histories,
+    load_task_data,
+    open_memory,
+    programs_dir,
+    selected_tasks,
+    selected_users,
+    task_histories,
+)
 from persona_dspy.console import plural
 
 logger = logging.getLogger(__name__)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    for task in _tasks(args):
-        histories = _selected(_load(task, args), args)
-        with _open_memory(task, args) as memory:
-            written = _ingest(memory, histories, args)
+    for task in selected_tasks(args):
+        histories = selected_users(load_task_data(task, args), args)
+        with open_memory(task, args) as memory:
+            written = ingest_histories(memory, histories, args)
             print(f"{task}: {plural(len(histories), 'user')}, {plural(written, 'item')} written, "
                   f"{memory.count()} stored at {memory.location} ({memory.embedder.config.label}, {memory.layout})")
     return 0
@@ -32,10 +40,10 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
     from persona_dspy.evaluation.retrieval_quality import evaluate_retrieval
 
     rows = []
-    for task in _tasks(args):
-        histories = _selected(_load(task, args), args)
-        with _open_memory(task, args) as memory:
-            _ingest(memory, histories, args)
+    for task in selected_tasks(args):
+        histories = selected_users(load_task_data(task, args), args)
+        with open_memory(task, args) as memory:
+            ingest_histories(memory, histories, args)
             strategies = ["recency", "majority", "bm25"] + (["dense", "hybrid"] if memory.embedder.has_dense else [])
             for strategy in strategies:
                 logger.info("%s: scoring %s retrieval", task, strategy)
@@ -102,15 +110,15 @@ def _program_row(path: Path) -> dict[str, Any]:
 
 def cmd_users(args: argparse.Namespace) -> int:
     """Every user of a task: data counts, memory status and compiled program, as a table or JSON."""
-    task, histories = _task_histories(args)
+    task, histories = task_histories(args)
     from persona_dspy.programs import find_program
 
     location = _memory_location(task, args)
     stored: dict[str, int] = {}
     if location is not None:
-        with _open_memory(task, args) as memory:
+        with open_memory(task, args) as memory:
             stored = {h.user_id: memory.count(h.user_id) for h in histories}
-    folder = _programs_dir(task, args)
+    folder = programs_dir(task, args)
     rows = []
     for history in histories:
         n_items, n_stored = len(history.items), stored.get(history.user_id, 0)
@@ -140,7 +148,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     """delete: forget users' stored memory; rebuild: delete and re-ingest them with the current embeddings."""
-    task, histories = _task_histories(args)
+    task, histories = task_histories(args)
     if args.action == "delete":
         if not args.user:
             raise CLIError("memory delete: name the user(s) with --user ID")
@@ -157,12 +165,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     what = f"{args.action} the {task} memory of {plural(len(users), 'user')} at {location}"
     if not args.yes:
         raise CLIError(f"this would {what}; add --yes to do it")
-    with _open_memory(task, args) as memory:
+    with open_memory(task, args) as memory:
         for user in users:
             memory.delete_user(user)
             logger.info("deleted the memory of %s", user)
         if args.action == "rebuild":
-            _ingest(memory, histories, args)
+            ingest_histories(memory, histories, args)
         print(f"{'deleted' if args.action == 'delete' else 'rebuilt'}: {plural(len(users), 'user')} at {location} "
               f"({memory.count()} items stored for {task} now, {memory.embedder.config.label})")
     return 0

@@ -9,24 +9,25 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from persona_dspy.cli.arguments import _progress, _server_options
+from persona_dspy.cli.arguments import progress_flag
 from persona_dspy.cli.errors import CLIError
-from persona_dspy.cli.interrupts import _INTERRUPTS
-from persona_dspy.cli.lm_options import _build_lm, _build_optimizer_lm, _lm_hint, _strict
-from persona_dspy.cli.task_data import _ingest, _open_memory, _task_histories
+from persona_dspy.cli.interrupts import INTERRUPTS
+from persona_dspy.cli.lm_options import build_lms, check_strict, lm_configs, lm_hint
+from persona_dspy.cli.task_data import ingest_histories, open_memory, task_histories
 from persona_dspy.console import plural
 
 if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
     from persona_dspy.data.records import UserHistory
+    from persona_dspy.jobs.compile_config import CompileConfig
 
 logger = logging.getLogger(__name__)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Align users' personas on their recent interactions and save one program file per user (resumable)."""
-    task, histories = _task_histories(args)  # data and user errors first: they import nothing heavy
+    task, histories = task_histories(args)  # data and user errors first: they import nothing heavy
     from persona_dspy.files import check_writable_dir
     from persona_dspy.programs import default_programs_dir
 
@@ -35,20 +36,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.ray is not None:  # the only place Ray enters: without --ray it is never imported
         lm, summary = _compile_on_ray(args, task, histories, out)
     else:
-        lm = _build_lm(args)
-        optimizer_lm = _build_optimizer_lm(args, lm)
+        lm, optimizer_lm = build_lms(args)
         from persona_dspy.jobs.compile import compile_users
-        with _open_memory(task, args) as memory:
-            _ingest(memory, histories, args)
-            with _INTERRUPTS.graceful() as interrupt:
+        with open_memory(task, args) as memory:
+            ingest_histories(memory, histories, args)
+            with INTERRUPTS.graceful() as interrupt:
                 logger.info("compiling %s into %s", plural(len(histories), "user"), out)
-                summary = compile_users(
-                    histories, memory=memory, out_dir=out, lm=lm, optimizer_lm=optimizer_lm, mode=args.mode,
-                    k=args.k, n_recent=args.recent, workers=args.workers, force=args.force, progress=_progress(args),
-                    interrupt=interrupt, **_aligner_flags(args),
-                )
+                summary = compile_users(histories, compile_config(args, out), memory=memory, lm=lm,
+                                        optimizer_lm=optimizer_lm, progress=progress_flag(args), interrupt=interrupt)
     from persona_dspy.evaluation.evaluate import OFFLINE_NOTE
-    from persona_dspy.lm.build import is_offline
+    from persona_dspy.lm.report import is_offline
     print(summary.table())
     if is_offline(lm):
         print(f"NOTE: {OFFLINE_NOTE}")
@@ -60,50 +57,41 @@ def cmd_compile(args: argparse.Namespace) -> int:
     failed = summary.count("failed")
     if failed and failed == len(summary.results):
         first = summary.results[0].error
-        raise CLIError(f"no user could be compiled; first: {first}{_lm_hint(lm, first)}")
-    _strict(summary.output_totals(), args)
+        raise CLIError(f"no user could be compiled; first: {first}{lm_hint(lm, first)}")
+    check_strict(summary.output_totals(), args)
     if summary.summary_error:
         print(f"persona-dspy: warning: {summary.summary_error}", file=sys.stderr)
     return 1 if failed or summary.summary_error else 0
 
 
-def _aligner_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {"batch_size": args.batch_size, "iterations": args.iterations, "candidates_per_step": args.candidates,
-            "max_persona_words": args.max_persona_words}
+def compile_config(args: argparse.Namespace, out: Path) -> CompileConfig:
+    """compile's settings from its flags (after ``--settings``), the same for threads and Ray."""
+    from persona_dspy.jobs.compile_config import CompileConfig
+
+    return CompileConfig(out, mode=args.mode, k=args.k, n_recent=args.recent, workers=args.workers, force=args.force,
+                         aligner_settings={"batch_size": args.batch_size, "iterations": args.iterations,
+                                           "candidates_per_step": args.candidates,
+                                           "max_persona_words": args.max_persona_words})
 
 
 def _compile_on_ray(args: argparse.Namespace, task: str, histories: list[UserHistory], out: Path):
     """``compile --ray``: workers build the LMs and open the memory from these settings (``jobs.distributed``)."""
-    from persona_dspy.jobs.distributed import LMSpec, MemorySpec, compile_on_ray
-    from persona_dspy.lm.build import LOCAL, is_local
-    from persona_dspy.lm.pool import server_list
+    from persona_dspy.jobs.distributed import MemorySpec, compile_on_ray
+    from persona_dspy.lm.build import build_lm
 
-    model = args.lm or os.environ.get("PERSONA_DSPY_LM")
-    if is_local((model or "").strip() or LOCAL):
+    lm, optimizer = lm_configs(args)  # a file of servers is read here, once: workers get the URLs
+    if lm.local:
         raise CLIError("--ray needs a model server every worker can reach (--lm <model> --api-base URL[,URL...], "
                        "e.g. `persona-dspy serve` for the local model) or --lm offline: the embedded model would "
                        "start one server per worker process")
-    servers = server_list(args.api_base or os.environ.get("PERSONA_DSPY_API_BASE"))  # a file is read here, once
-    options = {"temperature": args.temperature, "max_tokens": args.max_tokens, "timeout": args.timeout,
-               "num_retries": args.retries, "max_in_flight": args.max_in_flight}
-    lm = LMSpec(model, ",".join(servers) if servers else None, args.api_key,
-                {key: value for key, value in options.items() if value is not None})
-    optimizer = None
-    if args.optimizer_lm or os.environ.get("PERSONA_DSPY_OPTIMIZER_LM"):
-        bases = server_list(args.optimizer_api_base or os.environ.get("PERSONA_DSPY_OPTIMIZER_API_BASE"))
-        optimizer = LMSpec(args.optimizer_lm or os.environ.get("PERSONA_DSPY_OPTIMIZER_LM"),
-                           ",".join(bases) if bases else None, os.environ.get("PERSONA_DSPY_OPTIMIZER_API_KEY"),
-                           lm.options)
     memory = MemorySpec(task, None if args.qdrant_url else str(args.memory or _default_memory()), args.qdrant_url,
                         os.environ.get("PERSONA_DSPY_QDRANT_API_KEY"), args.dense)
-    with _INTERRUPTS.graceful() as interrupt:
+    with INTERRUPTS.graceful() as interrupt:
         logger.info("compiling %s into %s on Ray (%s)", plural(len(histories), "user"), out, args.ray)
-        summary = compile_on_ray(histories, out_dir=out, lm=lm, memory=memory, optimizer_lm=optimizer,
-                                 address=args.ray, processes=args.ray_processes, threads=args.workers,
-                                 batch=args.ray_batch, mode=args.mode, k=args.k, n_recent=args.recent,
-                                 force=args.force, progress=_progress(args), interrupt=interrupt,
-                                 **_aligner_flags(args))
-    return lm.build(), summary
+        summary = compile_on_ray(histories, compile_config(args, out), lm=lm, memory=memory, optimizer_lm=optimizer,
+                                 address=args.ray, processes=args.ray_processes, batch=args.ray_batch,
+                                 progress=progress_flag(args), interrupt=interrupt)
+    return build_lm(lm), summary
 
 
 def _default_memory() -> Path:
@@ -116,22 +104,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run every optimizer on the same users, trainsets and validation slices; write JSON and CSV."""
     from persona_dspy.files import home
 
-    task, histories = _task_histories(args)
-    lm = _build_lm(args)
-    optimizer_lm = _build_optimizer_lm(args, lm)
+    task, histories = task_histories(args)
+    lm, optimizer_lm = build_lms(args)
     from persona_dspy.jobs.comparison import compare_optimizers
 
     out = args.out if args.out is not None else home() / "reports" / f"compare-{task}"
-    with _open_memory(task, args) as memory:
-        _ingest(memory, histories, args)
+    with open_memory(task, args) as memory:
+        ingest_histories(memory, histories, args)
         logger.info("comparing %s on %s", plural(len(args.optimizers), "optimizer"), plural(len(histories), "user"))
         report = compare_optimizers(histories, memory=memory, lm=lm, optimizer_lm=optimizer_lm,
                                     optimizers=tuple(args.optimizers), n_recent=args.recent, k=args.k,
-                                    seed=args.seed, progress=_progress(args))
+                                    seed=args.seed, progress=progress_flag(args))
     print(report.table())
     for kind, path in report.save(out).items():
         print(f"{kind}: {path}")
-    _strict(report.output_totals, args)
+    check_strict(report.output_totals, args)
     return 0
 
 
@@ -139,10 +126,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Search the aligner's settings on dev users with Optuna (SQLite study, resumable)."""
     from persona_dspy.files import home
 
-    task, histories = _task_histories(args)
-    # Built here only to check the flags before the study starts (nothing is sent): each trial builds its own LM
-    # at the trial's temperature.
-    _build_optimizer_lm(args, _build_lm(args))
+    task, histories = task_histories(args)
+    # Checked before the study starts: each trial builds its own LM, at the trial's temperature.
+    lm, optimizer = lm_configs(args)
     import optuna
 
     from persona_dspy.files import write_atomically
@@ -151,17 +137,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one log line per trial is noise next to the summary
     storage = args.storage or f"sqlite:///{home() / 'tuning.db'}"
-    with _open_memory(task, args) as memory:
-        _ingest(memory, histories, args)
+    with open_memory(task, args) as memory:
+        ingest_histories(memory, histories, args)
         logger.info("tuning: %s in %s", plural(args.n_trials, "trial"), storage)
         summary = run_tuning(
-            task, histories, memory, lm_model=args.lm, api_base=args.api_base, api_key=args.api_key,
-            optimizer_lm_model=args.optimizer_lm, optimizer_api_base=args.optimizer_api_base, storage=storage,
+            task, histories, memory, lm=lm, optimizer_lm=optimizer, storage=storage,
             study_name=args.study_name or f"tune-{task}-{args.mode}", n_trials=args.n_trials,
             max_lm_calls_per_user=args.max_calls_per_user, multi_objective=args.multi_objective,
             algorithm=args.sampler, seed=args.seed, n_recent=args.recent, mode=args.mode, workers=args.workers,
-            max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries, progress=_progress(args),
-            server=_server_options(args),
+            progress=progress_flag(args),
         )
     summary["compile_settings"] = {"mode": args.mode, "n_recent": args.recent}  # what `compile --settings` also needs
     print(f"{task}: {plural(summary['trials_done'], 'trial')} done ({summary['trials_failed']} failed) in {storage}")
@@ -183,5 +167,5 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"summary: {args.out}")
         if not summary.get("no_best_reason"):
             print(f"to compile with these settings: persona-dspy compile --task {task} --settings {args.out}")
-    _strict(summary["output_totals"], args)
+    check_strict(summary["output_totals"], args)
     return 1 if summary.get("no_best_reason") else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from persona_dspy.cli.arguments import _server_options
+from persona_dspy.cli.arguments import server_options
 from persona_dspy.cli.errors import CLIError
 
 
@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from persona_dspy.lm.local_server import LocalServer, ServerSettings
     from persona_dspy.lm.models import resolve_model
 
-    settings = ServerSettings(resolve_model(args.model), **{"port": 8080, **_server_options(args)})
+    settings = ServerSettings(resolve_model(args.model), **{"port": 8080, **server_options(args)})
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with LocalServer(settings) as server:

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persona_dspy.cli.arguments import SHIPPED_TASKS, _progress
+from persona_dspy.cli.arguments import SHIPPED_TASKS, progress_flag
 from persona_dspy.cli.errors import CLIError
 from persona_dspy.console import plural
 
@@ -20,13 +20,13 @@ if TYPE_CHECKING:  # imported lazily, so that `--help` and data errors stay fast
 logger = logging.getLogger(__name__)
 
 
-def _selected(histories: list[UserHistory], args: argparse.Namespace) -> list[UserHistory]:
+def selected_users(histories: list[UserHistory], args: argparse.Namespace) -> list[UserHistory]:
     from persona_dspy.data.records import select_users
 
     return select_users(histories, args.users, args.max_users)
 
 
-def _tasks(args: argparse.Namespace) -> list[str]:
+def selected_tasks(args: argparse.Namespace) -> list[str]:
     from persona_dspy.data.tasks import normalize_task_name
 
     if args.task == "all":
@@ -36,23 +36,23 @@ def _tasks(args: argparse.Namespace) -> list[str]:
     return [normalize_task_name(args.task)]
 
 
-def _data_folder(task: str, args: argparse.Namespace) -> Path:
+def data_folder(task: str, args: argparse.Namespace) -> Path:
     from persona_dspy.data.lamp import dataset_dir
 
     return args.data if args.data is not None else dataset_dir(task)
 
 
-def _load(task: str, args: argparse.Namespace):
+def load_task_data(task: str, args: argparse.Namespace):
     from persona_dspy.data.lamp import load_dataset
 
-    folder = _data_folder(task, args)
+    folder = data_folder(task, args)
     histories = load_dataset(folder, split=args.split)
     if histories and task != "LaMP_2" and histories[0].task != task:
         raise ValueError(f"{folder} holds {histories[0].task}, not {task}")
     return histories
 
 
-def _open_memory(task: str, args: argparse.Namespace):
+def open_memory(task: str, args: argparse.Namespace):
     from persona_dspy.memory.embeddings import EmbeddingConfig
     from persona_dspy.memory.episodic import EpisodicMemory
 
@@ -62,7 +62,7 @@ def _open_memory(task: str, args: argparse.Namespace):
     return EpisodicMemory.for_task(task, args.memory, embedding=config)
 
 
-def _ingest(memory: EpisodicMemory, histories: list[UserHistory], args: argparse.Namespace) -> int:
+def ingest_histories(memory: EpisodicMemory, histories: list[UserHistory], args: argparse.Namespace) -> int:
     """Store the users' histories, a bar step per user (idempotent: items already stored as they are cost nothing)."""
     from persona_dspy.console import progress_bar
 
@@ -70,7 +70,7 @@ def _ingest(memory: EpisodicMemory, histories: list[UserHistory], args: argparse
     logger.info("ingesting %s into %s (%s)", plural(len(histories), "user"), memory.location,
                 memory.embedder.config.label)
     written = 0
-    with progress_bar(len(histories), f"ingest {task}", _progress(args)) as bar:
+    with progress_bar(len(histories), f"ingest {task}", progress_flag(args)) as bar:
         for history in histories:
             written += memory.add_histories([history])
             bar.update(1)
@@ -78,7 +78,7 @@ def _ingest(memory: EpisodicMemory, histories: list[UserHistory], args: argparse
     return written
 
 
-def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
+def task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
     """One task's users: the task name (LaMP_2 resolved from the data) and its histories, selected by the flags.
 
     Read before any LM is built, so that a data error costs no model start and imports nothing heavy.
@@ -86,16 +86,16 @@ def _task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
     from persona_dspy.data.tasks import normalize_task_name
 
     task = normalize_task_name(args.task)
-    logger.info("reading the %s data from %s", task, _data_folder(task, args))
-    histories = _load(task, args)
+    logger.info("reading the %s data from %s", task, data_folder(task, args))
+    histories = load_task_data(task, args)
     if not histories:
         raise CLIError(f"no users in the {task} data")
     if hasattr(args, "max_users"):
-        histories = _selected(histories, args)
+        histories = selected_users(histories, args)
     return histories[0].task, histories
 
 
-def _programs_dir(task: str, args: argparse.Namespace) -> Path:
+def programs_dir(task: str, args: argparse.Namespace) -> Path:
     from persona_dspy.programs import default_programs_dir
 
     return args.programs if args.programs is not None else default_programs_dir(task)

@@ -10,23 +10,31 @@ carry none; each ``Query`` keeps exactly its own profile, since a later query's 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
-import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from persona_dspy.data.lamp_fields import (
+    DataError,
+    DatasetNotFoundError,
+    PathLike,
+    extra_text,
+    field_text,
+    normalize_label,
+    parse_date,
+    profile_cutoff,
+    read_json,
+    read_record_id,
+    type_name,
+)
 from persona_dspy.data.records import HistoryItem, Query, UserHistory
 from persona_dspy.data.tasks import TASKS, TaskSpec, get_task, normalize_task_name, resolve_lamp2
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 
 # OPPU names its data folders and --task_name after the task, not the LaMP id (OPPU utils.name2taskid).
 OPPU_TASK_NAMES: dict[str, str] = {
@@ -40,139 +48,6 @@ OPPU_TASK_NAMES: dict[str, str] = {
 }
 
 _PROFILE_USER_PREFIX = "profile-"
-_SCORE_RE = re.compile(r"([1-5])(?:\.0+)?")
-_LOOSE_DATE_RE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
-_YEAR_RE = re.compile(r"\d{4}")
-_TIMESTAMP_RE = re.compile(r"\d{9,}(?:\.\d+)?")
-
-
-class DataError(ValueError):
-    """A data file that cannot be loaded as it is.
-
-    The message always names the file, the record (kind and id) when there is one, and the field,
-    so a bad record can be found in a multi-megabyte file without a debugger.
-    """
-
-    def __init__(self, path: PathLike, problem: str, *, record: str | None = None, record_id: object = None,
-                 field: str | None = None, context: str | None = None) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.record = record
-        self.record_id = None if record_id is None else str(record_id)
-        self.field = field
-        self.context = context
-        parts = [self.path]
-        if record is not None:
-            where = f"{record} {self.record_id!r}" if self.record_id is not None else record
-            if context:
-                where += f" ({context})"
-            parts.append(where)
-        if field is not None:
-            parts.append(f"field {field!r}")
-        parts.append(problem)
-        super().__init__(": ".join(parts))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only arguments: rebuild from them, so the error survives pickling (worker processes).
-        return _rebuild_error, (type(self), self.path, self.problem, self.record, self.record_id, self.field,
-                                self.context)
-
-
-def _rebuild_error(cls: type[DataError], path: str, problem: str, record: str | None, record_id: str | None,
-                   field: str | None, context: str | None) -> DataError:
-    return cls(path, problem, record=record, record_id=record_id, field=field, context=context)
-
-
-class DatasetNotFoundError(DataError, FileNotFoundError):
-    """No shipped sample for a task: a DataError (what callers already catch) and a FileNotFoundError."""
-
-
-# --------------------------------------------------------------------------------------------- dates
-
-
-def parse_date(value: Any) -> datetime:
-    """Read a profile item's date into a naive UTC datetime; ValueError if it is not a date.
-
-    Timezone-aware values are converted to UTC and made naive so every item of a user compares.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a date: {value!r}")
-    if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"not a date: {value!r}")
-        if isinstance(value, int) and 1000 <= value <= 9999:
-            return datetime(value, 1, 1)
-        if abs(value) >= 1e8:
-            return _from_timestamp(float(value))
-        raise ValueError(f"not a date (neither a 4-digit year nor a unix timestamp): {value!r}")
-    if not isinstance(value, str):
-        raise ValueError(f"not a date: {value!r}")
-    text = value.strip()
-    if _TIMESTAMP_RE.fullmatch(text):
-        return _from_timestamp(float(text))
-    if _YEAR_RE.fullmatch(text):
-        return datetime(int(text), 1, 1)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        loose = _LOOSE_DATE_RE.fullmatch(text)
-        if not loose:
-            raise ValueError(f"not an ISO date/datetime or unix timestamp: {value!r}") from None
-        year, month, day = (int(g) for g in loose.groups())
-        parsed = datetime(year, month, day)  # raises ValueError on e.g. month 13
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed
-
-
-def _from_timestamp(seconds: float) -> datetime:
-    try:
-        return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise ValueError(f"unix timestamp out of range: {seconds!r}") from exc
-
-
-def _cutoff(dates: Iterable[datetime]) -> datetime | None:
-    """The day after the newest date (midnight): everything in the profile is strictly before it."""
-    newest = max(dates, default=None)
-    if newest is None:
-        return None
-    return datetime.combine(newest.date(), time()) + timedelta(days=1)
-
-
-# ---------------------------------------------------------------------------------------- raw files
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
-    except IsADirectoryError:
-        raise DataError(path, "is a directory, expected a JSON file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(path, f"not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _record_id(path: Path, record: Mapping[str, Any], kind: str, index: int, context: str | None = None) -> str:
-    """The record's ``id`` as a string (files sometimes use ints)."""
-    if "id" not in record:
-        raise DataError(path, "missing", record=kind, record_id=f"#{index}", field="id", context=context)
-    value = record["id"]
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise DataError(path, f"must be a string or an integer, got {_type_name(value)}", record=kind,
-                        record_id=f"#{index}", field="id", context=context)
-    text = str(value)
-    if not text.strip():
-        raise DataError(path, "is empty", record=kind, record_id=f"#{index}", field="id", context=context)
-    return text
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -205,51 +80,6 @@ def _resolve_lamp2(path: Path, profiles: Iterable[Sequence[Any]]) -> str:
                           "pass task='LaMP_2N' or task='LaMP_2M'", field="task")
 
 
-# ------------------------------------------------------------------------------------------- values
-
-
-def _normalize_label(spec: TaskSpec, value: Any) -> str:
-    """The label as the task's label list spells it; ValueError when it is not one of them.
-
-    LaMP-3 scores appear as "5", 5 or "5.0" depending on who wrote the file: all become "5".
-    """
-    labels = spec.labels
-    if spec.name == "LaMP_3":
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a score 1-5")
-        if isinstance(value, int) and 1 <= value <= 5:
-            return str(value)
-        if isinstance(value, float) and value.is_integer() and 1 <= value <= 5:
-            return str(int(value))
-        if isinstance(value, str):
-            match = _SCORE_RE.fullmatch(value.strip())
-            if match:
-                return match.group(1)
-        raise ValueError(f"{value!r} is not a score 1-5")
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {_type_name(value)}")
-    if labels is not None and value not in labels:
-        raise ValueError(f"{value!r} is not one of the {spec.name} labels: {', '.join(labels)}")
-    return value
-
-
-def _field_text(value: Any) -> str:
-    """A profile field as text: strings as they are, numbers via str()."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError(f"must be text, got {_type_name(value)}")
-
-
-def _extra_text(value: Any) -> str:
-    """Fields the task does not use are kept, as text (JSON for structured values)."""
-    try:
-        return _field_text(value)
-    except ValueError:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
 # ------------------------------------------------------------------------------------ parsed records
 
 
@@ -274,9 +104,9 @@ class _Question:
 
 def _parse_item(path: Path, spec: TaskSpec, raw: Any, index: int, context: str) -> _Item:
     if not isinstance(raw, Mapping):
-        raise DataError(path, f"must be an object, got {_type_name(raw)}", record="profile item",
+        raise DataError(path, f"must be an object, got {type_name(raw)}", record="profile item",
                         record_id=f"#{index}", context=context)
-    item_id = _record_id(path, raw, "profile item", index, context)
+    item_id = read_record_id(path, raw, "profile item", index, context)
 
     def fail(field: str, problem: str) -> DataError:
         return DataError(path, problem, record="profile item", record_id=item_id, field=field, context=context)
@@ -293,13 +123,13 @@ def _parse_item(path: Path, spec: TaskSpec, raw: Any, index: int, context: str) 
             raise fail(name, f"missing (a {spec.name} profile item needs {', '.join(spec.profile_fields)})")
         try:
             if name == spec.label_field:
-                checked[name] = _normalize_label(spec, raw[name])
+                checked[name] = normalize_label(spec, raw[name])
             else:
-                checked[name] = _field_text(raw[name])
+                checked[name] = field_text(raw[name])
         except ValueError as exc:
             raise fail(name, str(exc)) from None
     # The file's field order; fields the task does not use are kept too.
-    fields = {name: checked[name] if name in checked else _extra_text(value)
+    fields = {name: checked[name] if name in checked else extra_text(value)
               for name, value in raw.items() if name not in ("id", "date")}
     return _Item(item_id, date, fields)
 
@@ -308,7 +138,7 @@ def _parse_profile(path: Path, spec: TaskSpec, raw: Any, record: str, record_id:
     """The items of one profile (of a question, or of an OPPU user), validated against the task."""
     context = f"{record} {record_id!r}"
     if not isinstance(raw, list):
-        raise DataError(path, f"must be a list of profile items, got {_type_name(raw)}", record=record,
+        raise DataError(path, f"must be a list of profile items, got {type_name(raw)}", record=record,
                         record_id=record_id, field="profile")
     seen: dict[str, _Item] = {}
     items: list[_Item] = []
@@ -329,9 +159,9 @@ def _parse_gold(path: Path, spec: TaskSpec, value: Any, question_id: str, record
     """A gold output, checked against the task's label list (LaMP-3 scores normalised)."""
     try:
         if spec.labels is not None:
-            return _normalize_label(spec, value)
+            return normalize_label(spec, value)
         if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {_type_name(value)}")
+            raise ValueError(f"must be a string, got {type_name(value)}")
         return value
     except ValueError as exc:
         raise DataError(path, str(exc), record=record, record_id=question_id, field=field) from None
@@ -339,14 +169,14 @@ def _parse_gold(path: Path, spec: TaskSpec, value: Any, question_id: str, record
 
 def _read_golds(path: Path) -> tuple[str | None, dict[str, Any]]:
     """The outputs file's task (None when absent) and its raw outputs by question id."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, Mapping):
-        raise DataError(path, f'expected an object {{"task", "golds": [...]}}, got {_type_name(data)}')
+        raise DataError(path, f'expected an object {{"task", "golds": [...]}}, got {type_name(data)}')
     task = None
     if "task" in data:
         raw_task = data["task"]
         if not isinstance(raw_task, str):
-            raise DataError(path, f"must be a string, got {_type_name(raw_task)}", field="task")
+            raise DataError(path, f"must be a string, got {type_name(raw_task)}", field="task")
         try:
             task = _normalize_task(raw_task)
         except ValueError as exc:
@@ -355,12 +185,12 @@ def _read_golds(path: Path) -> tuple[str | None, dict[str, Any]]:
         raise DataError(path, "missing", field="golds")
     golds = data["golds"]
     if not isinstance(golds, list):
-        raise DataError(path, f"must be a list, got {_type_name(golds)}", field="golds")
+        raise DataError(path, f"must be a list, got {type_name(golds)}", field="golds")
     outputs: dict[str, Any] = {}
     for index, gold in enumerate(golds):
         if not isinstance(gold, Mapping):
-            raise DataError(path, f"must be an object, got {_type_name(gold)}", record="gold", record_id=f"#{index}")
-        gold_id = _record_id(path, gold, "gold", index)
+            raise DataError(path, f"must be an object, got {type_name(gold)}", record="gold", record_id=f"#{index}")
+        gold_id = read_record_id(path, gold, "gold", index)
         if "output" not in gold:
             raise DataError(path, "missing", record="gold", record_id=gold_id, field="output")
         if gold_id in outputs:
@@ -450,7 +280,7 @@ def _user_history(path: Path, spec: TaskSpec, user_id: str, profiles: Sequence[t
     items = [HistoryItem.from_fields(spec, it.id, it.date, it.fields, position) for position, it in enumerate(order)]
     queries = [
         Query(q.id, q.input, q.gold, frozenset(i.id for i in q.profile),
-              _cutoff(i.date for i in q.profile if i.date is not None))
+              profile_cutoff(i.date for i in q.profile if i.date is not None))
         for q in questions
     ]
     return UserHistory(user_id=user_id, task=spec.name, items=items, queries=queries)
@@ -461,7 +291,7 @@ def _question_text(path: Path, record: Mapping[str, Any], kind: str, record_id: 
         raise DataError(path, "missing", record=kind, record_id=record_id, field="input")
     value = record["input"]
     if not isinstance(value, str):
-        raise DataError(path, f"must be a string, got {_type_name(value)}", record=kind, record_id=record_id,
+        raise DataError(path, f"must be a string, got {type_name(value)}", record=kind, record_id=record_id,
                         field="input")
     return value
 
@@ -505,9 +335,9 @@ def load_lamp(questions_path: PathLike, outputs_path: PathLike | None = None, ta
     opath = Path(outputs_path) if outputs_path is not None else None
     arg_task = _normalize_task(task) if task is not None else None
 
-    raw = _read_json(qpath)
+    raw = read_json(qpath)
     if not isinstance(raw, list):
-        raise DataError(qpath, f'expected a list of questions [{{"id", "input", "profile"}}], got {_type_name(raw)}')
+        raise DataError(qpath, f'expected a list of questions [{{"id", "input", "profile"}}], got {type_name(raw)}')
     file_task, outputs = _read_golds(opath) if opath is not None else (None, None)
     combined = _combine_tasks(file_task, arg_task, opath)
 
@@ -515,9 +345,9 @@ def load_lamp(questions_path: PathLike, outputs_path: PathLike | None = None, ta
     seen_ids: set[str] = set()
     for index, record in enumerate(raw):
         if not isinstance(record, Mapping):
-            raise DataError(qpath, f"must be an object, got {_type_name(record)}", record="question",
+            raise DataError(qpath, f"must be an object, got {type_name(record)}", record="question",
                             record_id=f"#{index}")
-        qid = _record_id(qpath, record, "question", index)
+        qid = read_record_id(qpath, record, "question", index)
         if qid in seen_ids:
             raise DataError(qpath, "duplicate question id", record="question", record_id=qid, field="id")
         seen_ids.add(qid)
@@ -570,9 +400,9 @@ def load_oppu(history_path: PathLike, label_path: PathLike | None, task: str | N
     lpath = Path(label_path) if label_path is not None else None
     arg_task = _normalize_task(task) if task is not None else None
 
-    raw = _read_json(hpath)
+    raw = read_json(hpath)
     if not isinstance(raw, list):
-        raise DataError(hpath, f'expected a list of users [{{"user_id", "profile", "query"}}], got {_type_name(raw)}')
+        raise DataError(hpath, f'expected a list of users [{{"user_id", "profile", "query"}}], got {type_name(raw)}')
     file_task, outputs = _read_golds(lpath) if lpath is not None else (None, None)
     combined = _combine_tasks(file_task, arg_task, lpath)
 
@@ -580,7 +410,7 @@ def load_oppu(history_path: PathLike, label_path: PathLike | None, task: str | N
     seen_users: set[str] = set()
     for index, record in enumerate(raw):
         if not isinstance(record, Mapping):
-            raise DataError(hpath, f"must be an object, got {_type_name(record)}", record="user", record_id=f"#{index}")
+            raise DataError(hpath, f"must be an object, got {type_name(record)}", record="user", record_id=f"#{index}")
         if "user_id" not in record:
             raise DataError(hpath, "missing", record="user", record_id=f"#{index}", field="user_id")
         user_id = _user_id(hpath, record, "user", f"#{index}")
@@ -591,7 +421,7 @@ def load_oppu(history_path: PathLike, label_path: PathLike | None, task: str | N
             if name not in record:
                 raise DataError(hpath, "missing", record="user", record_id=user_id, field=name)
         if not isinstance(record["query"], list):
-            raise DataError(hpath, f"must be a list of queries, got {_type_name(record['query'])}", record="user",
+            raise DataError(hpath, f"must be a list of queries, got {type_name(record['query'])}", record="user",
                             record_id=user_id, field="query")
         users_raw.append((record, user_id))
     spec = _spec_for(combined, hpath, (r["profile"] for r, _ in users_raw if isinstance(r["profile"], list)))
@@ -602,9 +432,9 @@ def load_oppu(history_path: PathLike, label_path: PathLike | None, task: str | N
     for record, user_id in users_raw:
         for index, query in enumerate(record["query"]):
             if not isinstance(query, Mapping):
-                raise DataError(hpath, f"must be an object, got {_type_name(query)}", record="query",
+                raise DataError(hpath, f"must be an object, got {type_name(query)}", record="query",
                                 record_id=f"#{index}", context=f"user {user_id!r}")
-            qid = _record_id(hpath, query, "query", index, f"user {user_id!r}")
+            qid = read_record_id(hpath, query, "query", index, f"user {user_id!r}")
             if qid in seen_ids:
                 raise DataError(hpath, "duplicate query id", record="query", record_id=qid, field="id")
             seen_ids.add(qid)

@@ -34,8 +34,9 @@ from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.budget import PromptTooLong, overflow_sizes
-from persona_dspy.lm.build import LMUsage, describe_lm, is_offline, redact_text
-from persona_dspy.lm.usage import counting
+from persona_dspy.lm.redact import redact_text
+from persona_dspy.lm.report import describe_lm, is_offline
+from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.outputs.validation import OutputStats
 from persona_dspy.outputs.validation import record as record_output

@@ -31,9 +31,13 @@ from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
 from persona_dspy.evaluation.runner import run_users
 from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user, persona_problem
+from persona_dspy.jobs.compile_config import CompileConfig
 from persona_dspy.lm.adapters import default_adapter
 from persona_dspy.lm.budget import overflow_sizes
-from persona_dspy.lm.build import describe_lm, redact_text
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.config import LMConfig
+from persona_dspy.lm.redact import redact_text
+from persona_dspy.lm.report import describe_lm
 from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.outputs.validation import OutputStats
@@ -227,6 +231,12 @@ class CompileJob:
     force: bool = False
     aligner_settings: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, task: str, config: CompileConfig, memory: EpisodicMemory, lm: dspy.LM,
+           optimizer_lm: dspy.LM | None) -> CompileJob:
+        return cls(task, config.out_dir, memory, lm, optimizer_lm, config.mode, config.k, config.n_recent,
+                   config.force, dict(config.aligner_settings))
+
     @property
     def settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "k": self.k, "n_recent": self.n_recent, **self.aligner_settings}
@@ -274,20 +284,17 @@ def compile_user(history: UserHistory, job: CompileJob) -> UserResult:
                           error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot())
 
 
-def prepare_compile(histories: Sequence[UserHistory], out: Path, users: Sequence[str] | None,
-                    workers: int) -> tuple[str, list[UserHistory]]:
+def prepare_compile(histories: Sequence[UserHistory], config: CompileConfig) -> tuple[str, list[UserHistory]]:
     """The task and selected users, once the programs folder is proven usable (before any LM call is spent)."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     if not histories:
         raise ValueError("no users to compile")
     task = histories[0].task
     if get_task(task).label_field is None:
         raise ValueError(f"{task} history items carry no answer (LaMP-1 papers, LaMP-7 tweets), so there is nothing "
                          f"to align a persona on; evaluate the initial persona with `persona-dspy eval` instead")
-    selected = select_users(histories, users)
-    check_writable_dir(out, MIN_FREE_BYTES + PROGRAM_BYTES * len(selected))
-    remove_stale_temps(out)
+    selected = select_users(histories, config.users)
+    check_writable_dir(config.out_dir, MIN_FREE_BYTES + PROGRAM_BYTES * len(selected))
+    remove_stale_temps(config.out_dir)
     return task, selected
 
 
@@ -309,30 +316,29 @@ def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], sta
 
 def compile_users(
     histories: Sequence[UserHistory],
+    config: CompileConfig | None = None,
     *,
     memory: EpisodicMemory,
-    out_dir: str | Path,
-    lm: dspy.LM,
-    optimizer_lm: dspy.LM | None = None,
-    mode: AgentMode = DEFAULT_MODE,
-    k: int = 5,
-    n_recent: int = DEFAULT_RECENT,
-    workers: int = 4,
-    users: Sequence[str] | None = None,
-    force: bool = False,
+    lm: dspy.LM | LMConfig,
+    optimizer_lm: dspy.LM | LMConfig | None = None,
     progress: bool | None = None,
     interrupt: threading.Event | None = None,
-    **aligner_settings: Any,
+    **settings: Any,
 ) -> CompileSummary:
-    """Align and save every selected user's program on ``workers`` threads (see module docstring).
+    """Align and save every selected user's program on ``config.workers`` threads (see module docstring).
+
+    ``config``: a ``CompileConfig``; ``settings`` by name (``out_dir``, ``workers``, ``k``, ``iterations``...)
+    make or change one. ``lm`` and ``optimizer_lm`` are LMs or their ``LMConfig`` (built here).
 
     ``interrupt`` (set on Ctrl-C/SIGTERM): no new user starts, those in flight get a few seconds, and the summary
     records what completed (``interrupted``, ``not_done``); the summary file keeps earlier runs' users.
     """
-    out = Path(out_dir)
-    task, selected = prepare_compile(histories, out, users, workers)
-    job = CompileJob(task, out, memory, lm, optimizer_lm, mode, k, n_recent, force, dict(aligner_settings))
-    summary = CompileSummary(task, str(out), workers, job.settings, describe_lm(lm))
+    config = CompileConfig.of(config, **settings)
+    task, selected = prepare_compile(histories, config)
+    lm = build_lm(lm) if isinstance(lm, LMConfig) else lm
+    optimizer_lm = build_lm(optimizer_lm) if isinstance(optimizer_lm, LMConfig) else optimizer_lm
+    job = CompileJob.of(task, config, memory, lm, optimizer_lm)
+    summary = CompileSummary(task, str(config.out_dir), config.workers, config.settings, describe_lm(lm))
     started = time.perf_counter()
     with progress_bar(len(selected), f"compile {task}", progress) as bar:
         def done(history: UserHistory, result: UserResult) -> None:
@@ -340,7 +346,7 @@ def compile_users(
             bar.update(1)
             logger.info("user %s: %s", result.user_id, result.status)
 
-        outcome = run_users(selected, lambda history: compile_user(history, job), done, workers=workers,
+        outcome = run_users(selected, lambda history: compile_user(history, job), done, workers=config.workers,
                             interrupt=interrupt, name="compile")
     summary.interrupted = outcome.interrupted
     summary.not_done = [h.user_id for h in (*outcome.abandoned, *outcome.not_started)]

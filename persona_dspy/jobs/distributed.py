@@ -1,10 +1,24 @@
 """Compiling users on a Ray cluster: batches of users become Ray tasks, each worker process compiles its batch.
 
-``compile_on_ray`` is ``compile_users`` spread over processes, one machine or many: each worker builds its LMs and
-opens the memory once, then runs the threaded compile's own per-user code, so alignment, resumability, failure
-isolation and atomic files are the same. Batches are sized from the first tasks' wall time; an Edge memory folder
-is shared so that no two workers open one user's store; a dead worker's task is retried on a live one. Ray is
-imported only here and only when called (an optional extra).
+``compile_on_ray`` is ``compile_users`` spread over processes (one machine or many). The driver sizes batches,
+submits at most ``processes`` of them at a time, shows one progress bar and writes one summary; each worker
+process builds its LMs and opens the memory once (cached for the tasks it runs after) and compiles its users on
+``config.workers`` threads with ``jobs.compile.compile_user``, the code the threaded compile runs: alignment, the
+skip-if-current fingerprint, failure isolation and atomic program files are the same.
+
+- **Batches sized by measurement**: the first tasks carry two users per thread; from their wall time the driver
+  sizes later ones to about ``TARGET_TASK_SECONDS`` of work each (Ray's per-task cost, a few milliseconds, is then
+  noise), but never more than an even share of the users left, so the processes finish together.
+- **Memory**: an Edge folder is opened by every worker in shared mode, for the length of a batch, and each opens
+  (and ingests, idempotently) only the users of its batch, so two workers never open one user's store
+  (``memory.edge``); a Qdrant server (``url``) needs no such care. ``":memory:"`` cannot be shared between
+  processes and is refused.
+- **Faults**: a worker process that dies (kill -9, out of memory, a lost node) fails its task; Ray runs it again
+  (``TASK_RETRIES`` times) on a live worker, where the users whose programs the dead one already wrote are
+  current and skipped (the summary counts them compiled, from their files: ``written_this_run``). A batch still
+  failing after that marks its other users failed, so a rerun compiles them. A dead model server is the pool's
+  business (``lm.pool``).
+- Ray is imported only here and only when called: without ``--ray`` nothing imports it (it is an optional extra).
 """
 
 from __future__ import annotations
@@ -20,10 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from persona_dspy.agent.persona_agent import DEFAULT_MODE
 from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserHistory
-from persona_dspy.jobs.alignment import DEFAULT_RECENT
 from persona_dspy.jobs.compile import (
     CompileJob,
     CompileSummary,
@@ -32,7 +44,11 @@ from persona_dspy.jobs.compile import (
     finish_summary,
     prepare_compile,
 )
-from persona_dspy.lm.build import describe_lm, redact_text
+from persona_dspy.jobs.compile_config import CompileConfig
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.config import LMConfig
+from persona_dspy.lm.redact import redact_text
+from persona_dspy.lm.report import describe_lm
 from persona_dspy.programs import ProgramFileError, program_path, read_program_metadata
 
 logger = logging.getLogger(__name__)
@@ -48,21 +64,6 @@ INTERRUPT_GRACE = 5.0
 
 class RayNotInstalledError(RuntimeError):
     """``--ray`` without the optional extra installed."""
-
-
-@dataclass(frozen=True)
-class LMSpec:
-    """How a worker builds an LM (``build_lm``'s arguments): LM objects do not travel, their settings do."""
-
-    model: str | None
-    api_base: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> Any:
-        from persona_dspy.lm.build import build_lm
-
-        return build_lm(self.model, self.api_base, api_key=self.api_key, **self.options)
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,10 @@ class MemorySpec:
 class WorkerSpec:
     """Everything a worker needs besides its users: the same for every task of one compile."""
 
-    out: str
-    lm: LMSpec
-    optimizer_lm: LMSpec | None
+    config: CompileConfig
+    lm: LMConfig
+    optimizer_lm: LMConfig | None
     memory: MemorySpec
-    mode: str = DEFAULT_MODE
-    k: int = 5
-    n_recent: int = DEFAULT_RECENT
-    force: bool = False
-    threads: int = 4
-    aligner_settings: dict[str, Any] = field(default_factory=dict)
 
 
 _WORKER_STATE: dict[str, tuple[Any, Any, Any]] = {}
@@ -122,8 +117,8 @@ def _worker_state(spec: WorkerSpec) -> tuple[tuple[Any, Any, Any], float]:
         if state is not None:
             return state, 0.0
         t0 = time.perf_counter()
-        optimizer_lm = spec.optimizer_lm.build() if spec.optimizer_lm is not None else None
-        state = _WORKER_STATE[key] = (spec.lm.build(), optimizer_lm, spec.memory.embedder())
+        optimizer_lm = build_lm(spec.optimizer_lm) if spec.optimizer_lm is not None else None
+        state = _WORKER_STATE[key] = (build_lm(spec.lm), optimizer_lm, spec.memory.embedder())
         return state, time.perf_counter() - t0
 
 
@@ -139,8 +134,7 @@ def compile_batch(spec: WorkerSpec, histories: list[UserHistory]) -> dict[str, A
     (lm, optimizer_lm, embedder), setup = _worker_state(spec)
     results: list[UserResult] = []
     with spec.memory.open(embedder) as memory:
-        job = CompileJob(spec.memory.task, Path(spec.out), memory, lm, optimizer_lm, spec.mode,
-                         spec.k, spec.n_recent, spec.force, dict(spec.aligner_settings))
+        job = CompileJob.of(spec.memory.task, spec.config, memory, lm, optimizer_lm)
 
         def one(history: UserHistory) -> UserResult:
             try:
@@ -150,7 +144,7 @@ def compile_batch(spec: WorkerSpec, histories: list[UserHistory]) -> dict[str, A
                                   error=redact_text(f"memory: {type(exc).__name__}: {exc}"))
             return compile_user(history, job)
 
-        run_users(histories, one, lambda _, result: results.append(result), workers=spec.threads,
+        run_users(histories, one, lambda _, result: results.append(result), workers=spec.config.workers,
                   name="ray-compile")
     return {"results": results, "pid": os.getpid(), "setup_seconds": round(setup, 3),
             "seconds": round(time.perf_counter() - started, 3)}
@@ -201,32 +195,32 @@ def connect(address: str | None, processes: int | None) -> tuple[Any, bool]:
 
 def compile_on_ray(
     histories: Sequence[UserHistory],
+    config: CompileConfig | None = None,
     *,
-    out_dir: str | Path,
-    lm: LMSpec,
+    lm: LMConfig,
     memory: MemorySpec,
-    optimizer_lm: LMSpec | None = None,
+    optimizer_lm: LMConfig | None = None,
     address: str | None = None,
     processes: int | None = None,
-    threads: int = 4,
     batch: int | None = None,
-    mode: str = DEFAULT_MODE,
-    k: int = 5,
-    n_recent: int = DEFAULT_RECENT,
-    users: Sequence[str] | None = None,
-    force: bool = False,
     progress: bool | None = None,
     interrupt: threading.Event | None = None,
-    **aligner_settings: Any,
+    **settings: Any,
 ) -> CompileSummary:
     """``compile_users`` over Ray worker processes (module docstring); the summary is the threaded run's, plus
     ``cluster`` (address, processes, threads, batches, start-up and per-task figures).
 
-    ``processes``: tasks in flight (default: the cluster's CPUs); ``threads``: users in parallel per process;
-    ``batch``: users per task (default: sized by measurement).
+    ``config`` (or ``settings`` by name) as for ``compile_users``, its ``workers`` the threads of each process;
+    ``lm`` and ``optimizer_lm`` are ``LMConfig`` values (each worker builds its LMs from them). ``processes``: tasks
+    in flight (default: the cluster's CPUs); ``batch``: users per task (default: sized by measurement).
     """
-    out = Path(out_dir)
-    task, selected = prepare_compile(histories, out, users, threads)
+    config = CompileConfig.of(config, **settings)
+    for name, value in (("lm", lm), ("optimizer_lm", optimizer_lm)):
+        if value is not None and not isinstance(value, LMConfig):
+            raise TypeError(f"{name} must be an LMConfig (lm.config.lm_config(...)): LM objects do not travel to "
+                            f"worker processes, their settings do; got {type(value).__name__}")
+    task, selected = prepare_compile(histories, config)
+    threads = config.workers
     if memory.task != task:
         raise ValueError(f"the memory is {memory.task}'s, the users are {task}'s")
     if memory.url is None:  # no process may hold the folder alone: every worker would fail on it
@@ -242,11 +236,9 @@ def compile_on_ray(
     try:
         connected = time.perf_counter() - started
         processes = processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        spec = WorkerSpec(str(out), lm, optimizer_lm, memory, mode, k, n_recent, force, threads,
-                          dict(aligner_settings))
-        summary = CompileSummary(task, str(out), processes * threads,
-                                 {"mode": mode, "k": k, "n_recent": n_recent, **aligner_settings},
-                                 describe_lm(lm.build()))
+        spec = WorkerSpec(config, lm, optimizer_lm, memory)
+        summary = CompileSummary(task, str(config.out_dir), processes * threads, config.settings,
+                                 describe_lm(build_lm(lm)))
         remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(compile_batch)
         cluster = _drive(ray, remote, spec, selected, summary, processes, threads, batch, progress, interrupt)
         cluster.update(address=address or "local", processes=processes, threads_per_process=threads,
@@ -273,7 +265,7 @@ def _drive(ray: Any, remote: Any, spec: WorkerSpec, selected: list[UserHistory],
     deadline: float | None = None
     since = datetime.now(UTC)
     t0 = time.perf_counter()
-    out = Path(spec.out)
+    out = spec.config.out_dir
     with progress_bar(len(selected), f"compile {summary.task} (ray)", progress) as bar:
         while queue or in_flight:
             while queue and len(in_flight) < processes and not interrupt.is_set():

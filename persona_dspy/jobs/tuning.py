@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,14 +29,9 @@ from persona_dspy.evaluation.evaluate import OFFLINE_NOTE, evaluate
 from persona_dspy.evaluation.metrics import primary_metric
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user
 from persona_dspy.lm.adapters import default_adapter
-from persona_dspy.lm.build import (
-    ENV_OPTIMIZER_LM,
-    LocalServerOptions,
-    build_lm,
-    build_optimizer_lm,
-    describe_lm,
-    is_offline,
-)
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.config import LMConfig
+from persona_dspy.lm.report import describe_lm, is_offline
 from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.optimizers.optuna_study import (
@@ -185,14 +179,11 @@ def run_tuning(
     histories: Sequence[UserHistory],
     memory: EpisodicMemory,
     *,
-    lm_model: str | None,
-    api_base: str | None,
+    lm: LMConfig,
     storage: str,
     study_name: str,
     n_trials: int,
-    api_key: str | None = None,
-    optimizer_lm_model: str | None = None,
-    optimizer_api_base: str | None = None,
+    optimizer_lm: LMConfig | None = None,
     max_lm_calls_per_user: float | None = None,
     multi_objective: bool = False,
     algorithm: Algorithm = "tpe",
@@ -202,16 +193,13 @@ def run_tuning(
     workers: int = 4,
     max_failed_trials: int | None = None,
     space: AlignerSearchSpace | None = None,
-    max_tokens: int = 512,
-    timeout: float | None = None,
-    num_retries: int = 3,
-    server: LocalServerOptions | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Tune on ``histories`` (already in ``memory``) and summarise the study, for ``persona-dspy tune``.
 
-    Builds the task LM per trial at the trial's temperature, and the optimizer LM once (at temperature 0) when
-    one is named (argument or PERSONA_DSPY_OPTIMIZER_LM). LM settings are checked before any trial runs. The
+    Builds the task LM per trial from ``lm`` at the trial's temperature (``lm.copy(temperature=...)``), and
+    ``optimizer_lm`` (``lm.config.optimizer_lm_config``; None: the trial's task LM) once. LM settings are checked
+    before any trial runs. The
     initial personas are summarised once, with the task LM at temperature 0. ``space`` defaults to
     ``aligner_space(n_recent)``; one whose batch_size reaches above ``n_recent`` is refused.
     """
@@ -225,17 +213,13 @@ def run_tuning(
         raise ValueError(f"the users are from {_single_task(users)}, not {task}")
 
     def lm_factory(temperature: float) -> dspy.LM:
-        return build_lm(lm_model, api_base, api_key=api_key, temperature=temperature, max_tokens=max_tokens,
-                        timeout=timeout, num_retries=num_retries, server=server or {})
+        return build_lm(lm.copy(temperature=temperature))
 
     probe = lm_factory(0.0)  # an unusable model or api_base fails here, not in every trial
-    optimizer_lm = None
-    if (optimizer_lm_model or "").strip() or os.environ.get(ENV_OPTIMIZER_LM, "").strip():
-        optimizer_lm = build_optimizer_lm(optimizer_lm_model, optimizer_api_base, max_tokens=max_tokens,
-                                          timeout=timeout, num_retries=num_retries, server=server or {})
+    loss_lm = build_lm(optimizer_lm) if optimizer_lm is not None else None
     context = {"task": task, "users": users_fingerprint(users), "n_users": len(users), "n_recent": n_recent,
-               "agent_mode": mode, "lm": probe.model, "optimizer_lm": optimizer_lm.model if optimizer_lm else None}
-    objective = aligner_objective(users, memory=memory, lm_factory=lm_factory, optimizer_lm=optimizer_lm,
+               "agent_mode": mode, "lm": probe.model, "optimizer_lm": loss_lm.model if loss_lm else None}
+    objective = aligner_objective(users, memory=memory, lm_factory=lm_factory, optimizer_lm=loss_lm,
                                   n_recent=n_recent, mode=mode, workers=workers, persona_lm=probe)
     with progress_bar(n_trials, f"tune {task}", progress, unit="trial") as bar:
         def counted(settings: dict[str, Any]) -> Any:  # a trial takes minutes on a real model: show each one end

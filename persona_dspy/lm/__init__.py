@@ -7,6 +7,7 @@ only when asked for by name (``--lm offline``).
 from persona_dspy import lazy_exports
 
 __getattr__ = lazy_exports(__name__, {
-    "LMConfigError": "build", "LMUsage": "build", "build_lm": "build", "build_optimizer_lm": "build",
-    "describe_lm": "build", "is_offline": "build",
+    "LMConfig": "config", "LMConfigError": "providers", "lm_config": "config", "optimizer_lm_config": "config",
+    "LMUsage": "usage", "build_lm": "build", "build_optimizer_lm": "build", "describe_lm": "report",
+    "is_offline": "report",
 })

@@ -55,7 +55,8 @@ def declare_context(api_base: str | None, tokens: int) -> None:
         _declared[(api_base or "*").rstrip("/")] = tokens
 
 
-def _get_json(url: str) -> Any:
+def get_json(url: str) -> Any:
+    """A server's JSON at ``url``, asked directly (no proxy), within ``PROBE_TIMEOUT``."""
     with _DIRECT.open(url, timeout=PROBE_TIMEOUT) as response:
         return json.loads(response.read())
 
@@ -65,14 +66,14 @@ def ask_server(api_base: str) -> int | None:
     parts = urlsplit(api_base.rstrip("/"))
     root = urlunsplit((parts.scheme, parts.netloc, re.sub(r"/v1$", "", parts.path), "", ""))
     try:
-        props = _get_json(f"{root}/props")
+        props = get_json(f"{root}/props")
         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
         if n_ctx:
             return int(n_ctx)
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        models = _get_json(f"{api_base.rstrip('/')}/models")
+        models = get_json(f"{api_base.rstrip('/')}/models")
         lengths = [int(m["max_model_len"]) for m in models.get("data", []) if m.get("max_model_len")]
         if lengths:
             return min(lengths)

@@ -1,10 +1,20 @@
 """A pool of model servers behind one dspy LM: each call goes to one server, failures are retried elsewhere.
 
-One GPU server answers a bounded number of calls at once; a compile of many users wants several. ``build_pool_lm``
-returns a ``dspy.LM`` whose engine (``ServerPool``) holds one LM per server, sends each call to the healthy server
-with the fewest calls in flight (at most ``max_in_flight`` each), takes a server that fails server-side out for a
-growing cooldown and retries the call on another; a request the server rejects as such fails at once. The outer LM
-keeps dspy's cache, callbacks and history, so a call is counted once.
+One GPU server answers a bounded number of calls at once; a compile of many users wants several. ``--api-base``
+may name several servers (``http://a:8000/v1,http://b:8000/v1``) or a file listing them (one URL per line, ``#``
+comments); ``lm.build`` then returns a ``dspy.LM`` whose engine is a ``ServerPool``:
+
+* one ``dspy.LM`` per server, built by ``lm.build`` as for a single server, so the pool works whatever engine
+  dspy uses for that server (LiteLLM or its native one): the pool hands each server LM dspy's own request;
+* at most ``max_in_flight`` calls per server at once; a call goes to the healthy server with the fewest calls in
+  flight (ties in turn), and waits when every server is full;
+* a server whose call fails with a server-side error (connection refused, timeout, HTTP 5xx, rate limit) is taken
+  out for ``cooldown`` seconds (doubling on each further failure, at most ``max_cooldown``) and the call is
+  retried on another server; a request the server rejects as such (bad request, context too long, auth) is
+  raised at once without blaming the server. When every server is out, a call waits for the first to come back.
+
+The outer LM keeps dspy's cache, callbacks and history (one entry per call, whichever server answered); the
+server LMs run with no retries, no cache, no callbacks and no active counter, so a call is counted once.
 """
 
 from __future__ import annotations
@@ -14,10 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any
 
-from persona_dspy.lm.build import LMConfigError, LMOptions, build_lm, check_api_base, redact_url
+from persona_dspy.lm.providers import LMConfigError
+from persona_dspy.lm.redact import redact_url
 from persona_dspy.lm.usage import ACTIVE_KEY
 
 if TYPE_CHECKING:
@@ -32,37 +42,6 @@ _SERVER_FAULTS = ("LMServerError", "LMTimeoutError", "LMTransportError", "LMRate
 """dspy's errors that say the server (not the request) failed: another server may well answer."""
 _REQUEST_FAULTS = ("LMError",)
 """Any other dspy LM error (bad request, context too long, auth, configuration) is the request's: raised as is."""
-
-
-def server_list(api_base: str | None) -> list[str] | None:
-    """The servers ``api_base`` names: one URL, several separated by commas, or a file of them; None for none.
-
-    Each URL is checked (``check_api_base``); a file that names none, or an entry that is not a URL, raises
-    LMConfigError naming it.
-    """
-    text = (api_base or "").strip()
-    if not text:
-        return None
-    if "://" not in text:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise LMConfigError(f"api_base {text!r} is neither a URL nor a file listing servers")
-        entries = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        urls = [entry for entry in entries if entry]
-        if not urls:
-            raise LMConfigError(f"the server file {path} names no server (one URL per line)")
-        where = f" (in {path})"
-    else:
-        urls, where = [part.strip() for part in text.split(",") if part.strip()], ""
-    checked = []
-    for url in urls:
-        try:
-            checked.append(check_api_base(url))
-        except LMConfigError as exc:
-            raise LMConfigError(f"{exc}{where}") from exc
-    if len(set(checked)) != len(checked):
-        raise LMConfigError(f"a server is named twice in {redact_url(text) if where == '' else where.strip(' ()')}")
-    return checked
 
 
 def is_server_fault(exc: BaseException) -> bool:
@@ -210,29 +189,22 @@ class ServerPool:
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> ServerPool:
-        raise ValueError("a server pool is built from its servers (build_pool_lm), not loaded from a saved state")
+        raise ValueError("a server pool is built from its servers (lm.build), not loaded from a saved state")
 
 
-def build_pool_lm(model: str | None, servers: Sequence[str], *, api_key: str | None = None,
-                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, cooldown: float = DEFAULT_COOLDOWN,
-                  **options: Unpack[LMOptions]) -> dspy.LM:
-    """One ``dspy.LM`` over ``servers`` (each serving ``model``): see the module docstring.
-
-    ``options`` as for ``build_lm``; ``num_retries`` becomes the pool's retries beyond one attempt per server.
-    """
+def pool_lm(per_server: Sequence[tuple[str, Any]], *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+            cooldown: float = DEFAULT_COOLDOWN, retries: int = 3, cache: bool = False,
+            callbacks: list[Any] | None = None) -> dspy.LM:
+    """One ``dspy.LM`` over ``per_server`` (URL, that server's LM, built by ``lm.build`` with no retries and no
+    cache): see the module docstring. ``retries``: the pool's retries beyond one attempt per server."""
     import dspy
 
-    if not servers:
+    if not per_server:
         raise LMConfigError("a server pool needs at least one server")
-    retries = options.pop("num_retries", 3)
-    cache = options.pop("cache", False)
-    callbacks = options.pop("callbacks", None)
-    per_server = [(url, build_lm(model, url, api_key=api_key, num_retries=0, cache=False, **options))
-                  for url in servers]
     first = per_server[0][1]
     pool = ServerPool(per_server, max_in_flight=max_in_flight, cooldown=cooldown, retries=retries)
     lm = dspy.LM(first.model, engine=pool, temperature=first.kwargs.get("temperature"),
                  max_tokens=first.kwargs.get("max_tokens"), num_retries=0, cache=cache, callbacks=callbacks)
-    logger.info("built a pool of %d servers for %s (at most %d calls in flight each)", len(servers), first.model,
+    logger.info("built a pool of %d servers for %s (at most %d calls in flight each)", len(per_server), first.model,
                 max_in_flight)
     return lm

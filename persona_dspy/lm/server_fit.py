@@ -4,7 +4,8 @@ A request to a llama.cpp server waits for a free slot before the model reads it,
 counts queueing, not generation; more workers than slots only lengthen that queue. So for a server on this machine
 (127.0.0.1, localhost) the read timeout defaults to the embedded server's 600 s, the workers are capped at the slots
 the server reports (llama.cpp's ``/props`` ``total_slots``), and the context size it reports (or
-``--context-tokens``) is what prompts are fitted to (``persona_dspy.lm.budget``).
+``--context-tokens``) is what prompts are fitted to (``persona_dspy.lm.budget``). ``fit_to_server`` decides (a
+``ServerFit``); the command line applies it and says what it changed.
 
 ``explain_lm_error`` turns an error's text into what happened: nothing listening (connection refused), a reply that
 did not come in time from a server that accepted the request (busy), a prompt larger than the context (both sizes),
@@ -13,14 +14,14 @@ a model the server does not serve. It never asks whether a server is running whe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from persona_dspy.lm import budget
+from persona_dspy.lm.config import LMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 LOCAL_READ_TIMEOUT = 600.0
 
 
-def _api_base(lm: Any) -> str | None:
+def lm_api_base(lm: Any) -> str | None:
     """The server an LM talks to; for a pool of servers (``lm.pool``), all of them."""
     kwargs = getattr(lm, "kwargs", None) or {}
     pool_urls = getattr(getattr(lm, "engine", None), "server_urls", None)
@@ -46,30 +47,33 @@ def server_slots(api_base: str) -> int | None:
     """The parallel slots a llama.cpp server reports (``/props`` ``total_slots``), or None."""
     root = re.sub(r"/v1/?$", "", api_base.rstrip("/"))
     try:
-        slots = budget._get_json(f"{root}/props").get("total_slots")
+        slots = budget.get_json(f"{root}/props").get("total_slots")
         return int(slots) if slots else None
     except (OSError, ValueError, AttributeError, TypeError):
         return None
 
 
-def fit_to_server(lm: Any, args: argparse.Namespace) -> None:
-    """Timeout, context size and workers for this server (module docstring); says on stderr what it changed."""
-    api_base = _api_base(lm)
-    if getattr(args, "context_tokens", None):
-        budget.declare_context(api_base, args.context_tokens)
-    if not api_base or not is_loopback(api_base):
-        return
-    local = sys.modules.get("persona_dspy.lm.local_server")
-    if local is not None and local.served_by(api_base):
-        return  # the embedded server: its slots follow --workers and its timeout is already set
-    if getattr(args, "timeout", None) is None and getattr(lm, "kwargs", None) is not None:
-        lm.kwargs["timeout"] = LOCAL_READ_TIMEOUT  # requests to a server on this machine queue for its slots
-    workers = getattr(args, "workers", None)
-    slots = server_slots(api_base) if workers else None
-    if slots and workers > slots:
-        print(f"persona-dspy: note: the server at {api_base} has {slots} slot(s): running {slots} worker(s) instead "
-              f"of {workers} (more would only queue)", file=sys.stderr)
-        args.workers = slots
+@dataclass(frozen=True)
+class ServerFit:
+    """What a command should change for its server: a read timeout, fewer workers (None: as asked), and why."""
+
+    timeout: float | None = None
+    workers: int | None = None
+    note: str | None = None
+
+
+def fit_to_server(config: LMConfig, workers: int | None = None) -> ServerFit:
+    """Timeout and workers for the server ``config`` names (module docstring); the embedded server needs none
+    (its slots follow the workers and its timeout is already 600 s), nor a server elsewhere."""
+    servers = config.servers
+    if config.local or not servers or not all(is_loopback(url) for url in servers):
+        return ServerFit()
+    timeout = LOCAL_READ_TIMEOUT if config.timeout is None else None  # requests queue for the server's slots
+    slots = server_slots(servers[0]) if workers and len(servers) == 1 else None
+    if workers and slots and workers > slots:
+        return ServerFit(timeout, slots, f"the server at {servers[0]} has {slots} slot(s): running {slots} "
+                                         f"worker(s) instead of {workers} (more would only queue)")
+    return ServerFit(timeout)
 
 
 _REFUSED = re.compile(r"connection refused|connection error|connecterror|cannot connect|failed to establish|"
@@ -81,7 +85,7 @@ _NO_MODEL = re.compile(r"model .{0,80}(not found|does not exist)|NotFoundError|4
 
 def explain_lm_error(error: str, lm: Any) -> str:
     """A parenthesised sentence saying what the server did, for the end of an error message ("" if unknown)."""
-    api_base = _api_base(lm)
+    api_base = lm_api_base(lm)
     if not api_base or not error:
         return ""
     overflow = budget.overflow_sizes(RuntimeError(error))

@@ -27,7 +27,7 @@ def _vector(vec: object) -> object:
     return qm.SparseVector(indices=vec.indices, values=vec.values) if isinstance(vec, SparseVectorData) else vec
 
 
-def _from_vectors(vectors: object) -> dict[str, SparseVectorData | list[float]]:
+def from_vectors(vectors: object) -> dict[str, SparseVectorData | list[float]]:
     out: dict[str, SparseVectorData | list[float]] = {}
     for name, vec in (vectors if isinstance(vectors, dict) else {}).items():
         out[name] = SparseVectorData(list(vec.indices), list(vec.values)) if isinstance(vec, qm.SparseVector) \
@@ -147,7 +147,7 @@ class ServerStore:
             points, offset = self.client.scroll(namespace + SUFFIX, scroll_filter=qm.Filter(must=[self._user(user_id)]),
                                                 limit=batch, offset=offset, with_payload=True,
                                                 with_vectors=with_vectors)
-            yield [StoredPoint(str(p.id), p.payload or {}, _from_vectors(p.vector) if with_vectors else {})
+            yield [StoredPoint(str(p.id), p.payload or {}, from_vectors(p.vector) if with_vectors else {})
                    for p in points]
             if offset is None:
                 return

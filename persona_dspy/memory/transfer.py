@@ -22,7 +22,7 @@ from qdrant_client import models as qm
 from persona_dspy.memory.edge import LEGACY_BACKUP, OPEN_STORES, legacy_local_layout
 from persona_dspy.memory.embeddings import DENSE_VECTOR, SPARSE_VECTOR
 from persona_dspy.memory.episodic import open_store
-from persona_dspy.memory.server import _from_vectors
+from persona_dspy.memory.server import from_vectors
 from persona_dspy.memory.store import Hit, MemoryStore, MemoryStoreError, SearchFilter, StoredPoint, VectorSpec
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class LegacyLocalStore:
         if name is None:
             return
         for points in self._scroll_all(name, self._user_filter(user_id), batch, with_vectors):
-            yield [StoredPoint(str(p.id), p.payload or {}, _from_vectors(p.vector) if with_vectors else {})
+            yield [StoredPoint(str(p.id), p.payload or {}, from_vectors(p.vector) if with_vectors else {})
                    for p in points]
 
     def _read_only(self, *_: object) -> None:

@@ -42,7 +42,7 @@ from persona_dspy.jobs.comparison.report import (
     UserRun,
 )
 from persona_dspy.lm.adapters import default_adapter
-from persona_dspy.lm.build import describe_lm, is_offline
+from persona_dspy.lm.report import describe_lm, is_offline
 from persona_dspy.lm.usage import LMUsage, counting
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.optimizers.textual_loss import Metric

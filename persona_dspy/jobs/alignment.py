@@ -13,7 +13,7 @@ import dspy
 from persona_dspy.agent.persona_agent import AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.data.examples import interaction_examples
-from persona_dspy.data.records import UserHistory
+from persona_dspy.data.records import UserDataError, UserHistory
 from persona_dspy.evaluation.metrics import dspy_metric
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.memory.retrieval import searches_reused
@@ -30,7 +30,8 @@ def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode 
     """Align one user's persona on their ``n_recent`` latest interactions; ``start`` warm-starts from a program."""
     trainset = interaction_examples(history, n_recent)
     if not trainset:
-        raise ValueError(f"user {history.user_id!r} has no history before their first query to align on")
+        raise UserDataError(history.user_id, "has no history before their first query to align on (an empty "
+                            "profile)")
     student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
     aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)
     with searches_reused():  # every iteration answers the same interactions: each is retrieved once, up front

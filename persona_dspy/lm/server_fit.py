@@ -1,10 +1,12 @@
 """Matching a command to the server it talks to, and saying what the server's failures mean.
 
-A request to a llama.cpp server waits for a free slot before the model reads it, so on a busy CPU a 60 s timeout
-counts queueing, not generation; more workers than slots only lengthen that queue. So for a server on this machine
-(127.0.0.1, localhost) the read timeout defaults to the embedded server's 600 s, the workers are capped at the slots
-the server reports (llama.cpp's ``/props`` ``total_slots``), and the context size it reports (or
-``--context-tokens``) is what prompts are fitted to (``persona_dspy.lm.budget``).
+A request to a llama.cpp server waits for a free slot before the model reads it; more workers than slots only
+lengthen that queue. So for a server on this machine (127.0.0.1, localhost) the workers are capped at the slots the
+server reports (llama.cpp's ``/props`` ``total_slots``), and the context size it reports (or ``--context-tokens``)
+is what prompts are fitted to (``persona_dspy.lm.budget``). Every server but the embedded one is watched
+(``lm.attempts``): once its latency is known, a request it sits on is sent again (hedged); for one on this machine,
+unless ``--timeout`` is given, the read timeout is 60 s until its latency is known, then follows it (the p95 times
+the requests queued per slot it reports), so a hung request costs seconds, not the 600 s the embedded server gets.
 
 ``explain_lm_error`` turns an error's text into what happened: nothing listening (connection refused), a reply that
 did not come in time from a server that accepted the request (busy), a prompt larger than the context (both sizes),
@@ -25,7 +27,6 @@ from persona_dspy.lm import budget
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
-LOCAL_READ_TIMEOUT = 600.0
 
 
 def _api_base(lm: Any) -> str | None:
@@ -52,24 +53,38 @@ def server_slots(api_base: str) -> int | None:
         return None
 
 
+def _server_urls(lm: Any) -> list[str]:
+    """Every server an LM sends to (one, or a pool's)."""
+    pool_urls = getattr(getattr(lm, "engine", None), "server_urls", None)
+    if callable(pool_urls):
+        return [url for url in pool_urls() if url]
+    kwargs = getattr(lm, "kwargs", None) or {}
+    url = kwargs.get("api_base") or kwargs.get("base_url")
+    return [url] if url else []
+
+
 def fit_to_server(lm: Any, args: argparse.Namespace) -> None:
-    """Timeout, context size and workers for this server (module docstring); says on stderr what it changed."""
+    """Timeout, hedging, context size and workers for this server (module docstring); says on stderr what it
+    changed."""
     api_base = _api_base(lm)
     if getattr(args, "context_tokens", None):
         budget.declare_context(api_base, args.context_tokens)
-    if not api_base or not is_loopback(api_base):
-        return
     local = sys.modules.get("persona_dspy.lm.local_server")
-    if local is not None and local.served_by(api_base):
-        return  # the embedded server: its slots follow --workers and its timeout is already set
-    if getattr(args, "timeout", None) is None and getattr(lm, "kwargs", None) is not None:
-        lm.kwargs["timeout"] = LOCAL_READ_TIMEOUT  # requests to a server on this machine queue for its slots
     workers = getattr(args, "workers", None)
-    slots = server_slots(api_base) if workers else None
-    if slots and workers > slots:
-        print(f"persona-dspy: note: the server at {api_base} has {slots} slot(s): running {slots} worker(s) instead "
-              f"of {workers} (more would only queue)", file=sys.stderr)
-        args.workers = slots
+    urls = _server_urls(lm)
+    for url in urls:
+        if local is not None and local.served_by(url):
+            continue  # the embedded server: its slots follow --workers, its timeout is set, it is never hedged
+        from persona_dspy.lm.attempts import watch
+
+        nearby = is_loopback(url)
+        slots = server_slots(url) if nearby else None
+        timeout = (getattr(lm, "kwargs", None) or {}).get("timeout")
+        watch(url, adapt_timeout=nearby and getattr(args, "timeout", None) is None, slots=slots, ceiling=timeout)
+        if slots and workers and workers > slots and len(urls) == 1:
+            print(f"persona-dspy: note: the server at {url} has {slots} slot(s): running {slots} worker(s) instead "
+                  f"of {workers} (more would only queue)", file=sys.stderr)
+            args.workers = workers = slots
 
 
 _REFUSED = re.compile(r"connection refused|connection error|connecterror|cannot connect|failed to establish|"

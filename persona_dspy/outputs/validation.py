@@ -9,10 +9,12 @@ prompt (``answer_rejection``). Callers count what they checked in ``OutputStats`
 * ``checked``/``invalid`` by step (``answer``, ``loss``, ``update``, ``summary``, ``tool_step``), ``retries`` and
   ``fallbacks`` (a reply read as raw text, see ``persona_dspy.outputs.text``; a rejected persona summary replaced by
   the user's most frequent answers), with the first reasons kept;
-* ``calls`` and ``truncations`` (replies that ended with ``finish_reason == "length"``): it sees every LM call made
-  while it is active, the way ``LMUsage`` is (``with counting(usage, stats):``, see ``persona_dspy.lm.usage``; being
-  among ``dspy.settings.callbacks`` works too, at the cost of dspy waking it for every module); the finish reason
-  is read from the call's history entry (with dspy's history disabled, truncations are not seen).
+* ``calls``, ``requests`` (HTTP requests, retries and hedges included), ``errors`` (requests that brought no
+  answer, by kind in ``failed_requests``) and ``truncations`` (replies that ended with
+  ``finish_reason == "length"``): it sees every LM call made while it is active, the way ``LMUsage`` is
+  (``with counting(usage, stats):``, see ``persona_dspy.lm.usage``; being among ``dspy.settings.callbacks`` works
+  too, at the cost of dspy waking it for every module); the finish reason is read from the call's history entry
+  (with dspy's history disabled, truncations are not seen).
 
 ``record(...)`` adds to every ``OutputStats`` active here (a run's and a user's, each once), so any code path
 counts without being handed the counter.
@@ -156,6 +158,10 @@ class OutputStats(LMUsage):
         """Add another snapshot's counts (a user's, into a run's total)."""
         with self._lock:
             self.calls += int(other.get("lm_calls", 0))
+            self.requests += int(other.get("requests", 0))
+            self.errors += int(other.get("errors", 0))
+            for kind, n in (other.get("failed_requests") or {}).items():
+                self.failed_requests[kind] = self.failed_requests.get(kind, 0) + int(n)
             self.truncations += int(other.get("truncations", 0))
             for name in ("checked", "invalid", "retries", "fallbacks"):
                 getattr(self, name).update({k: int(v) for k, v in (other.get(name) or {}).items()})
@@ -169,7 +175,9 @@ class OutputStats(LMUsage):
             def steps(counter: Counter[str]) -> dict[str, int]:
                 return {step: int(counter.get(step, 0)) for step in (*STEPS, *sorted(set(counter) - set(STEPS)))}
 
-            return {"lm_calls": self.calls, "truncations": self.truncations, "checked": steps(self.checked),
+            return {"lm_calls": self.calls, "requests": self.requests, "errors": self.errors,
+                    "failed_requests": dict(self.failed_requests), "truncations": self.truncations,
+                    "checked": steps(self.checked),
                     "invalid": steps(self.invalid), "retries": steps(self.retries),
                     "fallbacks": steps(self.fallbacks), "reasons": list(self.reasons)}
 

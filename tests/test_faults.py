@@ -1,0 +1,158 @@
+"""Faults leave a trace: every HTTP request is counted (retries, timeouts, hedges), a hung request is sent again and
+the abandoned copy closed on the server, a data problem names the data, and a killed memory rebuild loses no user.
+
+The scripted server (``loopback_server.py``) injects HTTP 500s and hangs and counts what it received; the client's
+counts must equal it. Hangs are short here and nothing asserts a duration (``benchmarks/faults.py`` measures).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dspy
+import pytest
+from loopback_server import loopback_fixture
+from persona_dspy.signatures.task_signatures import task_signature
+from test_cli import isolated  # noqa: F401  (autouse: no runner LM settings, PERSONA_DSPY_HOME in tmp_path)
+
+from persona_dspy.cli import main
+from persona_dspy.data.lamp import dataset_dir, load_dataset
+from persona_dspy.lm import attempts
+from persona_dspy.lm.build import build_lm
+from persona_dspy.lm.usage import LMUsage
+
+server = loopback_fixture(max_seconds=900)
+USERS = [h.user_id for h in load_dataset(dataset_dir("LaMP_3"))]
+
+
+@pytest.fixture(autouse=True)
+def fresh_servers():
+    """Latencies and hedging settings are per process: each test starts from none."""
+    attempts.unwatch_all()
+    yield
+    attempts.unwatch_all()
+
+
+def _calls(lm: dspy.LM, n: int, workers: int = 4) -> list[str]:
+    """``n`` answers from ``workers`` threads, each in a copy of this context (the counters active here count)."""
+    contexts = [contextvars.copy_context() for _ in range(n)]
+
+    def one(i: int) -> str:
+        with dspy.context(lm=lm):
+            return dspy.Predict(task_signature("LaMP_3"))(query=f"q{i}", context=f"score: {1 + i % 5}").answer
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda i: contexts[i].run(one, i), range(n)))
+
+
+def test_every_request_is_counted_under_500s_and_hangs(server):
+    """Retries after a 500, requests that timed out, hedges and abandoned copies: the client's count is the server's."""
+    server.reset(fail_rate=0.2, hang_rate=0.1, hang_seconds=1.5, seed=3)
+    lm = build_lm("openai/test-model", api_base=server.api_base, timeout=1.0, num_retries=8)
+    attempts.watch(server.api_base)
+    usage = LMUsage()
+    with usage.counting(lm):
+        answers = _calls(lm, 60)
+    assert answers == [str(1 + i % 5) for i in range(60)]
+    stats = server.stats()
+    snap = usage.snapshot()
+    assert stats["failures"] > 0 and stats["hangs"] > 0
+    assert snap["calls"] == 60 and snap["requests"] == stats["chat_requests"]
+    failed = snap["failed_requests"]
+    assert failed["http_error"] == stats["failures"]
+    assert snap["errors"] == sum(failed.values()) and snap["failed_calls"] == 0
+    assert snap["requests"] - snap["errors"] == 60  # every call answered exactly once
+
+
+def test_a_hung_request_is_hedged_and_the_copy_left_behind_is_closed(server):
+    """Once the latency is known, a request the server sits on is sent again; the first answer is taken and the
+    hung copy's connection is closed, which the server sees as its client leaving."""
+    server.reset()
+    lm = build_lm("openai/test-model", api_base=server.api_base, timeout=60, num_retries=0)
+    state = attempts.watch(server.api_base)
+    _calls(lm, attempts.MIN_SAMPLES + 5)
+    assert state.hedge_delay() == attempts.HEDGE_FLOOR  # a fast server: the floor
+    server.reset(hang_rate=1.0, hang_seconds=20, seed=1)  # the next request hangs
+    usage = LMUsage()
+    with usage.counting(lm), ThreadPoolExecutor(1) as pool:
+        context = contextvars.copy_context()
+        future = pool.submit(context.run, _calls, lm, 1, 1)
+        _wait(lambda: server.stats()["hangs"] >= 1)
+        server.post("/_script", {"hang_rate": 0.0})  # its copy, sent a second later, is answered
+        assert future.result(timeout=60) == ["1"]
+    snap = usage.snapshot()
+    stats = server.stats()
+    assert snap["requests"] == stats["chat_requests"] >= 2
+    assert snap["failed_requests"].get("abandoned", 0) >= 1
+    _wait(lambda: server.stats()["disconnected"] >= 1)  # the hung copy was closed, not left to run
+
+
+def test_a_request_that_times_out_is_counted_and_closed_on_the_server(server):
+    server.reset(hang_rate=1.0, hang_seconds=20, seed=2)
+    lm = build_lm("openai/test-model", api_base=server.api_base, timeout=0.5, num_retries=1)
+    usage = LMUsage()
+    with usage.counting(lm), pytest.raises(Exception, match="timeout"):
+        _calls(lm, 1, 1)
+    snap = usage.snapshot()
+    assert snap["requests"] == 2 == server.stats()["chat_requests"]
+    assert snap["failed_requests"] == {"timeout": 2} and snap["errors"] == 2 and snap["failed_calls"] == 1
+    _wait(lambda: server.stats()["disconnected"] == 2)
+
+
+def _wait(condition, seconds: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server never saw it"
+        time.sleep(0.05)
+
+
+def test_compile_reports_every_request_the_server_received(server, tmp_path, capsys):
+    """The counts line, compile_summary.json and each program's lm_usage carry the requests, errors included."""
+    server.reset(fail_rate=0.2, hang_rate=0.1, hang_seconds=1.5, seed=5)
+    out = tmp_path / "programs"
+    code = main(["compile", "--task", "LaMP_3", "--lm", "openai/test-model", "--api-base", server.api_base,
+                 "--memory", ":memory:", "--out", str(out), "--users", *USERS[:2], "--workers", "2", "--retries", "8",
+                 "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    stats = server.stats()
+    summary = json.loads((out / "compile_summary.json").read_text())
+    assert stats["failures"] > 0 and summary["requests"] == stats["chat_requests"] > summary["lm_calls"]
+    totals = summary["output_totals"]
+    assert totals["requests"] == summary["requests"] and totals["failed_requests"]["http_error"] == stats["failures"]
+    assert f"{summary['lm_calls']} LM calls, {summary['requests']} HTTP requests (" in stdout
+    usages = [json.loads(Path(r["path"]).read_text())["metadata"]["alignment"]["lm_usage"]
+              for r in summary["results"]]
+    assert sum(u["requests"] for u in usages) <= summary["requests"]  # the aligner's share of each user's
+    assert sum(u["errors"] for u in usages) > 0
+
+
+def test_compile_help_states_the_timeouts(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 60; 600 for the embedded model" in text
+    assert "for another server on this machine" in text and "/props" in text and "between 10 and 60" in text
+    assert "is sent again and the first reply taken" in text
+
+
+def test_an_empty_profile_is_reported_as_the_datas_fault(tmp_path, capsys):
+    data = tmp_path / "lamp3"
+    shutil.copytree(dataset_dir("LaMP_3"), data)
+    questions = json.loads((data / "dev_questions.json").read_text())
+    for question in questions:
+        if question["user_id"] == USERS[0]:
+            question["profile"] = []
+    (data / "dev_questions.json").write_text(json.dumps(questions))
+    code = main(["compile", "--task", "LaMP_3", "--lm", "offline", "--data", str(data), "--memory", ":memory:",
+                 "--out", str(tmp_path / "programs"), "--users", *USERS[:2], "--no-progress"])
+    stderr = capsys.readouterr().err
+    assert code == 1
+    assert "1 user failed because of the data, not the model" in stderr
+    assert str(data / "dev_questions.json") in stderr and repr(USERS[0]) in stderr and "empty profile" in stderr

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from persona_dspy.lm.build import build_lm
 from persona_dspy.lm.usage import LMUsage
 
 server = loopback_fixture(max_seconds=900)
+REPO = Path(__file__).resolve().parents[1]
 USERS = [h.user_id for h in load_dataset(dataset_dir("LaMP_3"))]
 
 
@@ -104,8 +110,6 @@ def test_a_request_that_times_out_is_counted_and_closed_on_the_server(server):
 
 
 def _wait(condition, seconds: float = 20.0) -> None:
-    import time
-
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "the server never saw it"
@@ -156,3 +160,63 @@ def test_an_empty_profile_is_reported_as_the_datas_fault(tmp_path, capsys):
     assert code == 1
     assert "1 user failed because of the data, not the model" in stderr
     assert str(data / "dev_questions.json") in stderr and repr(USERS[0]) in stderr and "empty profile" in stderr
+
+
+# --------------------------------------------------------------------------- memory rebuild, killed
+
+
+def _stored(memory_dir: Path) -> dict[str, int]:
+    from persona_dspy.memory.episodic import EpisodicMemory
+
+    with EpisodicMemory.for_task("LaMP_3", memory_dir) as memory:
+        return {user: memory.count(user) for user in memory.users()}
+
+
+def _halved_profiles(tmp_path: Path) -> Path:
+    data = tmp_path / "lamp3-half"
+    shutil.copytree(dataset_dir("LaMP_3"), data)
+    questions = json.loads((data / "dev_questions.json").read_text())
+    for question in questions:
+        question["profile"] = question["profile"][: len(question["profile"]) // 2]
+    (data / "dev_questions.json").write_text(json.dumps(questions))
+    return data
+
+
+@pytest.mark.parametrize("kill_after", ["start", 0.0, 0.15, 0.4, 0.8, 1.5, None])
+def test_a_killed_rebuild_leaves_the_old_or_the_new_memory_whole(tmp_path, capsys, kill_after):
+    """kill -9 at several points of ``memory rebuild``: every user has all the old items or all the new, never a
+    mix or nothing; an uninterrupted rebuild swaps in the new memory."""
+    full, half = dataset_dir("LaMP_3"), _halved_profiles(tmp_path)
+    counts = {folder: {h.user_id: len(h.items) for h in load_dataset(folder)} for folder in (full, half)}
+    assert counts[full] != counts[half]
+    memory = tmp_path / "memory"
+    assert main(["ingest", "--task", "LaMP_3", "--data", str(full), "--memory", str(memory), "--no-progress"]) == 0
+    assert _stored(memory) == counts[full]
+    command = [sys.executable, "-m", "persona_dspy.cli", "memory", "rebuild", "--task", "LaMP_3", "--data", str(half),
+               "--memory", str(memory), "--yes", "--no-progress"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    staging = memory / ".rebuild-pd_lamp_3"
+    if kill_after == "start":
+        time.sleep(0.3)
+    elif kill_after is not None:
+        while not staging.exists() and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(kill_after)
+    if kill_after is None:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    else:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        if kill_after in ("start", 0.0, 0.15):  # early points always land mid-run: the kill was real
+            assert proc.returncode == -signal.SIGKILL
+    after = _stored(memory)
+    assert after in (counts[full], counts[half]), f"killed {kill_after} s in: {after}"
+    if kill_after is None:
+        assert after == counts[half] and not staging.exists()
+    # whatever a kill left behind, the next rebuild finishes the job
+    assert main(["memory", "rebuild", "--task", "LaMP_3", "--data", str(full), "--memory", str(memory), "--yes",
+                 "--no-progress"]) == 0
+    assert _stored(memory) == counts[full] and not staging.exists()
+    capsys.readouterr()

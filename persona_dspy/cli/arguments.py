@@ -56,8 +56,8 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
                         help="seconds an LM request may wait for its reply (default 60; 600 for the embedded "
                              "model, whose requests queue for one CPU; for another server on this machine, once its "
                              "latency is known, 20x its p95 latency times the requests queued per slot it reports at "
-                             "/props, between 10 and 60). A request a server (not the embedded one) sits on for 4x "
-                             "its p95 latency, at least 1 s, is sent again and the first reply taken")
+                             "/props, between 10 and 60). A request a server (not the embedded one) sits on for 2x "
+                             "its p95 latency, at least 0.5 s, is sent again and the first reply taken")
     parser.add_argument("--retries", type=_non_negative, default=3,
                         help="retries of a failed LM request, with backoff (default 3)")
     parser.add_argument("--context-tokens", type=_positive(int), default=None,

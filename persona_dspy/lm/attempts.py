@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import socket
 import threading
@@ -37,11 +38,13 @@ from dspy._vendor.lm15.transports import StdlibTransport  # the transport dspy's
 
 from persona_dspy.lm.usage import active_request_counters, count_request, mark_counted
 
+logger = logging.getLogger(__name__)
+
 MIN_SAMPLES = 20
 """Answered requests before a server's latency counts as known."""
-HEDGE_FACTOR = 4.0
-HEDGE_FLOOR = 1.0
-MAX_HEDGES = 2
+HEDGE_FACTOR = 2.0
+HEDGE_FLOOR = 0.5
+MAX_HEDGES = 3
 TIMEOUT_FACTOR = 20.0
 TIMEOUT_FLOOR = 10.0
 _WINDOW = 256
@@ -75,6 +78,7 @@ class ServerState:
                 ordered = sorted(self.samples)
                 self._p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
                 self._stale = 0
+                logger.debug("p95 latency %.3f s over the last %d answers", self._p95, len(ordered))
             return self._p95
 
     def hedge_delay(self) -> float | None:
@@ -264,9 +268,9 @@ class _Group:
     """One request and its hedges: the first answer wins, the others are abandoned (counted, their sockets shut)."""
 
     def __init__(self, server: ServerState, send_one: Callable[[Any], Any], request: Any,
-                 counters: Sequence[Any], delay: float | None) -> None:
+                 counters: Sequence[Any]) -> None:
         self.server, self.send_one, self.request, self.counters = server, send_one, request, counters
-        self.delay = delay
+        self.last_start = 0.0
         self.cond = threading.Condition()
         self.running: list[_Token] = []
         self.launched = 0
@@ -277,8 +281,9 @@ class _Group:
     def run_first(self) -> Any:
         token = self._start()
         assert token is not None
-        if self.delay is not None:
-            _WATCHDOG.schedule(token.started + self.delay, self)
+        self.last_start = token.started
+        if self.server.hedge:  # a request sent before the latency is known is looked at again once it is
+            _WATCHDOG.schedule(token.started + (self.server.hedge_delay() or HEDGE_FLOOR), self)
         try:
             self._attempt(token)
             with self.cond:
@@ -311,12 +316,23 @@ class _Group:
         return token
 
     def hedge(self) -> None:
-        """Called by the watchdog at the deadline: send the request again unless it was answered meanwhile."""
+        """Called by the watchdog: send the request again if it is still unanswered ``hedge_delay`` after the last
+        copy was sent; look again later while the server's latency is unknown."""
+        delay = self.server.hedge_delay()
+        with self.cond:
+            if self.resolved or self.launched > MAX_HEDGES:
+                return
+        now = time.perf_counter()
+        due = None if delay is None else self.last_start + delay
+        if due is None or now < due:
+            _WATCHDOG.schedule(due if due is not None else now + HEDGE_FLOOR, self)
+            return
         token = self._start()
         if token is None:
             return
-        if self.launched <= MAX_HEDGES and self.delay is not None:
-            _WATCHDOG.schedule(token.started + self.delay, self)
+        self.last_start = token.started
+        if self.launched <= MAX_HEDGES:
+            _WATCHDOG.schedule(token.started + delay, self)
         threading.Thread(target=self._attempt, args=(token,), name="persona-dspy-hedge", daemon=True).start()
 
     def _abandon_all(self, mine: _Token) -> None:
@@ -383,5 +399,4 @@ def send(base_url: str, send_one: Callable[[Any], Any], request: Any) -> Any:
     timeout = server.read_timeout()
     if timeout is not None:
         request = replace(request, read_timeout=timeout)
-    group = _Group(server, send_one, request, active_request_counters(), server.hedge_delay())
-    return group.run_first()
+    return _Group(server, send_one, request, active_request_counters()).run_first()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from persona_dspy.data.records import UserHistory
+from persona_dspy.files import fsync_dir
 from persona_dspy.memory.edge import EDGE_DIR, USER_FILE, EdgeStore
 from persona_dspy.memory.embeddings import EmbeddingConfig
 from persona_dspy.memory.episodic import EpisodicMemory, close_store, open_store, task_namespace
@@ -50,19 +51,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def swap_folders(current: Path, new: Path) -> None:
     """Put ``new`` where ``current`` is and ``current`` where ``new`` was (``current`` may not exist yet).
 
@@ -76,8 +64,8 @@ def swap_folders(current: Path, new: Path) -> None:
         current.rename(aside)
         new.rename(current)
         aside.rename(new)
-    _fsync_dir(current.parent)
-    _fsync_dir(new.parent)
+    fsync_dir(current.parent)
+    fsync_dir(new.parent)
 
 
 def _restore_interrupted_swap(current: Path) -> None:

@@ -220,3 +220,64 @@ def test_a_killed_rebuild_leaves_the_old_or_the_new_memory_whole(tmp_path, capsy
                  "--no-progress"]) == 0
     assert _stored(memory) == counts[full] and not staging.exists()
     capsys.readouterr()
+
+
+def test_a_pool_counts_the_requests_of_every_server(server):
+    """A pool hides its servers' calls from the counters (the call counts once) but not their HTTP requests."""
+    from loopback_server import LoopbackServer
+
+    from persona_dspy.lm.pool import build_pool_lm
+
+    with LoopbackServer() as other:
+        for each in (server, other):
+            each.reset(fail_rate=0.3, seed=7)
+        lm = build_pool_lm("openai/test-model", [server.api_base, other.api_base], cooldown=0.05, timeout=5,
+                           num_retries=6)
+        usage = LMUsage()
+        with usage.counting(lm):
+            assert _calls(lm, 20) == [str(1 + i % 5) for i in range(20)]
+        received = server.stats()["chat_requests"] + other.stats()["chat_requests"]
+        failures = server.stats()["failures"] + other.stats()["failures"]
+    snap = usage.snapshot()
+    assert failures > 0 and snap["calls"] == 20
+    assert snap["requests"] == received and snap["failed_requests"] == {"http_error": failures}
+
+
+def test_a_loopback_servers_timeout_is_60_s_then_follows_its_latency_and_slots(server):
+    import argparse
+
+    from persona_dspy.lm.server_fit import fit_to_server
+
+    server.reset(n_ctx=8192)  # /props answers as llama.cpp's: one slot
+    lm = build_lm("openai/test-model", api_base=server.api_base)
+    args = argparse.Namespace(timeout=None, workers=4, context_tokens=None)
+    fit_to_server(lm, args)
+    state = attempts.server_state(server.api_base)
+    assert lm.kwargs["timeout"] == 60.0 and args.workers == 1  # capped at its slots
+    assert state.adapt_timeout and state.slots == 1 and state.ceiling == 60.0 and state.hedge
+    assert state.read_timeout() is None  # latency not known yet: the LM's 60 s
+    for seconds in [0.1] * 18 + [0.5] * 2:
+        state.record(seconds)
+    assert state.p95() == 0.5
+    state.in_flight = 3  # three requests in flight on one slot: each waits for those before it
+    assert state.read_timeout() == pytest.approx(attempts.TIMEOUT_FACTOR * 0.5 * 3)
+    state.in_flight = 9
+    assert state.read_timeout() == 60.0  # never above the LM's own
+    state.in_flight = 0
+    for seconds in [0.01] * 40:
+        state.record(seconds)
+    assert state.read_timeout() == attempts.TIMEOUT_FLOOR
+    pinned = argparse.Namespace(timeout=30.0, workers=1, context_tokens=None)
+    attempts.unwatch_all()
+    fit_to_server(build_lm("openai/test-model", api_base=server.api_base, timeout=30.0), pinned)
+    assert not attempts.server_state(server.api_base).adapt_timeout  # --timeout given: as given
+
+
+def test_the_embedded_server_is_never_hedged(monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(served_by=lambda url: {"model": "SmolLM2"} if "8123" in url else None)
+    monkeypatch.setitem(sys.modules, "persona_dspy.lm.local_server", fake)
+    with pytest.raises(ValueError, match="never hedged"):
+        attempts.watch("http://127.0.0.1:8123/v1")
+    assert not attempts.server_state("http://127.0.0.1:8123/v1").hedge

@@ -281,3 +281,18 @@ def test_the_embedded_server_is_never_hedged(monkeypatch):
     with pytest.raises(ValueError, match="never hedged"):
         attempts.watch("http://127.0.0.1:8123/v1")
     assert not attempts.server_state("http://127.0.0.1:8123/v1").hedge
+
+
+def test_a_rebuild_of_some_users_keeps_the_others_as_they_were(tmp_path, capsys):
+    full, half = dataset_dir("LaMP_3"), _halved_profiles(tmp_path)
+    counts = {folder: {h.user_id: len(h.items) for h in load_dataset(folder)} for folder in (full, half)}
+    memory = tmp_path / "memory"
+    assert main(["ingest", "--task", "LaMP_3", "--data", str(full), "--memory", str(memory), "--no-progress"]) == 0
+    assert main(["memory", "rebuild", "--task", "LaMP_3", "--data", str(half), "--memory", str(memory), "--users",
+                 USERS[0], "--yes", "--no-progress"]) == 0
+    assert _stored(memory) == {**counts[full], USERS[0]: counts[half][USERS[0]]}
+    assert not (memory / ".rebuild-pd_lamp_3").exists()
+    # the kept users' shards still open, search and take writes
+    assert main(["ingest", "--task", "LaMP_3", "--data", str(full), "--memory", str(memory), "--no-progress"]) == 0
+    assert _stored(memory) == counts[full]
+    capsys.readouterr()

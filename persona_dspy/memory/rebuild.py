@@ -3,11 +3,12 @@
 ``memory rebuild`` re-ingests users (after the embeddings changed, say). Deleting each user and ingesting again left
 a user with nothing stored when the process died in between. Here the new memory of the whole namespace is built in
 a staging folder inside the memory folder (``.rebuild-<namespace>``, a store of its own), users not being rebuilt
-are copied into it as they are, and the two namespace folders are exchanged in one step (Linux ``renameat2`` with
-``RENAME_EXCHANGE``): a kill at any moment leaves either the old memory or the new one, whole. The staging folder,
-holding the old memory after the swap, is removed last; a later rebuild removes any that a kill left behind. Where
-the exchange is not available (another OS), two renames stand in, with a window of a few microseconds in which the
-namespace folder is missing (``swap_folders`` says how to recover from it).
+are linked into it as they are (hard links: no shard is written out again), and the two namespace folders are
+exchanged in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``): a kill at any moment leaves either the old
+memory or the new one, whole. The staging folder, holding the old memory after the swap, is removed last; a later
+rebuild removes any that a kill left behind. Where the exchange is not available (another OS), two renames stand
+in, with a window of a few microseconds in which the namespace folder is missing (``swap_folders`` says how to
+recover from it).
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def swap_folders(current: Path, new: Path) -> None:
     fsync_dir(new.parent)
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link: a shard's preallocated files are sparse (~150 MB apparent), and a copy would write them out.
+
+    Nothing writes to either name while the rebuild holds the folder lock, and the old name is removed after the
+    swap (or, after a kill before it, the staging one), so the two never diverge while both are kept."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _restore_interrupted_swap(current: Path) -> None:
     aside = current.with_name(current.name + ".swap")
     if aside.exists() and not current.exists():
@@ -98,7 +110,7 @@ def rebuild_memory(folder: Path, task: str, histories: Sequence[UserHistory], em
         kept = 0
         for user_dir in sorted(current.glob(f"*/{USER_FILE}")) if current.is_dir() else []:
             if user_dir.read_text(encoding="utf-8") not in rebuilt:
-                shutil.copytree(user_dir.parent, fresh_root / user_dir.parent.name)
+                shutil.copytree(user_dir.parent, fresh_root / user_dir.parent.name, copy_function=_link_or_copy)
                 kept += 1
         fresh_root.mkdir(parents=True, exist_ok=True)
         swap_folders(current, fresh_root)

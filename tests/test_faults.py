@@ -57,8 +57,8 @@ def _calls(lm: dspy.LM, n: int, workers: int = 4) -> list[str]:
 
 def test_every_request_is_counted_under_500s_and_hangs(server):
     """Retries after a 500, requests that timed out, hedges and abandoned copies: the client's count is the server's."""
-    server.reset(fail_rate=0.2, hang_rate=0.1, hang_seconds=1.5, seed=3)
-    lm = build_lm("openai/test-model", api_base=server.api_base, timeout=1.0, num_retries=8)
+    server.reset(fail_rate=0.2, hang_rate=0.1, hang_seconds=4.0, seed=3)
+    lm = build_lm("openai/test-model", api_base=server.api_base, timeout=3.0, num_retries=8)
     attempts.watch(server.api_base)
     usage = LMUsage()
     with usage.counting(lm):
@@ -81,7 +81,7 @@ def test_a_hung_request_is_hedged_and_the_copy_left_behind_is_closed(server):
     lm = build_lm("openai/test-model", api_base=server.api_base, timeout=60, num_retries=0)
     state = attempts.watch(server.api_base)
     _calls(lm, attempts.MIN_SAMPLES + 5)
-    assert state.hedge_delay() == attempts.HEDGE_FLOOR  # a fast server: the floor
+    assert state.hedge_delay() >= attempts.HEDGE_FLOOR  # known now: 2x its p95, at least the floor
     server.reset(hang_rate=1.0, hang_seconds=20, seed=1)  # the next request hangs
     usage = LMUsage()
     with usage.counting(lm), ThreadPoolExecutor(1) as pool:

@@ -248,7 +248,10 @@ class _Watchdog:
                 while not self._heap or self._heap[0][0] > time.perf_counter():
                     self._cond.wait(None if not self._heap else self._heap[0][0] - time.perf_counter())
                 _, _, group = heapq.heappop(self._heap)
-            group.hedge()
+            try:
+                group.hedge()
+            except Exception:  # a hedge that cannot start leaves the request to its first copy
+                logger.exception("could not send a hedge")
 
 
 _WATCHDOG = _Watchdog()
@@ -285,7 +288,7 @@ class _Group:
         if self.server.hedge:  # a request sent before the latency is known is looked at again once it is
             _WATCHDOG.schedule(token.started + (self.server.hedge_delay() or HEDGE_FLOOR), self)
         try:
-            self._attempt(token)
+            self._attempt(token, caller=True)
             with self.cond:
                 while not self.resolved:
                     self.cond.wait()
@@ -350,11 +353,15 @@ class _Group:
             if mine.sent:
                 count_request(self.counters, "abandoned")
 
-    def _attempt(self, token: _Token) -> None:
+    def _attempt(self, token: _Token, caller: bool = False) -> None:
         _CURRENT.token = token
         try:
             outcome: Any = self.send_one(self.request)
         except Exception as exc:  # the outcome of this copy; the group decides what the caller sees
+            outcome = exc
+        except BaseException as exc:  # Ctrl-C reaches the caller's thread only: a hedge's copy just ends
+            if caller:
+                raise
             outcome = exc
         finally:
             _CURRENT.token = None

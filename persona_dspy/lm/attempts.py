@@ -187,7 +187,8 @@ class CancellableTransport(StdlibTransport):
     """lm15's stdlib transport, telling the request's token which socket it uses (so a hedge can close it).
 
     The token lets go of the socket before the connection goes back to the pool, so a late cancel never reaches a
-    connection another request took.
+    connection another request took. It overrides two of lm15's internal methods (``_send_request``,
+    ``_make_release``, dspy 3.4's vendored lm15): ``tests/test_faults.py`` fails if they change.
     """
 
     def _send_request(self, conn: Any, *args: Any, **kwargs: Any) -> None:

@@ -143,7 +143,7 @@ def test_compile_help_states_the_timeouts(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "default 60; 600 for the embedded model" in text
     assert "for another server on this machine" in text and "/props" in text and "between 10 and 60" in text
-    assert "is sent again and the first reply taken" in text
+    assert "is sent again (up to 4 copies, at doubling intervals) and the first reply taken" in text
 
 
 def test_an_empty_profile_is_reported_as_the_datas_fault(tmp_path, capsys):

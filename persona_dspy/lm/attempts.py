@@ -9,11 +9,11 @@ servers, hedges. ``lm.native``'s adapter sends each request through ``send``, wh
   latency is known;
 * for a server the run ``watch``-es (the CLI watches every server it talks to except the embedded CPU server, see
   ``lm.server_fit``): a request still unanswered after ``hedge_delay`` (``HEDGE_FACTOR`` x p95, at least
-  ``HEDGE_FLOOR`` s) is sent again, up to ``MAX_HEDGES`` times, and the first answer is taken; the others are
-  abandoned and their connections closed, which cancels them on a server that stops work for a client that left
-  (llama.cpp does: ``docs/faults.md``). With ``adapt_timeout`` the read timeout of each request also follows the
-  server: ``TIMEOUT_FACTOR`` x p95 x (requests in flight / the slots it reports), between ``TIMEOUT_FLOOR`` and the
-  LM's own timeout.
+  ``HEDGE_FLOOR`` s) is sent again, up to ``MAX_HEDGES`` times at doubling intervals, and the first answer is
+  taken; the others are abandoned and their connections closed, which cancels them on a server that stops work for
+  a client that left (llama.cpp does: ``docs/faults.md``). With ``adapt_timeout`` the read timeout of each request
+  also follows the server: ``TIMEOUT_FACTOR`` x p95 x (requests in flight / the slots it reports), between
+  ``TIMEOUT_FLOOR`` and the LM's own timeout.
 
 The first request runs on the caller's thread (no hand-off: the common case costs a timestamp); a hedge runs on a
 daemon thread of its own, started by one watchdog thread that holds the deadlines. A request that times out is
@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 MIN_SAMPLES = 20
 """Answered requests before a server's latency counts as known."""
 HEDGE_FACTOR = 2.0
-HEDGE_FLOOR = 0.5
-MAX_HEDGES = 3
+HEDGE_FLOOR = 0.25
+MAX_HEDGES = 4
+"""Copies sent after the first at most; each waits twice as long as the one before (``hedge_delay`` x 1, 2, 4, 8)."""
 TIMEOUT_FACTOR = 20.0
 TIMEOUT_FLOOR = 10.0
 _WINDOW = 256
@@ -156,6 +157,7 @@ class _Token:
         self.sock: socket.socket | None = None
         self.cancelled = False
         self.sent = False  # the whole request was written: the server has it (and counts it)
+        self.index = 0  # 0: the first copy; 1...: hedges
         self.started = time.perf_counter()
 
     def attach(self, sock: socket.socket) -> None:
@@ -313,6 +315,7 @@ class _Group:
             if self.resolved or self.launched > MAX_HEDGES:
                 return None
             token = _Token()
+            token.index = self.launched
             self.running.append(token)
             self.launched += 1
         with self.server.lock:
@@ -327,7 +330,7 @@ class _Group:
             if self.resolved or self.launched > MAX_HEDGES:
                 return
         now = time.perf_counter()
-        due = None if delay is None else self.last_start + delay
+        due = None if delay is None else self.last_start + delay * 2 ** (self.launched - 1)
         if due is None or now < due:
             _WATCHDOG.schedule(due if due is not None else now + HEDGE_FLOOR, self)
             return
@@ -336,7 +339,7 @@ class _Group:
             return
         self.last_start = token.started
         if self.launched <= MAX_HEDGES:
-            _WATCHDOG.schedule(token.started + delay, self)
+            _WATCHDOG.schedule(token.started + delay * 2 ** (self.launched - 1), self)
         threading.Thread(target=self._attempt, args=(token,), name="persona-dspy-hedge", daemon=True).start()
 
     def _abandon_all(self, mine: _Token) -> None:
@@ -389,6 +392,9 @@ class _Group:
             if self.answer is not None or not self.running:
                 self.resolved = True
             self.cond.notify_all()
+        if kind or token.index:
+            logger.debug("request copy %d of %d: %s after %.2f s", token.index + 1, self.launched, kind or "answered",
+                         seconds)
         if kind is not None:
             count_request(self.counters, kind or None)
         if kind == "":

@@ -5,8 +5,13 @@ completion text comes from ``persona_dspy.testing.offline_lm.answer_messages`` a
 same stand-in answers over HTTP as in process. It binds 127.0.0.1 only and exits on its own after --max-seconds.
 
 Run: ``python tests/loopback_server.py [--port 0] [--latency S] [--fail-first N] [--retry-after S]
-[--echo-injections] [--constant-label L] [--reply-mode MODE] [--n-ctx N]``; it prints ``LOOPBACK READY <port>``
-once listening.
+[--fail-rate P] [--hang-rate P] [--hang-seconds S] [--seed N] [--echo-injections] [--constant-label L]
+[--reply-mode MODE] [--n-ctx N]``; it prints ``LOOPBACK READY <port>`` once listening.
+
+Faults, for the counting and hedging tests: ``fail_rate`` answers that share of chat calls with HTTP 500, and
+``hang_rate`` holds that share for ``hang_seconds`` before answering, drawn from a generator seeded with ``seed``. A
+held call whose client disconnects stops at once (as llama.cpp stops a slot whose client left) and is counted in
+``disconnected``; ``chat_requests`` counts every chat request received, ``in_flight`` those not yet finished.
 
 Endpoints: POST /v1/chat/completions (also /chat/completions; ``stream: true`` gets one SSE chunk), POST /api/chat
 (Ollama's native chat, as LiteLLM's ``ollama_chat/`` provider calls it, non-streaming), GET /v1/models,
@@ -14,7 +19,7 @@ GET /props (with ``n_ctx``), GET /_stats (counters and the last requests, each w
 POST /_reset (zero the counters; a request still in flight from before a reset is never counted after it, so one
 test's slow or timed-out calls cannot land in the next test's counts), POST /_script
 (``{"fail_next": N, "latency": S, "retry_after": S, "echo_injections": bool, "constant_label": L | null,
-"reply_mode": MODE | null, "n_ctx": N | null}`` changes
+"reply_mode": MODE | null, "n_ctx": N | null, "fail_rate": P, "hang_rate": P, "hang_seconds": S, "seed": N}`` changes
 the behaviour of the following calls).
 
 Adversarial modes, for the guard's tests (a model that copies a user's history into what it writes):
@@ -48,7 +53,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import select
+import socket
 import subprocess
 import sys
 import tempfile
@@ -126,7 +133,15 @@ class _State:
         self.constant_label = constant_label
         self.epoch = 0
         self.served = 0  # never reset: answer ids stay unique across resets
+        self.fail_rate = self.hang_rate = 0.0
+        self.hang_seconds = 30.0
+        self.rng = random.Random(0)
+        self.in_flight = 0  # never reset: calls still running
         self.reset()
+
+    def faults(self, fail_rate: float, hang_rate: float, hang_seconds: float, seed: int) -> None:
+        self.fail_rate, self.hang_rate, self.hang_seconds = fail_rate, hang_rate, hang_seconds
+        self.rng = random.Random(seed)
 
     def reset(self) -> None:
         self.epoch += 1
@@ -137,6 +152,8 @@ class _State:
         self.echoed = 0
         self.truncated = 0
         self.overflowed = 0
+        self.hangs = 0
+        self.disconnected = 0
         self.log: deque[dict[str, Any]] = deque(maxlen=64)
 
     def stats(self) -> dict[str, Any]:
@@ -145,7 +162,9 @@ class _State:
                 "model_requests": self.model_requests, "fail_next": self.fail_next, "latency": self.latency,
                 "echo_injections": self.echo_injections, "constant_label": self.constant_label,
                 "echoed": self.echoed, "reply_mode": self.reply_mode, "n_ctx": self.n_ctx,
-                "truncated": self.truncated, "overflowed": self.overflowed, "requests": list(self.log)}
+                "truncated": self.truncated, "overflowed": self.overflowed, "fail_rate": self.fail_rate,
+                "hang_rate": self.hang_rate, "hang_seconds": self.hang_seconds, "hangs": self.hangs,
+                "disconnected": self.disconnected, "in_flight": self.in_flight, "requests": list(self.log)}
 
 
 def _adversarial_answer(messages: list[dict[str, Any]], json_mode: bool, echo: bool,
@@ -240,17 +259,53 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.constant_label = body.get("constant_label", state.constant_label)
                     state.reply_mode = body.get("reply_mode", state.reply_mode)
                     state.n_ctx = body.get("n_ctx", state.n_ctx)
+                    if {"fail_rate", "hang_rate", "hang_seconds", "seed"} & set(body):
+                        state.faults(float(body.get("fail_rate", 0.0)), float(body.get("hang_rate", 0.0)),
+                                     float(body.get("hang_seconds", 30.0)), int(body.get("seed", 0)))
                 self._send(200, {"ok": True})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
+        def _client_left(self) -> bool:
+            """Whether the client closed its connection (readable with nothing to read: EOF)."""
+            try:
+                ready, _, _ = select.select([self.connection], [], [], 0)
+                return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
+        def _hang(self, seconds: float, epoch: int) -> bool:
+            """Hold the call for ``seconds``; False (and counted) when the client left meanwhile."""
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if self._client_left():
+                    with state.lock:
+                        if epoch == state.epoch:
+                            state.disconnected += 1
+                    self.close_connection = True
+                    return False
+                time.sleep(0.02)
+            return True
+
         def _chat(self, body: dict[str, Any], ollama: bool = False) -> None:
+            with state.lock:
+                state.in_flight += 1
+            try:
+                self._chat_counted(body, ollama)
+            finally:
+                with state.lock:
+                    state.in_flight -= 1
+
+        def _chat_counted(self, body: dict[str, Any], ollama: bool = False) -> None:
             with state.lock:
                 epoch = state.epoch
                 state.chat_requests += 1
-                fail = state.fail_next > 0
+                fail = state.fail_next > 0 or (state.fail_rate > 0 and state.rng.random() < state.fail_rate)
+                hang = not fail and state.hang_rate > 0 and state.rng.random() < state.hang_rate
+                if hang:
+                    state.hangs += 1
                 if fail:
-                    state.fail_next -= 1
+                    state.fail_next = max(0, state.fail_next - 1)
                     state.failures += 1
                 latency, retry_after = state.latency, state.retry_after
                 echo, label = state.echo_injections, state.constant_label
@@ -262,6 +317,8 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 state.log.append(entry)
             if latency > 0:
                 time.sleep(latency)
+            if hang and not self._hang(state.hang_seconds, epoch):
+                return
             if fail:
                 self._send(500, {"error": {"message": "injected failure", "type": "server_error"}},
                            {"Retry-After": f"{retry_after:g}"})
@@ -338,10 +395,12 @@ class _Server(ThreadingHTTPServer):
 
 def serve(port: int = 0, latency: float = 0.0, fail_first: int = 0, retry_after: float = 0.0,
           max_seconds: float = 300.0, echo_injections: bool = False, constant_label: str | None = None,
-          reply_mode: str | None = None, n_ctx: int | None = None) -> None:
+          reply_mode: str | None = None, n_ctx: int | None = None, fail_rate: float = 0.0, hang_rate: float = 0.0,
+          hang_seconds: float = 30.0, seed: int = 0) -> None:
     """Serve on 127.0.0.1 until terminated or max_seconds pass (an orphaned server never lingers)."""
-    server = _Server((HOST, port), _make_handler(_State(latency, fail_first, retry_after, echo_injections,
-                                                        constant_label, reply_mode, n_ctx)))
+    state = _State(latency, fail_first, retry_after, echo_injections, constant_label, reply_mode, n_ctx)
+    state.faults(fail_rate, hang_rate, hang_seconds, seed)
+    server = _Server((HOST, port), _make_handler(state))
     lifetime = threading.Timer(max_seconds, server.shutdown)
     lifetime.daemon = True
     lifetime.start()
@@ -364,9 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--constant-label", default=None, help="answer every label output with this label")
     parser.add_argument("--reply-mode", choices=REPLY_MODES, default=None, help="answer as a weak model would")
     parser.add_argument("--n-ctx", type=int, default=None, help="context tokens (/props; longer prompts get 400)")
+    parser.add_argument("--fail-rate", type=float, default=0.0, help="share of chat calls answered with HTTP 500")
+    parser.add_argument("--hang-rate", type=float, default=0.0, help="share of chat calls held --hang-seconds")
+    parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a held call waits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
     args = parser.parse_args(argv)
     serve(args.port, args.latency, args.fail_first, args.retry_after, args.max_seconds, args.echo_injections,
-          args.constant_label, args.reply_mode, args.n_ctx)
+          args.constant_label, args.reply_mode, args.n_ctx, args.fail_rate, args.hang_rate, args.hang_seconds,
+          args.seed)
 
 
 # --------------------------------------------------------------------------- the test-side handle
@@ -454,12 +518,14 @@ class LoopbackServer:
 
     def reset(self, *, fail_next: int = 0, latency: float = 0.0, retry_after: float = 0.0,
               echo_injections: bool = False, constant_label: str | None = None, reply_mode: str | None = None,
-              n_ctx: int | None = None) -> None:
+              n_ctx: int | None = None, fail_rate: float = 0.0, hang_rate: float = 0.0, hang_seconds: float = 30.0,
+              seed: int = 0) -> None:
         """Zero the counters and set the script for the following calls."""
         self.post("/_reset")
         self.post("/_script", {"fail_next": fail_next, "latency": latency, "retry_after": retry_after,
                                "echo_injections": echo_injections, "constant_label": constant_label,
-                               "reply_mode": reply_mode, "n_ctx": n_ctx})
+                               "reply_mode": reply_mode, "n_ctx": n_ctx, "fail_rate": fail_rate,
+                               "hang_rate": hang_rate, "hang_seconds": hang_seconds, "seed": seed})
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -53,8 +53,12 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
     parser.add_argument("--max-tokens", type=positive(int), default=512,
                         help="completion token cap per call (default 512)")
     parser.add_argument("--timeout", type=positive(float), default=None,
-                        help="seconds per LM request (default 60; 600 for the embedded model, whose requests queue "
-                             "for one CPU)")
+                        help="seconds an LM request may wait for its reply (default 60; 600 for the embedded "
+                             "model, whose requests queue for one CPU; for another server on this machine, once its "
+                             "latency is known, 20x its p95 latency times the requests queued per slot it reports at "
+                             "/props, between 10 and 60). A request a server (not the embedded one) sits on for 2x "
+                             "its p95 latency, at least 0.25 s, is sent again (up to 4 copies, at doubling "
+                             "intervals) and the first reply taken")
     parser.add_argument("--retries", type=non_negative, default=3,
                         help="retries of a failed LM request, with backoff (default 3)")
     parser.add_argument("--context-tokens", type=positive(int), default=None,

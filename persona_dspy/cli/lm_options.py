@@ -22,7 +22,7 @@ def lm_configs(args: argparse.Namespace) -> tuple[LMConfig, LMConfig | None]:
     """The task LM's configuration (flags, then PERSONA_DSPY_* variables, then the embedded local model), fitted to
     its server, and the optimizer LM's (None: the task LM). Fitting may lower ``args.workers`` (said on stderr)."""
     from persona_dspy.lm.config import lm_config, optimizer_lm_config
-    from persona_dspy.lm.server_fit import fit_to_server
+    from persona_dspy.lm.server_fit import fit_to_server, watch_servers
 
     task = lm_config(args.lm, args.api_base, api_key=args.api_key, temperature=getattr(args, "temperature", None),
                      max_tokens=args.max_tokens, timeout=args.timeout, num_retries=args.retries,
@@ -35,7 +35,8 @@ def lm_configs(args: argparse.Namespace) -> tuple[LMConfig, LMConfig | None]:
         print(f"persona-dspy: note: {fit.note}", file=sys.stderr)
     if fit.workers is not None:
         args.workers = fit.workers
-    return (task.copy(timeout=fit.timeout) if fit.timeout is not None else task), optimizer
+    watch_servers(task)  # hedged requests, and a loopback server's timeout following its latency
+    return task, optimizer
 
 
 def build_task_lm(args: argparse.Namespace, config: LMConfig | None = None) -> dspy.LM:

@@ -165,12 +165,19 @@ def cmd_memory(args: argparse.Namespace) -> int:
     what = f"{args.action} the {task} memory of {plural(len(users), 'user')} at {location}"
     if not args.yes:
         raise CLIError(f"this would {what}; add --yes to do it")
+    if args.action == "rebuild" and not args.qdrant_url:  # built beside the old memory, then swapped in
+        from persona_dspy.memory.embeddings import EmbeddingConfig
+        from persona_dspy.memory.rebuild import rebuild_memory
+
+        rebuild_memory(Path(location), task, histories, EmbeddingConfig(sparse=True, dense=args.dense),
+                       lambda memory, selected: ingest_histories(memory, selected, args))
     with open_memory(task, args) as memory:
-        for user in users:
-            memory.delete_user(user)
-            logger.info("deleted the memory of %s", user)
-        if args.action == "rebuild":
-            ingest_histories(memory, histories, args)
+        if args.action == "delete" or args.qdrant_url:  # a server's memory is rebuilt in place
+            for user in users:
+                memory.delete_user(user)
+                logger.info("deleted the memory of %s", user)
+            if args.action == "rebuild":
+                ingest_histories(memory, histories, args)
         print(f"{'deleted' if args.action == 'delete' else 'rebuilt'}: {plural(len(users), 'user')} at {location} "
               f"({memory.count()} items stored for {task} now, {memory.embedder.config.label})")
     return 0

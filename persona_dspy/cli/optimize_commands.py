@@ -55,12 +55,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
               "command to continue", file=sys.stderr)
         return 130
     failed = summary.count("failed")
+    data = data_failures(summary.results, task, args)
     if failed and failed == len(summary.results):
         first = summary.results[0].error
-        raise CLIError(f"no user could be compiled; first: {first}{lm_hint(lm, first)}")
+        raise CLIError(f"no user could be compiled; first: {first}{lm_hint(lm, first)}"
+                       + (f"; {data}" if data else ""))
     check_strict(summary.output_totals(), args)
     if summary.summary_error:
         print(f"persona-dspy: warning: {summary.summary_error}", file=sys.stderr)
+    if data:
+        print(f"persona-dspy: {data}", file=sys.stderr)
     return 1 if failed or summary.summary_error else 0
 
 
@@ -72,6 +76,19 @@ def compile_config(args: argparse.Namespace, out: Path) -> CompileConfig:
                          aligner_settings={"batch_size": args.batch_size, "iterations": args.iterations,
                                            "candidates_per_step": args.candidates,
                                            "max_persona_words": args.max_persona_words})
+
+
+def data_failures(results: list, task: str, args: argparse.Namespace) -> str | None:
+    """What to say when users failed because of their records: it is the data, which file, which users."""
+    bad = [r for r in results if r.status == "failed" and r.data_error]
+    if not bad:
+        return None
+    from persona_dspy.cli.task_data import data_folder
+
+    where = Path(data_folder(task, args)) / f"{args.split}_questions.json"
+    users = "; ".join(str(r.error).partition(": ")[2] for r in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    return (f"{plural(len(bad), 'user')} failed because of the data, not the model: fix or drop them in {where} "
+            f"({users})")
 
 
 def _compile_on_ray(args: argparse.Namespace, task: str, histories: list[UserHistory], out: Path):

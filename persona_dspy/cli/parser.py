@@ -37,7 +37,8 @@ def _add_memory_command(sub: Any) -> None:
     actions = sub.add_parser("memory", help="delete, rebuild or copy stored memory").add_subparsers(
         dest="action", required=True)
     for action, help_text in (("delete", "forget the --user(s)' stored memory"),
-                              ("rebuild", "delete and re-ingest the users' memory (e.g. after --dense changed)")):
+                              ("rebuild", "re-ingest the users' memory (e.g. after --dense changed), built beside "
+                                          "the old memory and swapped in: a killed rebuild leaves the old one whole")):
         memory = subcommand(actions, action, help_text)
         add_data_args(memory, single_task=True)
         add_memory_args(memory)

@@ -132,7 +132,8 @@ def read_json(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise DataError(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        where = f"line {exc.lineno}, column {exc.colno}"  # Python's message may end in "at" already
+        raise DataError(path, f"not valid JSON ({exc.msg.removesuffix(' at')} at {where})") from None
 
 
 def type_name(value: Any) -> str:

@@ -9,6 +9,18 @@ from datetime import datetime
 from persona_dspy.data.tasks import TaskSpec
 
 
+class UserDataError(ValueError):
+    """One user's records cannot be used as they are (an empty profile): the data, not the model, is at fault.
+
+    Raised for that user only (the others go on); reports name the data file beside it.
+    """
+
+    def __init__(self, user_id: str, problem: str) -> None:
+        self.user_id = user_id
+        self.problem = problem
+        super().__init__(f"user {user_id!r} {problem}")
+
+
 @dataclass(frozen=True)
 class HistoryItem:
     """One past interaction of a user: a LaMP profile item.

@@ -19,14 +19,23 @@ def _by_step(counts: Mapping[str, int] | None) -> str:
 
 
 def counts_line(totals: Mapping[str, Any]) -> str:
-    """One line: LM calls, invalid outputs by step (of those checked), retries, fallbacks, truncations."""
+    """One line: LM calls and HTTP requests, invalid outputs by step (of those checked), retries, fallbacks,
+    truncations."""
     checked = sum((totals.get("checked") or {}).values())
     invalid = sum((totals.get("invalid") or {}).values())
-    return (f"outputs: {totals.get('lm_calls', 0)} LM calls; {invalid} of {checked} checked outputs invalid "
+    return (f"outputs: {totals.get('lm_calls', 0)} LM calls, {requests_text(totals)}; {invalid} of {checked} "
+            f"checked outputs invalid "
             f"({_by_step(totals.get('invalid'))}); retries: {_by_step(totals.get('retries'))}; "
             f"fallbacks (a reply read as raw text; a summary from the user's answers): "
             f"{_by_step(totals.get('fallbacks'))}; "
             f"truncated (finish_reason=length): {totals.get('truncations', 0)}")
+
+
+def requests_text(totals: Mapping[str, Any]) -> str:
+    """"890 HTTP requests (164 failed: http_error 150, timeout 14)": every request sent, retries and hedges included."""
+    failed = sum((totals.get("failed_requests") or {}).values())
+    text = f"{totals.get('requests', 0)} HTTP requests"
+    return text + (f" ({failed} failed: {_by_step(totals.get('failed_requests'))})" if failed else " (none failed)")
 
 
 def invalid_warning(totals: Mapping[str, Any]) -> str | None:

@@ -13,7 +13,7 @@ import dspy
 from persona_dspy.agent.persona_agent import DEFAULT_MODE, AgentMode, PersonaAgent
 from persona_dspy.agent.semantic_memory import initial_agent
 from persona_dspy.data.examples import interaction_examples
-from persona_dspy.data.records import UserHistory
+from persona_dspy.data.records import UserDataError, UserHistory
 from persona_dspy.evaluation.metrics import dspy_metric
 from persona_dspy.memory.episodic import EpisodicMemory
 from persona_dspy.memory.retrieval import searches_reused
@@ -40,7 +40,8 @@ def align_user(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode 
     feedback, the newer half judges each rewrite); ``start`` warm-starts from a program."""
     recent = interaction_examples(history, n_recent)
     if not recent:
-        raise ValueError(f"user {history.user_id!r} has no history before their first query to align on")
+        raise UserDataError(history.user_id, "has no history before their first query to align on (an empty "
+                            "profile)")
     trainset, valset = split_recent(recent)
     student = start if start is not None else initial_agent(history, memory, mode=mode, k=k)
     aligner = PersonaAligner(dspy_metric(history.task), optimizer_lm=optimizer_lm, **aligner_settings)

@@ -25,7 +25,7 @@ import dspy
 
 from persona_dspy.agent.persona_agent import DEFAULT_MODE, AgentMode
 from persona_dspy.console import plural, progress_bar
-from persona_dspy.data.records import UserHistory, select_users
+from persona_dspy.data.records import UserDataError, UserHistory, select_users
 from persona_dspy.data.tasks import get_task
 from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
 from persona_dspy.evaluation.runner import run_users
@@ -74,9 +74,11 @@ class UserResult:
     lm_calls: int = 0
     seconds: float = 0.0
     error: str | None = None
+    requests: int = 0  # HTTP requests sent for this user, retries and hedges included (``LMUsage.requests``)
     fallbacks: dict[str, int] = field(default_factory=dict)  # replies read as raw text, by step
     run: str | None = None  # the ``created`` time of the run that produced this result
     outputs: dict[str, Any] = field(default_factory=dict)  # OutputStats.snapshot() of this user's calls
+    data_error: bool = False  # failed because of the user's records (``UserDataError``), not the model
 
 
 class PersonaRejected(ValueError):
@@ -93,6 +95,8 @@ class CompileSummary:
     results: list[UserResult] = field(default_factory=list)
     seconds: float = 0.0
     lm_calls: int = 0
+    requests: int = 0
+    """Every HTTP request sent, retries and hedges included (``lm_calls`` counts each call once)."""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     summary_error: str | None = None
     interrupted: bool = False
@@ -159,7 +163,8 @@ class CompileSummary:
         lines = [f"{self.task}: {plural(len(self.results), 'user')} -> {self.out_dir}",
                  f"  compiled {self.count('compiled')}, re-aligned {self.count('realigned')}, "
                  f"skipped (current) {self.count('skipped')}, failed {self.count('failed')}",
-                 f"  {self.lm_calls} LM calls, {self.seconds:.1f} s, {self.users_per_minute:.1f} users/min "
+                 f"  {self.lm_calls} LM calls ({self.requests} HTTP requests), {self.seconds:.1f} s, "
+                 f"{self.users_per_minute:.1f} users/min "
                  f"with {plural(self.workers, 'worker')}"]
         if self.cluster:
             ray = self.cluster
@@ -276,12 +281,13 @@ def compile_user(history: UserHistory, job: CompileJob) -> UserResult:
         return UserResult(history.user_id, "realigned" if state is False else "compiled", str(path),
                           report["start_score"], report["best_score"], calls.calls,
                           round(time.perf_counter() - t0, 3), fallbacks=dict(report.get("fallbacks", {})),
-                          outputs=stats.snapshot())
+                          outputs=stats.snapshot(), requests=calls.requests)
     except Exception as exc:  # one user's failure must not stop the others
         logger.debug("user %s failed:\n%s", history.user_id, traceback.format_exc())
-        return UserResult(history.user_id, "failed", None, lm_calls=calls.calls,
+        return UserResult(history.user_id, "failed", None, lm_calls=calls.calls, requests=calls.requests,
                           seconds=round(time.perf_counter() - t0, 3),
-                          error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot())
+                          error=redact_text(f"{type(exc).__name__}: {exc}" + _sizes(exc)), outputs=stats.snapshot(),
+                          data_error=isinstance(exc, UserDataError))
 
 
 def prepare_compile(histories: Sequence[UserHistory], config: CompileConfig) -> tuple[str, list[UserHistory]]:
@@ -305,6 +311,7 @@ def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], sta
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
+    summary.requests = sum(r.requests for r in summary.results)
     try:
         summary.merge_earlier(out / SUMMARY_FILE)
         write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))

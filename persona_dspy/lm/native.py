@@ -5,6 +5,8 @@ token limit ``max_completion_tokens``, which llama.cpp ignores. So the package r
 ``openai-compatible``, in the dialect llama.cpp, vLLM and SGLang read (``max_tokens``, ``response_format`` as is);
 timeouts, retries and errors are dspy's own. A program file records such an LM as ``openai-compatible/<model>``:
 loading it needs this module imported, as any dspy program needs its providers registered.
+Every HTTP request goes through ``lm.attempts``: counted (retries included), timed per server, and hedged on a
+server the run watches.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from dspy.lm15 import (
     register_provider,
 )
 from dspy.utils.exceptions import LMTimeoutError, LMTransportError
+
+from persona_dspy.lm.attempts import cancellable, send
+from persona_dspy.lm.usage import active_request_counters, count_request, mark_counted
 
 PROVIDER = "openai-compatible"
 """The provider id dspy routes ``openai-compatible/<model>`` to (a LiteLLM-free spelling: none of its prefixes)."""
@@ -72,13 +77,54 @@ def _with_sizes(error: ProviderError, body: str) -> ProviderError:
 
 
 class _ChatLM(OpenAIChatLM):
+    """lm15's adapter, sending each HTTP request through ``lm.attempts`` (counted, timed, hedged)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.transport = cancellable(self.transport)
+
+    def _send(self, request: Any) -> Any:
+        return send(self.base_url, super()._send, request)
+
+    def _stream_raw(self, request: Any, req: Any = None) -> Iterator[Any]:
+        counters, failure = active_request_counters(), None
+        try:
+            yield from super()._stream_raw(request, req)
+        except ProviderError:
+            failure = "http_error"
+            raise
+        except Exception as exc:
+            failure = "timeout" if "timeout" in type(exc.__cause__ or exc).__name__.lower() else "connection"
+            mark_counted(exc)
+            raise
+        finally:
+            count_request(counters, failure)
+
+    def _http_error(self, response: Any) -> ProviderError:
+        return mark_counted(super()._http_error(response))
+
     def normalize_error(self, status: int, body: str) -> ProviderError:
         return _with_sizes(super().normalize_error(status, body), body)
 
 
 class _AsyncChatLM(AsyncOpenAIChatLM):
+    """Async calls: each request counted (not hedged: the package's runs call LMs from threads)."""
+
+    async def _send(self, request: Any) -> Any:
+        counters = active_request_counters()
+        try:
+            response = await super()._send(request)
+        except Exception as exc:
+            count_request(counters, "timeout" if "timeout" in type(exc.__cause__ or exc).__name__.lower()
+                          else "connection")
+            mark_counted(exc)
+            raise
+        count_request(counters, "http_error" if response.status >= 400 else None)
+        return response
+
     def normalize_error(self, status: int, body: str) -> ProviderError:
-        return _with_sizes(super().normalize_error(status, body), body)
+        error = _with_sizes(super().normalize_error(status, body), body)
+        return mark_counted(error) if status >= 400 else error
 
 
 # ProviderDefinition.chat(...) with the dialect's classes extended to keep an overflow's sizes

@@ -14,7 +14,8 @@ comments); ``lm.build`` then returns a ``dspy.LM`` whose engine is a ``ServerPoo
   raised at once without blaming the server. When every server is out, a call waits for the first to come back.
 
 The outer LM keeps dspy's cache, callbacks and history (one entry per call, whichever server answered); the
-server LMs run with no retries, no cache, no callbacks and no active counter, so a call is counted once.
+server LMs run with no retries, no cache, no callbacks and no active counter, so a call is counted once; each
+HTTP request they send is counted where the call was made (``usage.REQUESTS_KEY``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from persona_dspy.lm.providers import LMConfigError
 from persona_dspy.lm.redact import redact_url
-from persona_dspy.lm.usage import ACTIVE_KEY
+from persona_dspy.lm.usage import ACTIVE_KEY, REQUESTS_KEY, active_request_counters
 
 if TYPE_CHECKING:
     import dspy
@@ -106,13 +107,16 @@ class ServerPool:
 
         tried: set[int] = set()
         last: BaseException | None = None
+        requests_to = active_request_counters()
         for _ in range(self.attempts):
             index = self._acquire(tried)
             server = self.servers[index]
             try:
                 # The outer LM already counts, records and caches this call: the server LM must not again (its own
                 # METER finds no active counter here).
-                with dspy.context(callbacks=[], disable_history=True, usage_tracker=None, **{ACTIVE_KEY: ()}):
+                # Its HTTP requests still count where the call was made (REQUESTS_KEY).
+                with dspy.context(callbacks=[], disable_history=True, usage_tracker=None,
+                                  **{ACTIVE_KEY: (), REQUESTS_KEY: requests_to}):
                     response = server.lm(request)
             except Exception as exc:
                 fault = is_server_fault(exc)

@@ -1,11 +1,14 @@
 """Matching a command to the server it talks to, and saying what the server's failures mean.
 
-A request to a llama.cpp server waits for a free slot before the model reads it, so on a busy CPU a 60 s timeout
-counts queueing, not generation; more workers than slots only lengthen that queue. So for a server on this machine
-(127.0.0.1, localhost) the read timeout defaults to the embedded server's 600 s, the workers are capped at the slots
-the server reports (llama.cpp's ``/props`` ``total_slots``), and the context size it reports (or
-``--context-tokens``) is what prompts are fitted to (``persona_dspy.lm.budget``). ``fit_to_server`` decides (a
-``ServerFit``); the command line applies it and says what it changed.
+A request to a llama.cpp server waits for a free slot before the model reads it; more workers than slots only
+lengthen that queue. So for a server on this machine (127.0.0.1, localhost) the workers are capped at the slots the
+server reports (llama.cpp's ``/props`` ``total_slots``), and the context size it reports (or ``--context-tokens``)
+is what prompts are fitted to (``persona_dspy.lm.budget``). Every server but the embedded one is watched
+(``lm.attempts``): once its latency is known, a request it sits on is sent again (hedged); for one on this machine,
+unless ``--timeout`` is given, the read timeout is 60 s until its latency is known, then follows it (the p95 times
+the requests queued per slot it reports), so a hung request costs seconds, not the 600 s the embedded server gets.
+``fit_to_server`` decides the workers (a ``ServerFit``), ``watch_servers`` starts the watching; the command line
+applies both.
 
 ``explain_lm_error`` turns an error's text into what happened: nothing listening (connection refused), a reply that
 did not come in time from a server that accepted the request (busy), a prompt larger than the context (both sizes),
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +30,6 @@ from persona_dspy.lm.config import LMConfig
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
-LOCAL_READ_TIMEOUT = 600.0
 
 
 def lm_api_base(lm: Any) -> str | None:
@@ -55,25 +58,39 @@ def server_slots(api_base: str) -> int | None:
 
 @dataclass(frozen=True)
 class ServerFit:
-    """What a command should change for its server: a read timeout, fewer workers (None: as asked), and why."""
+    """What a command should change for its server: fewer workers (None: as asked), and why."""
 
-    timeout: float | None = None
     workers: int | None = None
     note: str | None = None
 
 
 def fit_to_server(config: LMConfig, workers: int | None = None) -> ServerFit:
-    """Timeout and workers for the server ``config`` names (module docstring); the embedded server needs none
-    (its slots follow the workers and its timeout is already 600 s), nor a server elsewhere."""
+    """Workers for the server ``config`` names (module docstring); the embedded server needs no fitting (its slots
+    follow the workers), nor a server elsewhere."""
     servers = config.servers
     if config.local or not servers or not all(is_loopback(url) for url in servers):
         return ServerFit()
-    timeout = LOCAL_READ_TIMEOUT if config.timeout is None else None  # requests queue for the server's slots
     slots = server_slots(servers[0]) if workers and len(servers) == 1 else None
     if workers and slots and workers > slots:
-        return ServerFit(timeout, slots, f"the server at {servers[0]} has {slots} slot(s): running {slots} "
-                                         f"worker(s) instead of {workers} (more would only queue)")
-    return ServerFit(timeout)
+        return ServerFit(slots, f"the server at {servers[0]} has {slots} slot(s): running {slots} worker(s) instead "
+                                f"of {workers} (more would only queue)")
+    return ServerFit()
+
+
+def watch_servers(config: LMConfig) -> None:
+    """Hedge requests to every server ``config`` names but the embedded one, and let a loopback server's read timeout
+    follow its latency unless a timeout was given (``lm.attempts.watch``)."""
+    if config.local:
+        return
+    from persona_dspy.lm.attempts import watch
+
+    local = sys.modules.get("persona_dspy.lm.local_server")
+    for url in config.servers:
+        if local is not None and local.served_by(url):
+            continue  # the embedded server: its slots follow --workers, its timeout is set, it is never hedged
+        nearby = is_loopback(url)
+        watch(url, adapt_timeout=nearby and config.timeout is None, slots=server_slots(url) if nearby else None,
+              ceiling=config.read_timeout)
 
 
 _REFUSED = re.compile(r"connection refused|connection error|connecterror|cannot connect|failed to establish|"

@@ -8,6 +8,11 @@ callback that dspy runs for that LM's calls only, and ``counting(...)`` makes co
 a ``with`` block, in this thread and in worker threads that copy the context (the counters travel in dspy's
 context settings, like ``lm`` and ``adapter``). ``counting`` meters the context's LM and any LM passed to it, so LMs
 built elsewhere are counted too.
+
+HTTP requests are counted beside calls: the native engine (``lm.attempts``) hands each request it sent, retries and
+hedges included, to the counters active where the call was made (``count_request``), with why it brought no answer
+when it did not. ``errors`` counts those failed requests, and the failed calls of LMs whose requests are not seen
+(LiteLLM's, a custom engine's).
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from dspy.utils.callback_context import ACTIVE_CALL_ID
 
 ACTIVE_KEY = "persona_dspy_lm_usage"
 """The dspy context setting holding the counters active for the calls of a ``with counting(...)`` block."""
+REQUESTS_KEY = "persona_dspy_lm_requests"
+"""Where an LM that calls other LMs (a pool of servers) keeps its caller's counters while it hides its inner calls
+from them (``ACTIVE_KEY`` empty): their HTTP requests still count there."""
+REQUEST_FAILURES = ("http_error", "timeout", "connection", "abandoned")
+"""Why a request brought no answer: an HTTP error status, no reply in time, a broken or refused connection, or
+abandoned because a copy of it sent later (a hedge) answered first."""
+_COUNTED = "_persona_dspy_request_counted"
 
 
 def _usage_numbers(usage: Any) -> tuple[int, int] | None:
@@ -62,6 +74,9 @@ class LMUsage(BaseCallback):
         with self._lock:
             self.calls = 0
             self.errors = 0
+            self.failed_calls = 0
+            self.requests = 0
+            self.failed_requests: dict[str, int] = {}
             self.prompt_tokens = 0
             self.completion_tokens = 0
             self.unmetered_calls = 0
@@ -96,12 +111,21 @@ class LMUsage(BaseCallback):
         numbers = None if exception is not None else self._tokens(instance, outputs)
         with self._lock:
             if exception is not None:
-                self.errors += 1
+                self.failed_calls += 1
+                self.errors += int(not was_counted(exception))  # else its failed requests were counted already
             elif numbers is None:
                 self.unmetered_calls += 1
             else:
                 self.prompt_tokens += numbers[0]
                 self.completion_tokens += numbers[1]
+
+    def on_request(self, failure: str | None) -> None:
+        """One HTTP request sent; ``failure`` says why it brought no answer (``REQUEST_FAILURES``), None if it did."""
+        with self._lock:
+            self.requests += 1
+            if failure is not None:
+                self.errors += 1
+                self.failed_requests[failure] = self.failed_requests.get(failure, 0) + 1
 
     @staticmethod
     def _tokens(instance: Any, outputs: Any) -> tuple[int, int] | None:
@@ -122,7 +146,10 @@ class LMUsage(BaseCallback):
         with self._lock:
             return {
                 "calls": self.calls,
+                "requests": self.requests,
                 "errors": self.errors,
+                "failed_requests": dict(self.failed_requests),
+                "failed_calls": self.failed_calls,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
@@ -174,3 +201,38 @@ def counting(*usages: BaseCallback, lms: tuple[Any, ...] = ()) -> Iterator[None]
     added = tuple(u for u in dict.fromkeys(usages) if all(u is not a for a in active))
     with dspy.context(**{ACTIVE_KEY: active + added}):
         yield
+
+
+def active_request_counters() -> tuple[Any, ...]:
+    """The counters an HTTP request sent here counts on (see ``REQUESTS_KEY``)."""
+    inner = dspy.settings.get(REQUESTS_KEY)
+    return tuple(inner if inner is not None else dspy.settings.get(ACTIVE_KEY) or ())
+
+
+def count_request(counters: tuple[Any, ...] | list[Any], failure: str | None) -> None:
+    """Count one HTTP request on each of ``counters`` that counts requests (``LMUsage.on_request``)."""
+    for usage in counters:
+        on_request = getattr(usage, "on_request", None)
+        if on_request is not None:
+            on_request(failure)
+
+
+def mark_counted(exc: BaseException) -> BaseException:
+    """Mark an error whose request was counted as failed, so the call it fails is not an error once more."""
+    try:
+        setattr(exc, _COUNTED, True)
+    except AttributeError:
+        pass
+    return exc
+
+
+def was_counted(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, was counted as a failed request (``mark_counted``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if getattr(cause, _COUNTED, False):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -3,7 +3,8 @@
 A weak model can fill the adapter's format and still say nothing: repeat its prompt, write the template's
 placeholder or copy the instructions. Such text parses, so the adapter cannot tell; ``rejection`` (personas,
 feedback, updates) and ``answer_rejection`` (answers) can. ``OutputStats`` counts, by step, what was checked,
-rejected, retried or read as raw text, and the calls and truncations it sees while active; ``record(...)`` adds to
+rejected, retried or read as raw text, and the calls, HTTP requests (retries and hedges included), failed requests
+and truncations it sees while active; ``record(...)`` adds to
 every active ``OutputStats``, so any code path counts without being handed the counter.
 """
 
@@ -211,6 +212,10 @@ class OutputStats(LMUsage):
         """Add another snapshot's counts (a user's, into a run's total)."""
         with self._lock:
             self.calls += int(other.get("lm_calls", 0))
+            self.requests += int(other.get("requests", 0))
+            self.errors += int(other.get("errors", 0))
+            for kind, n in (other.get("failed_requests") or {}).items():
+                self.failed_requests[kind] = self.failed_requests.get(kind, 0) + int(n)
             self.truncations += int(other.get("truncations", 0))
             for name in ("checked", "invalid", "retries", "fallbacks"):
                 getattr(self, name).update({k: int(v) for k, v in (other.get(name) or {}).items()})
@@ -224,7 +229,9 @@ class OutputStats(LMUsage):
             def steps(counter: Counter[str]) -> dict[str, int]:
                 return {step: int(counter.get(step, 0)) for step in (*STEPS, *sorted(set(counter) - set(STEPS)))}
 
-            return {"lm_calls": self.calls, "truncations": self.truncations, "checked": steps(self.checked),
+            return {"lm_calls": self.calls, "requests": self.requests, "errors": self.errors,
+                    "failed_requests": dict(self.failed_requests), "truncations": self.truncations,
+                    "checked": steps(self.checked),
                     "invalid": steps(self.invalid), "retries": steps(self.retries),
                     "fallbacks": steps(self.fallbacks), "reasons": list(self.reasons)}
 

@@ -282,6 +282,20 @@ def test_malformed_json(tmp_path: Path) -> None:
     assert_names(exc, opath, None, None)
 
 
+def test_a_json_error_reads_as_one_sentence(tmp_path: Path) -> None:
+    """Python's message ends in "at" before the position: it is said once ("starting at line 1", not "at at")."""
+    qpath, opath = lamp3_files(tmp_path)
+    opath.write_text('{"task": "LaMP_3", "golds": [{"id": "q1, "output": "3"}]}', encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        load_lamp(qpath, opath)
+    assert "at at" not in str(exc.value)
+    assert "(Expecting ',' delimiter at line 1, column" in str(exc.value)
+    opath.write_text('{"task": "LaMP_3", "golds": [{"id": "q1', encoding="utf-8")
+    with pytest.raises(DataError, match=r"Unterminated string starting at line 1, column \d+\)") as exc:
+        load_lamp(qpath, opath)
+    assert "at at" not in str(exc.value)
+
+
 def test_wrong_top_level_shape(tmp_path: Path) -> None:
     qpath = write_json(tmp_path / "q.json", {"id": "q1"})
     with pytest.raises(DataError, match="list of questions") as exc:

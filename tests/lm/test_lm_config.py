@@ -13,7 +13,7 @@ from persona_dspy.lm.build import build_lm, build_optimizer_lm
 from persona_dspy.lm.config import LMConfig, lm_config, optimizer_lm_config
 from persona_dspy.lm.providers import OFFLINE_MODEL, LMConfigError
 from persona_dspy.lm.report import describe_lm
-from persona_dspy.lm.server_fit import LOCAL_READ_TIMEOUT, ServerFit, fit_to_server
+from persona_dspy.lm.server_fit import ServerFit, fit_to_server
 
 
 @pytest.fixture(autouse=True)
@@ -101,9 +101,8 @@ def test_fitting_to_a_server_on_this_machine_is_a_decision_not_a_patch(monkeypat
     monkeypatch.setattr(server_fit, "server_slots", lambda api_base: 2)
     local_server = lm_config("openai/m", "http://127.0.0.1:8000/v1")
     fit = fit_to_server(local_server, workers=8)
-    assert fit.timeout == LOCAL_READ_TIMEOUT and fit.workers == 2
-    assert "has 2 slot(s): running 2 worker(s) instead of 8" in fit.note
-    assert local_server.timeout is None  # the caller applies it: config.copy(timeout=fit.timeout)
+    assert fit.workers == 2 and "has 2 slot(s): running 2 worker(s) instead of 8" in fit.note
+    assert local_server.read_timeout == 60  # a loopback server's timeout follows its latency (lm.attempts), from 60 s
     assert fit_to_server(local_server.copy(timeout=30), workers=2) == ServerFit()
     assert fit_to_server(lm_config("openai/m", "http://10.0.0.1:8000/v1"), workers=8) == ServerFit()
     assert fit_to_server(lm_config("local"), workers=8) == ServerFit()  # the embedded server fits itself

@@ -56,7 +56,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print(f"persona-dspy: interrupted: {plural(len(summary.results), 'user')} done and recorded; rerun the same "
               "command to continue", file=sys.stderr)
-        return 130
+        return _INTERRUPTS.exit_code
     failed = summary.count("failed")
     if failed and failed == len(summary.results):
         first = summary.results[0].error

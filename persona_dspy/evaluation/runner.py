@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-INTERRUPT_GRACE = 5.0
+INTERRUPT_GRACE = 2.0
 """Seconds users in flight get to finish after Ctrl-C or SIGTERM before they are abandoned."""
 
 

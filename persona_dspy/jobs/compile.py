@@ -113,6 +113,9 @@ class CompileSummary:
     """Users this run did not finish (interrupted before they started, or abandoned mid-run): a rerun does them."""
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every user any run into this folder recorded, with their latest result (``merge_earlier``)."""
+    run_outputs: dict[str, Any] = field(default_factory=dict)
+    """This run's output counts (``OutputStats.snapshot()``) counted as the calls were made, users not finished
+    included; empty where only the finished users' counts are known (Ray)."""
     cluster: dict[str, Any] | None = None
     """A run on Ray (``jobs.distributed``): address, processes, threads each, batches, start-up figures."""
 
@@ -133,7 +136,9 @@ class CompileSummary:
         return total
 
     def output_totals(self) -> dict[str, Any]:
-        """Every user's output counts of this run, summed."""
+        """This run's output counts: as counted during the run, else every finished user's, summed."""
+        if self.run_outputs:
+            return dict(self.run_outputs)
         totals = OutputStats()
         for result in self.results:
             totals.merge(result.outputs)
@@ -308,13 +313,17 @@ def prepare_compile(histories: Sequence[UserHistory], out: Path, users: Sequence
     return task, selected
 
 
-def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], started: float) -> CompileSummary:
-    """Order the results as the users were given, total them, and write the summary file (merged with earlier runs)."""
+def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], started: float,
+                   lm_calls: int | None = None) -> CompileSummary:
+    """Order the results as the users were given, total them, and write the summary file (merged with earlier runs).
+
+    ``lm_calls``: the calls this run made, users not finished included; default: the finished users' sum."""
     out = Path(summary.out_dir)
     order = {h.user_id: i for i, h in enumerate(selected)}
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
-    summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
+    finished = sum(r.lm_calls for r in summary.results)
+    summary.lm_calls = finished if lm_calls is None else max(lm_calls, finished)
     try:
         summary.merge_earlier(out / SUMMARY_FILE)
         write_atomically(out / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2, default=str).encode("utf-8"))
@@ -351,7 +360,8 @@ def compile_users(
     job = CompileJob(task, out, memory, lm, optimizer_lm, mode, k, n_recent, force, dict(aligner_settings))
     summary = CompileSummary(task, str(out), workers, job.settings, describe_lm(lm))
     started = time.perf_counter()
-    with progress_bar(len(selected), f"compile {task}", progress) as bar:
+    run_outputs = OutputStats()  # every call of this run, unfinished users' included: an interrupted run says so
+    with progress_bar(len(selected), f"compile {task}", progress) as bar, counting(run_outputs):
         def done(history: UserHistory, result: UserResult) -> None:
             summary.results.append(result)
             bar.update(1)
@@ -361,4 +371,5 @@ def compile_users(
                             interrupt=interrupt, name="compile")
     summary.interrupted = outcome.interrupted
     summary.not_done = [h.user_id for h in (*outcome.abandoned, *outcome.not_started)]
-    return finish_summary(summary, selected, started)
+    summary.run_outputs = run_outputs.snapshot()
+    return finish_summary(summary, selected, started, run_outputs.calls)

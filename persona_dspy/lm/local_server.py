@@ -19,6 +19,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -28,11 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_dspy.lm.cancel import allow, cancel
+
 logger = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "local"
 """The model name the embedded server is addressed by (``openai/local``)."""
 DEFAULT_CONTEXT_PER_SLOT = 8192
+STOP_WAIT = 3.0
+"""Seconds ``stop`` waits for llama.cpp to let go of cancelled requests."""
+HANDLER_POLL = 1.5
+"""llama.cpp's HTTP handler checks its client's connection once a second, plus a margin."""
+_LEFT_RUNNING: list[Any] = []
+"""Servers still serving when they were stopped: kept referenced, so that no thread runs their destructor."""
 
 
 class LocalServerError(RuntimeError):
@@ -114,6 +123,7 @@ class LocalServer:
             params.cpuparams_batch.n_threads = threads
             params.cache_prompt = settings.prompt_cache
             params.n_gpu_layers = settings.gpu_layers
+            params.endpoint_metrics = True  # requests processed and queued: ``stop`` waits for none
             params.verbosity = 1 if logger.isEnabledFor(logging.DEBUG) else 0
             started = time.perf_counter()
             try:
@@ -123,16 +133,50 @@ class LocalServer:
                                        f"(context {settings.context_per_slot} x {settings.slots} slots): {exc}; "
                                        "run with -v -v to see llama.cpp's log") from exc
             self.api_base = f"{self._server.listening_address.rstrip('/')}/v1"
+            allow(self.api_base)
             logger.info("local model server %s ready in %.2f s (%s)", self.api_base, time.perf_counter() - started,
                         settings.describe())
             return self.api_base
 
-    def stop(self) -> None:
+    def stop(self, wait: float = STOP_WAIT) -> bool:
+        """End the server: cancel the requests in flight (``lm.cancel``), wait until llama.cpp has let them go, then
+        free the model and the port. False if requests were still being served after ``wait`` seconds: the server
+        is then left to end with the process (destroying it would hang this thread, see ``lm.cancel``)."""
         with self._lock:
-            if self._server is not None:
+            if self._server is None:
+                return True
+            idle = self._quiesce(wait)
+            if idle:
                 self._server = None  # ~Server() stops the HTTP loop and frees the model and the port
                 logger.info("local model server %s stopped", self.api_base)
-                self.api_base = None
+            else:
+                _LEFT_RUNNING.append(self._server)
+                self._server = None
+                logger.log(logging.WARNING if wait else logging.INFO, "the local model server %s still had "
+                           "requests in flight %.0f s after they were cancelled; it ends with the process",
+                           self.api_base, wait)
+            self.api_base = None
+            return idle
+
+    def _quiesce(self, wait: float) -> bool:
+        """Cancel this process's requests to the server until none is left waiting for a reply; False if that did
+        not happen within ``wait`` seconds.
+
+        Nothing waits once llama.cpp processes and queues nothing (its ``/metrics``). Otherwise its handlers notice a
+        closed connection within ``HANDLER_POLL`` seconds and return, even while the slot still computes the
+        cancelled reply (which the destructor does not wait for): so the server is done once no connection has been
+        found for that long.
+        """
+        started = last_found = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if cancel(str(self.api_base)):
+                last_found = now
+            if _requests_in_server(str(self.api_base)) == 0 or now - last_found >= HANDLER_POLL:
+                return True
+            if now - started >= wait:
+                return False
+            time.sleep(0.1)
 
     @property
     def running(self) -> bool:
@@ -150,6 +194,18 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _requests_in_server(api_base: str) -> int | None:
+    """Requests llama.cpp is processing or has queued (its ``/metrics``), or None when it does not say."""
+    root = api_base.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(f"{root}/metrics", timeout=2.0) as response:
+            text = response.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    found = re.findall(r"^llamacpp:requests_(?:processing|deferred) (\S+)$", text, re.MULTILINE)
+    return int(sum(float(value) for value in found)) if found else None
 
 
 def server_props(api_base: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -185,12 +241,19 @@ def running() -> frozenset[ServerSettings]:
         return frozenset(_SHARED)
 
 
-def stop_all(keep: frozenset[ServerSettings] = frozenset()) -> None:
+def stop_all(keep: frozenset[ServerSettings] = frozenset(), wait: float = STOP_WAIT) -> bool:
     """Stop every shared server but those in ``keep`` (the CLI calls it when a command ends, also on Ctrl-C and
-    errors, keeping the servers its caller had started: ``main()`` run inside a notebook or a test)."""
+    errors, keeping the servers its caller had started: ``main()`` run inside a notebook or a test).
+
+    False if one was still serving cancelled requests after ``wait`` s (``LocalServer.stop``)."""
     with _SHARED_LOCK:
-        for settings in [settings for settings in _SHARED if settings not in keep]:
-            _SHARED.pop(settings).stop()
+        stopped = [_SHARED.pop(settings).stop(wait) for settings in [s for s in _SHARED if s not in keep]]
+    return all(stopped)
+
+
+def left_running() -> bool:
+    """Whether a server could not be stopped (it ends with the process; the CLI then exits without waiting)."""
+    return bool(_LEFT_RUNNING)
 
 
 atexit.register(stop_all)

@@ -38,6 +38,8 @@ from dspy.lm15 import (
 )
 from dspy.utils.exceptions import LMTimeoutError, LMTransportError
 
+from persona_dspy.lm.cancel import check_allowed
+
 PROVIDER = "openai-compatible"
 """The provider id dspy routes ``openai-compatible/<model>`` to (a LiteLLM-free spelling: none of its prefixes)."""
 NATIVE_PREFIXES = frozenset({"openai", "hosted_vllm"})
@@ -83,6 +85,14 @@ def _with_sizes(error: ProviderError, body: str) -> ProviderError:
 class _ChatLM(OpenAIChatLM):
     def normalize_error(self, status: int, body: str) -> ProviderError:
         return _with_sizes(super().normalize_error(status, body), body)
+
+    def complete(self, request: Any) -> Any:
+        check_allowed(self.base_url)  # a server being stopped (``lm.cancel``): dspy must not retry into it
+        return super().complete(request)
+
+    def stream(self, request: Any) -> Any:
+        check_allowed(self.base_url)
+        return super().stream(request)
 
 
 class _AsyncChatLM(AsyncOpenAIChatLM):

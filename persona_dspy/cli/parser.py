@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = _subcommand(sub, "serve", "run the embedded llama.cpp server (OpenAI-compatible) until Ctrl-C")
     serve.add_argument("--model", default=None, help="a .gguf path or a known model name (default: the default model)")
-    _add_server_args(serve, slots_default="1")
+    _add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     models = _subcommand(sub, "models", "list, fetch or remove cached model files (GGUF)")

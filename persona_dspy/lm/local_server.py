@@ -8,9 +8,14 @@ Defaults, measured on a 2-core machine with SmolLM2-135M: one llama.cpp thread p
 idle machine 2 threads were 1.6x faster than 1 (``benchmarks/local_model.py``), but in a one-off measurement with
 another process busy on the second core, 2 threads fell to ~6 generated tokens/s (OpenMP spin-waits) while 1 thread
 held ~67 (not a committed benchmark: rerun it before changing the default). ``OMP_WAIT_POLICY=PASSIVE`` is set
-(unless set already) before llama.cpp loads, for the same reason. A slot per worker (``slots``); context per slot:
-the model's own (8192 for SmolLM2), so no prompt the tasks build is cut; a prompt that does not fit is refused by
-the server (HTTP 400) and never truncated silently.
+(unless set already) before llama.cpp loads, for the same reason.
+
+Memory (``benchmarks/main_job.py``, ``docs/main-job.md``): one slot, since on a CPU a second slot adds no throughput
+(``benchmarks/local_model.py``: two clients on two slots took longer than on one) while each slot holds its own KV
+cache; 4,096 context tokens, the README compile's largest prompt plus reply (2,916 tokens, measured) with room to
+spare (prompts are fitted to the context, ``lm.budget``; one that does not fit is refused, never cut silently); and
+llama.cpp's host-memory prompt cache capped at ``cache_ram_mib`` (its default, 8 GiB, let a compile's RSS grow by
+~600 MB for 2 users as it kept every prompt's KV state).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "local"
 """The model name the embedded server is addressed by (``openai/local``)."""
-DEFAULT_CONTEXT_PER_SLOT = 8192
+DEFAULT_CONTEXT_PER_SLOT = 4096
+DEFAULT_CACHE_RAM_MIB = 256
 STOP_WAIT = 3.0
 """Seconds ``stop`` waits for llama.cpp to let go of cancelled requests."""
 HANDLER_POLL = 1.5
@@ -65,11 +71,12 @@ class ServerSettings:
     prompt_cache: bool = True
     gpu_layers: int = 0
     host: str = "127.0.0.1"
+    cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
 
     def describe(self) -> dict[str, Any]:
         return {"model_path": str(self.model_path), "port": self.port, "slots": self.slots,
                 "context_per_slot": self.context_per_slot, "threads": self.threads or default_threads(),
-                "prompt_cache": self.prompt_cache, "gpu_layers": self.gpu_layers}
+                "prompt_cache": self.prompt_cache, "gpu_layers": self.gpu_layers, "cache_ram_mib": self.cache_ram_mib}
 
 
 def _check_model_file(path: Path) -> None:
@@ -122,6 +129,7 @@ class LocalServer:
             params.cpuparams.n_threads = threads
             params.cpuparams_batch.n_threads = threads
             params.cache_prompt = settings.prompt_cache
+            params.cache_ram_mib = settings.cache_ram_mib
             params.n_gpu_layers = settings.gpu_layers
             params.endpoint_metrics = True  # requests processed and queued: ``stop`` waits for none
             params.verbosity = 1 if logger.isEnabledFor(logging.DEBUG) else 0

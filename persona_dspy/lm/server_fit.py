@@ -3,8 +3,8 @@
 A request to a llama.cpp server waits for a free slot before the model reads it, so on a busy CPU a 60 s timeout
 counts queueing, not generation; more workers than slots only lengthen that queue. So for a server on this machine
 (127.0.0.1, localhost) the read timeout defaults to the embedded server's 600 s, the workers are capped at the slots
-the server reports (llama.cpp's ``/props`` ``total_slots``), and the context size it reports (or
-``--context-tokens``) is what prompts are fitted to (``persona_dspy.lm.budget``).
+the server reports (llama.cpp's ``/props`` ``total_slots``; the embedded server's own settings), and the context
+size it reports (or ``--context-tokens``) is what prompts are fitted to (``persona_dspy.lm.budget``).
 
 ``explain_lm_error`` turns an error's text into what happened: nothing listening (connection refused), a reply that
 did not come in time from a server that accepted the request (busy), a prompt larger than the context (both sizes),
@@ -20,6 +20,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from persona_dspy.console import plural
 from persona_dspy.lm import budget
 
 logger = logging.getLogger(__name__)
@@ -60,15 +61,18 @@ def fit_to_server(lm: Any, args: argparse.Namespace) -> None:
     if not api_base or not is_loopback(api_base):
         return
     local = sys.modules.get("persona_dspy.lm.local_server")
-    if local is not None and local.served_by(api_base):
-        return  # the embedded server: its slots follow --workers and its timeout is already set
-    if getattr(args, "timeout", None) is None and getattr(lm, "kwargs", None) is not None:
+    embedded = local.served_by(api_base) if local is not None else None
+    if embedded is None and getattr(args, "timeout", None) is None and getattr(lm, "kwargs", None) is not None:
         lm.kwargs["timeout"] = LOCAL_READ_TIMEOUT  # requests to a server on this machine queue for its slots
     workers = getattr(args, "workers", None)
-    slots = server_slots(api_base) if workers else None
+    slots = (embedded["slots"] if embedded else server_slots(api_base)) if workers else None
     if slots and workers > slots:
-        print(f"persona-dspy: note: the server at {api_base} has {slots} slot(s): running {slots} worker(s) instead "
-              f"of {workers} (more would only queue)", file=sys.stderr)
+        note = (f"the {'embedded ' if embedded else ''}server at {api_base} has {slots} slot(s): running "
+                f"{plural(slots, 'user')} at a time instead of {workers} (more would only queue)")
+        if embedded:  # its slots are sized on purpose (``lm.local_server``): --server-slots raises them
+            logger.info("%s", note)
+        else:
+            print(f"persona-dspy: note: {note}", file=sys.stderr)
         args.workers = slots
 
 

@@ -12,17 +12,13 @@ import threading
 import pytest
 
 from persona_dspy.cli import build_parser, main
-from persona_dspy.lm import build as lm_module
 from persona_dspy.lm import cancel
 from persona_dspy.lm.build import LMConfigError, resolve_lm_settings
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    for name in vars(lm_module):
-        if name.startswith("ENV_"):
-            monkeypatch.delenv(getattr(lm_module, name), raising=False)
-    monkeypatch.setenv("PERSONA_DSPY_HOME", str(tmp_path / "home"))
+def isolated(no_lm_environment):
+    """No LM settings from the environment; the home is a temporary folder."""
 
 
 # --------------------------------------------------------------------------- cancelling requests
@@ -83,8 +79,8 @@ def test_a_url_given_as_the_model_says_to_use_the_api_base(capsys):
     with pytest.raises(LMConfigError, match=r"the model 'http://127.0.0.1:8000/v1' is a URL: pass the server's URL as "
                                             r"the api_base \(--api-base\)"):
         resolve_lm_settings("http://127.0.0.1:8000/v1")
-    code, _, err = cli(capsys, "predict", "--task", "LaMP_3", "--user", "A1L7M2JXN4EZCR", "--text", "hi", "--memory", ":memory:",
-                       "--lm", "http://user:secret@127.0.0.1:8000/v1")
+    code, _, err = cli(capsys, "predict", "--task", "LaMP_3", "--user", "A1L7M2JXN4EZCR", "--text", "hi",
+                       "--memory", ":memory:", "--lm", "http://user:secret@127.0.0.1:8000/v1")
     assert code == 2 and "is a URL" in err and "--api-base" in err and "not a LiteLLM provider" not in err
     assert "secret" not in err
 

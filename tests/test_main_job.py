@@ -99,3 +99,83 @@ def test_a_task_spelling_is_read_as_the_task_and_said_once(capsys, spelling):
     assert code == 0 and err.count(f"--task {spelling!r} read as LaMP_3") == 1
     code, _, err = cli(capsys, "users", "--task", "LaMP_3", "--memory", ":memory:", "--max-users", "1")
     assert code == 0 and "read as" not in err
+
+
+# --------------------------------------------------------------------------- progress that moves
+
+
+class RecordingBar:
+    """A tqdm stand-in: records each status line the run shows."""
+
+    disable = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.n, self.lines = 0, []
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.lines.append(text)
+
+
+def test_a_signature_names_its_step_whatever_its_instructions():
+    from persona_dspy.evaluation.progress import step_of
+    from persona_dspy.signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
+    from persona_dspy.signatures.task_signatures import ProductRating
+
+    assert [step_of(s.with_instructions("rewritten")) for s in (PersonaSummary, TextualLoss, PersonaUpdate)] == [
+        "summary", "loss", "update"]
+    assert step_of(ProductRating) == "answer"
+
+
+def test_compile_shows_each_users_step_tokens_and_an_eta(sample_memory, tmp_path, monkeypatch):
+    from persona_dspy.jobs import compile as compile_module
+    from persona_dspy.testing.offline_lm import offline_lm
+
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr(compile_module, "progress_bar", lambda *a, **k: bars.append(RecordingBar()) or bars[-1])
+    histories, memory = sample_memory("LaMP_3", 2)
+    summary = compile_module.compile_users(histories, memory=memory, out_dir=tmp_path, lm=offline_lm(), workers=1,
+                                           n_recent=3, iterations=1)
+    lines = bars[0].lines
+    assert summary.count("compiled") == 2 and summary.lm_calls > 0
+    for user in (h.user_id[:10] for h in histories):
+        assert any(f"{user}: answer 1/3" in line for line in lines), lines[:5]
+        assert any(f"{user}: loss 1/3" in line for line in lines) and any(f"{user}: update" in line for line in lines)
+    assert all("tok/s" in line for line in lines if "answer" in line)
+    assert any("ETA ~" in line for line in lines)
+
+
+def test_repeated_warnings_are_shown_once_and_counted(capsys):
+    import logging
+
+    from persona_dspy.cli.repeated_warnings import install
+
+    assert install(verbose=1, quiet=False) is None and install(verbose=0, quiet=True) is None  # -v shows each
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    counter = install(verbose=0, quiet=False)
+    try:
+        log = logging.getLogger("dspy.clients.lm")
+        for _ in range(5):
+            log.warning("LM response was truncated; increase max_tokens or inspect history.")
+        for attempt in (1, 2, 1):
+            logging.getLogger("persona_dspy.outputs.text").warning("%s output rejected (attempt %d of 2): %s",
+                                                                   "update", attempt, "a template placeholder")
+        log.error("errors are never counted away")
+        log.error("errors are never counted away")
+        err = capsys.readouterr().err
+        assert err.count("LM response was truncated") == 1 and err.count("output rejected") == 1
+        assert err.count("errors are never counted away") == 2 and "-v shows each" in err
+        assert counter.summary() == ("persona-dspy: repeated warnings not shown (-v shows each): 'LM response was "
+                                     "truncated; increase max_tokens or inspect history.' 4 more times; "
+                                     "'%s output rejected (attempt %d of 2): %s' 2 more times")
+    finally:
+        counter.remove()
+        logging.basicConfig(level=logging.WARNING, force=True)

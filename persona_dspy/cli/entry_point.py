@@ -15,6 +15,7 @@ from persona_dspy.cli.compile_settings import _settings_defaults
 from persona_dspy.cli.errors import CLIError, _user_errors
 from persona_dspy.cli.interrupts import _INTERRUPTS
 from persona_dspy.cli.parser import build_parser
+from persona_dspy.cli.repeated_warnings import RepeatedWarnings, install
 
 STOP_DEADLINE = 10.0
 """Seconds after a signal's stop began by which the process ends, whatever hangs (a watchdog thread in C)."""
@@ -34,15 +35,16 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(args: argparse.Namespace) -> RepeatedWarnings | None:
     level = logging.ERROR if args.quiet else {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    return install(args.verbose, args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
-    _configure_logging(args)
+    repeats = _configure_logging(args)
     local = sys.modules.get("persona_dspy.lm.local_server")
     callers_servers = local.running() if local is not None else frozenset()
     code = 2
@@ -61,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"persona-dspy: error: {exc}", file=sys.stderr)
         code = 2
     finally:
+        line = repeats.summary() if repeats is not None else None
+        if repeats is not None:
+            repeats.remove()
+        if line:
+            print(line, file=sys.stderr)
         code = _stop_servers(callers_servers, code)
     return code
 

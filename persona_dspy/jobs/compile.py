@@ -45,6 +45,7 @@ from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserHistory, select_users
 from persona_dspy.data.tasks import get_task
 from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
+from persona_dspy.evaluation.progress import RunProgress
 from persona_dspy.evaluation.runner import run_users
 from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user, persona_problem
@@ -333,6 +334,17 @@ def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], sta
     return summary
 
 
+def _status(bar: Any, users: int, workers: int, n_recent: int, settings: dict[str, Any]) -> RunProgress:
+    """The run's status line: a pass of answers is the validation slice (the recent interactions), a step's losses
+    its batch; a user's calls are at most a summary, one pass, and per iteration the losses, the updates and a pass
+    per candidate (``PersonaAligner``'s defaults where a setting is not given)."""
+    batch = min(settings.get("batch_size") or 3, n_recent)
+    candidates, iterations = settings.get("candidates_per_step") or 1, settings.get("iterations", 3)
+    bound = 1 + n_recent + iterations * (batch + candidates + candidates * n_recent)
+    return RunProgress(bar, users=users, workers=workers, per_pass={"answer": n_recent, "loss": batch},
+                       calls_bound=bound)
+
+
 def compile_users(
     histories: Sequence[UserHistory],
     *,
@@ -361,14 +373,21 @@ def compile_users(
     summary = CompileSummary(task, str(out), workers, job.settings, describe_lm(lm))
     started = time.perf_counter()
     run_outputs = OutputStats()  # every call of this run, unfinished users' included: an interrupted run says so
-    with progress_bar(len(selected), f"compile {task}", progress) as bar, counting(run_outputs):
+    with progress_bar(len(selected), f"compile {task}", progress) as bar, \
+            _status(bar, len(selected), workers, n_recent, aligner_settings) as status, counting(run_outputs, status):
         def done(history: UserHistory, result: UserResult) -> None:
             summary.results.append(result)
             bar.update(1)
             logger.info("user %s: %s", result.user_id, result.status)
 
-        outcome = run_users(selected, lambda history: compile_user(history, job), done, workers=workers,
-                            interrupt=interrupt, name="compile")
+        def work(history: UserHistory) -> UserResult:
+            status.start_user(history.user_id)
+            try:
+                return compile_user(history, job)
+            finally:
+                status.finish_user()
+
+        outcome = run_users(selected, work, done, workers=workers, interrupt=interrupt, name="compile")
     summary.interrupted = outcome.interrupted
     summary.not_done = [h.user_id for h in (*outcome.abandoned, *outcome.not_started)]
     summary.run_outputs = run_outputs.snapshot()

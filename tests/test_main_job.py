@@ -126,9 +126,10 @@ class RecordingBar:
 
 
 def test_a_signature_names_its_step_whatever_its_instructions():
-    from persona_dspy.evaluation.progress import step_of
     from persona_dspy.signatures.persona import PersonaSummary, PersonaUpdate, TextualLoss
     from persona_dspy.signatures.task_signatures import ProductRating
+
+    from persona_dspy.evaluation.progress import step_of
 
     assert [step_of(s.with_instructions("rewritten")) for s in (PersonaSummary, TextualLoss, PersonaUpdate)] == [
         "summary", "loss", "update"]

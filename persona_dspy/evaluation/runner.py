@@ -26,7 +26,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 INTERRUPT_GRACE = 2.0
-"""Seconds users in flight get to finish after Ctrl-C or SIGTERM before they are abandoned."""
+"""Seconds users in flight get to finish after Ctrl-C or SIGTERM before they are abandoned (then their requests are
+cancelled: a command ends within seconds of the signal)."""
 
 
 @dataclass

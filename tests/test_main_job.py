@@ -180,3 +180,22 @@ def test_repeated_warnings_are_shown_once_and_counted(capsys):
     finally:
         counter.remove()
         logging.basicConfig(level=logging.WARNING, force=True)
+
+
+# --------------------------------------------------------------------------- the embedded server's sizing
+
+
+def test_users_run_at_most_as_many_at_a_time_as_the_embedded_server_has_slots(monkeypatch, capsys):
+    import argparse
+    import types
+
+    from persona_dspy.lm import local_server, server_fit
+
+    monkeypatch.setattr(local_server, "served_by", lambda api_base: {"slots": 1})
+    lm = types.SimpleNamespace(kwargs={"api_base": "http://127.0.0.1:1234/v1", "timeout": 600.0})
+    args = argparse.Namespace(workers=4, timeout=None, context_tokens=None)
+    server_fit.fit_to_server(lm, args)
+    assert args.workers == 1 and lm.kwargs["timeout"] == 600.0
+    assert capsys.readouterr().err == ""  # sized on purpose: said at -v only, not on every run
+    defaults = local_server.ServerSettings(local_server.Path("m.gguf"))
+    assert (defaults.slots, defaults.context_per_slot, defaults.cache_ram_mib) == (1, 4096, 256)

@@ -154,6 +154,20 @@ def test_compile_shows_each_users_step_tokens_and_an_eta(sample_memory, tmp_path
     assert any("ETA ~" in line for line in lines)
 
 
+def test_eval_shows_each_users_answers_out_of_their_queries(sample_memory, monkeypatch):
+    from persona_dspy.evaluation import evaluate as evaluate_module
+    from persona_dspy.testing.offline_lm import offline_lm
+
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr(evaluate_module, "progress_bar", lambda *a, **k: bars.append(RecordingBar()) or bars[-1])
+    histories, memory = sample_memory("LaMP_3", 2)
+    report = evaluate_module.evaluate(histories, memory=memory, lm=offline_lm(), workers=1)
+    assert report.n_scored > 0
+    for history in histories:
+        n = len(history.queries)
+        assert any(f"{history.user_id[:10]}: answer {n}/{n}" in line for line in bars[0].lines), bars[0].lines[:5]
+
+
 def test_repeated_warnings_are_shown_once_and_counted(capsys):
     import logging
 

@@ -47,9 +47,15 @@ def current_step() -> str:
 class _User:
     user_id: str
     started: float
+    per_pass: dict[str, int]
     step: str = "starting"
     in_step: int = 0
     calls: int = 0
+
+    def label(self) -> str:
+        total = self.per_pass.get(self.step)
+        count = f" {self.in_step}/{total}" if total else (f" {self.in_step}" if self.in_step > 1 else "")
+        return f"{self.user_id[:10]}: {self.step}{count}"
 
 
 def _clock(seconds: float) -> str:
@@ -76,12 +82,14 @@ class RunProgress(LMUsage):
         self._call_started: dict[str, float] = {}
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self.note = ""
+        """Shown at the end of the line (e.g. users failed so far)."""
 
     # -- the run tells it ----------------------------------------------------------------------------
-    def start_user(self, user_id: str) -> None:
-        """Called in the worker thread that runs ``user_id``."""
+    def start_user(self, user_id: str, **per_pass: int) -> None:
+        """Called in the worker thread that runs ``user_id``; ``per_pass`` overrides the run's for this user."""
         with self._lock:
-            self._users[threading.get_ident()] = _User(user_id, time.monotonic())
+            self._users[threading.get_ident()] = _User(user_id, time.monotonic(), {**self.per_pass, **per_pass})
         self.refresh()
 
     def finish_user(self) -> None:
@@ -132,13 +140,11 @@ class RunProgress(LMUsage):
     def line(self, users_done: int) -> str:
         elapsed = time.monotonic() - self.started
         with self._lock:
-            steps = [f"{u.user_id[:10]}: {u.step}" + (f" {u.in_step}/{self.per_pass[u.step]}"
-                                                      if u.step in self.per_pass else "")
-                     for u in self._users.values()]
+            steps = [u.label() for u in self._users.values()]
             tokens = self.completion_tokens
         eta = self.eta_seconds(users_done)
         parts = [*steps, f"{tokens / elapsed:.1f} tok/s" if elapsed > 0 else "",
-                 f"ETA ~{_clock(eta)}" if eta is not None else "ETA after the first call"]
+                 f"ETA ~{_clock(eta)}" if eta is not None else "ETA after the first call", self.note]
         return " | ".join(part for part in parts if part)
 
     def refresh(self) -> None:

@@ -207,8 +207,9 @@ class LocalServer:
 def _requests_in_server(api_base: str) -> int | None:
     """Requests llama.cpp is processing or has queued (its ``/metrics``), or None when it does not say."""
     root = api_base.rstrip("/").removesuffix("/v1")
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never through a proxy
     try:
-        with urllib.request.urlopen(f"{root}/metrics", timeout=2.0) as response:
+        with direct.open(f"{root}/metrics", timeout=2.0) as response:
             text = response.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError):
         return None

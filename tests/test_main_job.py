@@ -190,7 +190,7 @@ def test_repeated_warnings_are_shown_once_and_counted(capsys):
         assert err.count("errors are never counted away") == 2 and "-v shows each" in err
         assert counter.summary() == ("persona-dspy: repeated warnings not shown (-v shows each): 'LM response was "
                                      "truncated; increase max_tokens or inspect history.' 4 more times; "
-                                     "'%s output rejected (attempt %d of 2): %s' 2 more times")
+                                     "'update output rejected (attempt 1 of 2): a template placeholder' 2 more times")
     finally:
         counter.remove()
         logging.basicConfig(level=logging.WARNING, force=True)
@@ -213,3 +213,26 @@ def test_users_run_at_most_as_many_at_a_time_as_the_embedded_server_has_slots(mo
     assert capsys.readouterr().err == ""  # sized on purpose: said at -v only, not on every run
     defaults = local_server.ServerSettings(local_server.Path("m.gguf"))
     assert (defaults.slots, defaults.context_per_slot, defaults.cache_ram_mib) == (1, 4096, 256)
+
+
+def test_dspy_warnings_are_counted_though_dspy_sets_up_its_logging_later():
+    import io
+    import logging
+
+    from persona_dspy.cli.repeated_warnings import cover_dspy, install
+
+    dspy_logger = logging.getLogger("dspy")
+    saved = dspy_logger.handlers[:]
+    dspy_logger.handlers = []  # as in the CLI: dspy is not imported yet when the command starts
+    counter = install(verbose=0, quiet=False)
+    stream = io.StringIO()
+    try:
+        dspy_logger.addHandler(logging.StreamHandler(stream))  # dspy's import adds its handler
+        cover_dspy()  # the CLI calls it once the LM is built
+        for _ in range(3):
+            logging.getLogger("dspy.clients.lm").warning("LM response was truncated")
+        assert stream.getvalue().count("LM response was truncated") == 1
+        assert "2 more times" in counter.summary()
+    finally:
+        counter.remove()
+        dspy_logger.handlers = saved

@@ -28,8 +28,10 @@ def _build_lm(args: argparse.Namespace) -> dspy.LM:
         import litellm
 
         litellm.suppress_debug_info = True  # its "Give Feedback / Get Help" banner is noise next to our one-line errors
+    from persona_dspy.cli.repeated_warnings import cover_dspy
     from persona_dspy.lm.server_fit import fit_to_server
 
+    cover_dspy()  # dspy, imported by now, has added its log handler
     fit_to_server(lm, args)
     return lm
 

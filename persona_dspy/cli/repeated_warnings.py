@@ -24,6 +24,7 @@ class RepeatedWarnings(logging.Filter):
         super().__init__()
         self._lock = threading.Lock()
         self.seen: Counter[tuple[str, str]] = Counter()
+        self.shown: dict[tuple[str, str], str] = {}  # the first of each kind, as it was shown
         self.handlers: list[logging.Handler] = []
 
     def remove(self) -> None:
@@ -31,6 +32,8 @@ class RepeatedWarnings(logging.Filter):
         for handler in self.handlers:
             handler.removeFilter(self)
         self.handlers = []
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
@@ -45,14 +48,16 @@ class RepeatedWarnings(logging.Filter):
         with self._lock:
             self.seen[key] += 1
             first = self.seen[key] == 1
-        if first and isinstance(record.msg, str):
-            record.msg = record.msg + NOTE.replace("%", "%%")
+        if first:
+            self.shown[key] = record.getMessage()
+            if isinstance(record.msg, str):
+                record.msg = record.msg + NOTE.replace("%", "%%")
         return first
 
     def summary(self) -> str | None:
         """One line naming each repeated warning and how many repeats were not shown; None if none repeated."""
         with self._lock:
-            repeated = [(message, n - 1) for (_, message), n in self.seen.items() if n > 1]
+            repeated = [(self.shown.get(key, key[1]), n - 1) for key, n in self.seen.items() if n > 1]
         if not repeated:
             return None
         kinds = "; ".join(f"{_short(message)!r} {n} more time{'s' if n > 1 else ''}" for message, n in repeated)
@@ -60,20 +65,36 @@ class RepeatedWarnings(logging.Filter):
 
 
 def _short(message: str, limit: int = 80) -> str:
-    message = message.removesuffix(NOTE.replace("%", "%%"))
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
+_ACTIVE: list[RepeatedWarnings] = []
+"""The filter of the command running now (``install``), for ``cover_dspy`` once dspy has set up its handler."""
+LOGGERS = ("", "dspy")
+"""The loggers whose terminal handlers print warnings: the root (``logging.basicConfig``) and dspy's own (it does
+not propagate)."""
+
+
+def _cover(counter: RepeatedWarnings) -> None:
+    for name in LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and counter not in handler.filters:
+                handler.addFilter(counter)
+                counter.handlers.append(handler)
+
+
 def install(verbose: int, quiet: bool) -> RepeatedWarnings | None:
-    """Put the filter on the terminal handlers (``logging.basicConfig``'s on the root logger, and dspy's own: its
-    logger does not propagate) unless ``-v`` (each warning shown) or ``-q`` (none shown); handlers of other kinds (a
-    test's log capture) still see every record."""
+    """Put the filter on the terminal handlers (``LOGGERS``) unless ``-v`` (each warning shown) or ``-q`` (none
+    shown); handlers of other kinds (a test's log capture) still see every record."""
     if verbose or quiet:
         return None
     counter = RepeatedWarnings()
-    for name in ("", "dspy"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.addFilter(counter)
-                counter.handlers.append(handler)
+    _cover(counter)
+    _ACTIVE[:] = [counter]
     return counter
+
+
+def cover_dspy() -> None:
+    """dspy adds its handler when it is first imported, after ``install``: the command calls this once it has."""
+    for counter in _ACTIVE:
+        _cover(counter)

@@ -36,6 +36,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             reporter.write_line(f"shuffled {len(items)} tests with seed {seed}")
 
 
+@pytest.fixture()
+def no_lm_environment(monkeypatch, tmp_path):
+    """No PERSONA_DSPY_* LM setting leaks in from the runner's environment; the home is a temporary folder."""
+    from persona_dspy.lm import build
+
+    for name in vars(build):
+        if name.startswith("ENV_"):
+            monkeypatch.delenv(getattr(build, name), raising=False)
+    monkeypatch.setenv("PERSONA_DSPY_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture(scope="session")
 def dense_model_dir() -> Path:
     if not (DENSE_MODEL_DIR / "model.onnx").is_file():

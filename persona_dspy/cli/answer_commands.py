@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if report.interrupted:
         print(f"persona-dspy: interrupted: the report covers the {plural(len(report.per_user), 'user')} that "
               "completed", file=sys.stderr)
-        return 130
+        return INTERRUPTS.exit_code
     if report.n_scored == 0:
         first = report.failures[0] if report.failures else None
         cause = f"; first: user {first.user_id} at {first.stage}: {first.error_type}: {first.error}" if first else ""

@@ -72,15 +72,19 @@ def _add_lm_args(parser: argparse.ArgumentParser, temperature: bool = True) -> N
     add_server_args(parser)
 
 
-def add_server_args(parser: argparse.ArgumentParser, slots_default: str = "--workers") -> None:
+def add_server_args(parser: argparse.ArgumentParser) -> None:
     """How the embedded llama.cpp server runs (--lm local and `serve`)."""
     group = parser.add_argument_group("embedded model server (--lm local)")
     group.add_argument("--server-slots", type=positive(int), default=None,
-                       help=f"parallel slots (default: {slots_default})")
+                       help="requests served at once (default 1: on a CPU more slots add no throughput, only memory; "
+                            "users in parallel are capped at the slots)")
     group.add_argument("--server-threads", type=positive(int), default=None,
                        help="llama.cpp threads (default: cores - 1, at least 1; 2 is faster on an idle 2-core machine)")
     group.add_argument("--server-context", type=positive(int), default=None,
-                       help="context tokens per slot (default 8192, SmolLM2's own)")
+                       help="context tokens per slot (default 4096: the largest prompt a LaMP compile builds plus "
+                            "the reply, with room; SmolLM2 takes up to 8192)")
+    group.add_argument("--server-cache-mib", dest="server_cache_mib", type=non_negative, default=None,
+                       help="host memory for llama.cpp's cache of earlier prompts, MiB (default 256; 0: none)")
     group.add_argument("--server-port", type=non_negative, default=None, help="port on 127.0.0.1 (default: free)")
     group.add_argument("--gpu-layers", type=int, default=None, help="layers offloaded to a GPU build (default 0)")
     group.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false", default=None,
@@ -89,10 +93,10 @@ def add_server_args(parser: argparse.ArgumentParser, slots_default: str = "--wor
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The embedded server's settings from the flags; slots default to the command's workers."""
-    slots = args.server_slots or getattr(args, "workers", None) or 1
-    options = {"slots": slots, "threads": args.server_threads, "context_per_slot": args.server_context,
-               "port": args.server_port, "gpu_layers": args.gpu_layers, "prompt_cache": args.prompt_cache}
+    """The embedded server's settings from the flags (``ServerSettings``' defaults for those not given)."""
+    options = {"slots": args.server_slots, "threads": args.server_threads, "context_per_slot": args.server_context,
+               "port": args.server_port, "gpu_layers": args.gpu_layers, "prompt_cache": args.prompt_cache,
+               "cache_ram_mib": args.server_cache_mib}
     return {key: value for key, value in options.items() if value is not None}
 
 

@@ -4,6 +4,7 @@ handler, map user errors to one line and exit 2, and stop any embedded model ser
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -14,6 +15,10 @@ from persona_dspy.cli.compile_settings import settings_defaults
 from persona_dspy.cli.errors import CLIError, user_errors
 from persona_dspy.cli.interrupts import INTERRUPTS
 from persona_dspy.cli.parser import build_parser
+from persona_dspy.cli.repeated_warnings import RepeatedWarnings, install
+
+STOP_DEADLINE = 10.0
+"""Seconds after a signal's stop began by which the process ends, whatever hangs (a watchdog thread in C)."""
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,15 +35,16 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(args: argparse.Namespace) -> RepeatedWarnings | None:
     level = logging.ERROR if args.quiet else {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    return install(args.verbose, args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
-    _configure_logging(args)
+    repeats = _configure_logging(args)
     local = sys.modules.get("persona_dspy.lm.local_server")
     callers_servers = local.running() if local is not None else frozenset()
     code = 2
@@ -47,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = args.func(args)
     except KeyboardInterrupt:
         print("\npersona-dspy: interrupted", file=sys.stderr)
-        code = 130
+        code = INTERRUPTS.exit_code
     except BrokenPipeError:  # `persona-dspy users | head`: the reader left; nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
@@ -57,13 +63,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"persona-dspy: error: {exc}", file=sys.stderr)
         code = 2
     finally:
-        local = sys.modules.get("persona_dspy.lm.local_server")
-        if local is not None:  # an embedded model server ends with the command, whatever happened
-            local.stop_all(keep=callers_servers)
-    if code == 130 and _lingering_workers():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)  # abandoned users' threads wait on LM calls; the interpreter would join them at exit
+        line = repeats.summary() if repeats is not None else None
+        if repeats is not None:
+            repeats.remove()
+        if line:
+            print(line, file=sys.stderr)
+        code = _stop_servers(callers_servers, code)
+    return code
+
+
+def _stop_servers(keep: frozenset, code: int) -> int:
+    """Stop the embedded model servers the command started (also on Ctrl-C and errors); after a signal, exit now.
+
+    In-flight requests are cancelled first (``lm.local_server.LocalServer.stop``). After a signal nothing waits for
+    llama.cpp to let go of them: a server still serving is left to end with the process, which exits at once when
+    such a server or users' threads still waiting on LM calls remain (the interpreter would join them); a watchdog
+    that needs no Python thread ends it regardless if stopping ever hangs.
+    """
+    local = sys.modules.get("persona_dspy.lm.local_server")
+    signalled = INTERRUPTS.first is not None or code in (130, 143)
+    if signalled:
+        faulthandler.dump_traceback_later(STOP_DEADLINE, exit=True)  # a last resort: never hang after Ctrl-C
+    stopped = local.stop_all(keep=keep, wait=0.0 if signalled else 10.0) if local is not None else True
+    if signalled:
+        faulthandler.cancel_dump_traceback_later()
+        if not stopped or _lingering_workers():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     return code
 
 

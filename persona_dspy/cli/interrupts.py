@@ -1,4 +1,7 @@
-"""Ctrl-C and SIGTERM: the first stops a run of users gracefully, the second exits at once (code 130)."""
+"""Ctrl-C and SIGTERM: the first stops a run of users gracefully, the second exits at once.
+
+The exit code says which signal came: 130 (128 + SIGINT) for Ctrl-C, 143 (128 + SIGTERM) for SIGTERM, as shells
+report a process those signals ended."""
 
 from __future__ import annotations
 
@@ -17,14 +20,21 @@ class _Interrupts:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signals = 0
+        self.first: int | None = None
         self._graceful = False
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the first signal's number (130 for Ctrl-C, 143 for SIGTERM); 130 when none came."""
+        return 128 + (self.first or signal.SIGINT)
 
     def handle(self, signum: int, frame: Any) -> None:
         self.signals += 1
+        self.first = self.first or signum
         if self.signals > 1:
             sys.stderr.write("\npersona-dspy: stopped at once\n")
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(128 + signum)
         if not self._graceful:
             raise KeyboardInterrupt
         self.event.set()
@@ -45,6 +55,7 @@ class _Interrupts:
     def installed(self):
         self.event.clear()
         self.signals = 0
+        self.first = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return

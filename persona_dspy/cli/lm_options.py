@@ -50,6 +50,9 @@ def build_task_lm(args: argparse.Namespace, config: LMConfig | None = None) -> d
         import litellm
 
         litellm.suppress_debug_info = True  # its "Give Feedback / Get Help" banner is noise next to our one-line errors
+    from persona_dspy.cli.repeated_warnings import cover_dspy
+
+    cover_dspy()  # dspy, imported by now, has added its log handler
     return lm
 
 

@@ -53,7 +53,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print(f"persona-dspy: interrupted: {plural(len(summary.results), 'user')} done and recorded; rerun the same "
               "command to continue", file=sys.stderr)
-        return 130
+        return INTERRUPTS.exit_code
     failed = summary.count("failed")
     data = data_failures(summary.results, task, args)
     if failed and failed == len(summary.results):

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = subcommand(sub, "serve", "run the embedded llama.cpp server (OpenAI-compatible) until Ctrl-C")
     serve.add_argument("--model", default=None, help="a .gguf path or a known model name (default: the default model)")
-    add_server_args(serve, slots_default="1")
+    add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     models = subcommand(sub, "models", "list, fetch or remove cached model files (GGUF)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,14 +27,26 @@ def selected_users(histories: list[UserHistory], args: argparse.Namespace) -> li
     return select_users(histories, args.users, args.max_users)
 
 
-def selected_tasks(args: argparse.Namespace) -> list[str]:
+_NOTED_TASK_NAMES: set[str] = set()
+
+
+def _task_name(given: str) -> str:
+    """The registry name of ``--task`` ('LaMP3', 'lamp_3', '3' -> LaMP_3), said once when it differs from the given."""
     from persona_dspy.data.tasks import normalize_task_name
 
+    task = normalize_task_name(given)
+    if task != given and given not in _NOTED_TASK_NAMES:
+        _NOTED_TASK_NAMES.add(given)
+        print(f"persona-dspy: note: --task {given!r} read as {task}", file=sys.stderr)
+    return task
+
+
+def selected_tasks(args: argparse.Namespace) -> list[str]:
     if args.task == "all":
         if args.data is not None:
             raise CLIError("--data needs a single --task")
         return list(SHIPPED_TASKS)
-    return [normalize_task_name(args.task)]
+    return [_task_name(args.task)]
 
 
 def data_folder(task: str, args: argparse.Namespace) -> Path:
@@ -83,9 +96,7 @@ def task_histories(args: argparse.Namespace) -> tuple[str, list[UserHistory]]:
 
     Read before any LM is built, so that a data error costs no model start and imports nothing heavy.
     """
-    from persona_dspy.data.tasks import normalize_task_name
-
-    task = normalize_task_name(args.task)
+    task = _task_name(args.task)
     logger.info("reading the %s data from %s", task, data_folder(task, args))
     histories = load_task_data(task, args)
     if not histories:

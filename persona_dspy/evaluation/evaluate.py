@@ -29,6 +29,7 @@ from persona_dspy.data.examples import query_examples
 from persona_dspy.data.records import UserHistory, common_task
 from persona_dspy.evaluation.metrics import aggregate_by_user, metric_keys, per_example_score, primary_metric
 from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
+from persona_dspy.evaluation.progress import RunProgress
 from persona_dspy.evaluation.runner import run_users
 from persona_dspy.evaluation.tables import format_table
 from persona_dspy.files import write_atomically
@@ -324,7 +325,11 @@ def evaluate(
 
     def run(history: UserHistory) -> _UserOutcome:
         nonlocal failed
-        outcome = _run_user(history, task, factory, lm, usage)
+        status.start_user(history.user_id, answer=len(history.queries))
+        try:
+            outcome = _run_user(history, task, factory, lm, usage)
+        finally:
+            status.finish_user()
         if outcome.failure is not None:
             with lock:  # counted here, not in the main thread, so a worker never starts a user after the limit
                 failed += 1
@@ -335,11 +340,14 @@ def evaluate(
         return outcome
 
     started = time.perf_counter()
-    with progress_bar(len(histories), f"{task} {mode}", progress) as bar:
+    most = max((len(h.queries) for h in histories), default=0)
+    with progress_bar(len(histories), f"{task} {mode}", progress) as bar, \
+            RunProgress(bar, users=len(histories), workers=workers, per_pass={}, calls_bound=most + 1) as status, \
+            counting(status):
         def done(history: UserHistory, outcome: _UserOutcome) -> None:
             outcomes[history.user_id] = outcome
+            status.note = f"{plural(failed, 'user')} failed" if failed else ""
             bar.update(1)
-            bar.set_postfix(failed=failed, calls=usage.calls, refresh=False)
 
         ran = run_users(histories, run, done, workers=workers, stop=stop, interrupt=interrupt,
                         name="persona-eval")

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-INTERRUPT_GRACE = 5.0
-"""Seconds users in flight get to finish after Ctrl-C or SIGTERM before they are abandoned."""
+INTERRUPT_GRACE = 2.0
+"""Seconds users in flight get to finish after Ctrl-C or SIGTERM before they are abandoned (then their requests are
+cancelled: a command ends within seconds of the signal)."""
 
 
 @dataclass

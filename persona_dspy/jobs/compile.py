@@ -28,6 +28,7 @@ from persona_dspy.console import plural, progress_bar
 from persona_dspy.data.records import UserDataError, UserHistory, select_users
 from persona_dspy.data.tasks import get_task
 from persona_dspy.evaluation.output_counts import counts_line, invalid_warning
+from persona_dspy.evaluation.progress import RunProgress
 from persona_dspy.evaluation.runner import run_users
 from persona_dspy.files import check_writable_dir, write_atomically
 from persona_dspy.jobs.alignment import DEFAULT_RECENT, align_user, persona_problem
@@ -104,6 +105,9 @@ class CompileSummary:
     """Users this run did not finish (interrupted before they started, or abandoned mid-run): a rerun does them."""
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every user any run into this folder recorded, with their latest result (``merge_earlier``)."""
+    run_outputs: dict[str, Any] = field(default_factory=dict)
+    """This run's output counts (``OutputStats.snapshot()``) counted as the calls were made, users not finished
+    included; empty where only the finished users' counts are known (Ray)."""
     cluster: dict[str, Any] | None = None
     """A run on Ray (``jobs.distributed``): address, processes, threads each, batches, start-up figures."""
 
@@ -124,7 +128,9 @@ class CompileSummary:
         return total
 
     def output_totals(self) -> dict[str, Any]:
-        """Every user's output counts of this run, summed."""
+        """This run's output counts: as counted during the run, else every finished user's, summed."""
+        if self.run_outputs:
+            return dict(self.run_outputs)
         totals = OutputStats()
         for result in self.results:
             totals.merge(result.outputs)
@@ -304,13 +310,17 @@ def prepare_compile(histories: Sequence[UserHistory], config: CompileConfig) -> 
     return task, selected
 
 
-def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], started: float) -> CompileSummary:
-    """Order the results as the users were given, total them, and write the summary file (merged with earlier runs)."""
+def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], started: float,
+                   lm_calls: int | None = None) -> CompileSummary:
+    """Order the results as the users were given, total them, and write the summary file (merged with earlier runs).
+
+    ``lm_calls``: the calls this run made, users not finished included; default: the finished users' sum."""
     out = Path(summary.out_dir)
     order = {h.user_id: i for i, h in enumerate(selected)}
     summary.results.sort(key=lambda r: order[r.user_id])
     summary.seconds = round(time.perf_counter() - started, 3)
-    summary.lm_calls = sum(r.lm_calls for r in summary.results)  # every call is made inside one user's run
+    finished = sum(r.lm_calls for r in summary.results)
+    summary.lm_calls = finished if lm_calls is None else max(lm_calls, finished)  # unfinished users' calls too
     summary.requests = sum(r.requests for r in summary.results)
     try:
         summary.merge_earlier(out / SUMMARY_FILE)
@@ -319,6 +329,19 @@ def finish_summary(summary: CompileSummary, selected: Sequence[UserHistory], sta
         summary.summary_error = f"cannot write {out / SUMMARY_FILE}: {exc.strerror or exc}"
         logger.error("%s", summary.summary_error)
     return summary
+
+
+def _status(bar: Any, users: int, workers: int, n_recent: int, settings: dict[str, Any]) -> RunProgress:
+    """The run's status line: a pass of answers is the held-back slice of the recent interactions, a step's losses
+    its feedback batch (``alignment.split_recent``); a user's calls are at most a summary, one pass, and per iteration
+    the batch's answers and losses, the updates and a pass per candidate (``PersonaAligner``'s defaults where a
+    setting is not given)."""
+    held = (n_recent + 1) // 2 if n_recent >= 2 else n_recent
+    batch = min(settings.get("batch_size") or 3, max(1, n_recent - held))
+    candidates, iterations = settings.get("candidates_per_step") or 1, settings.get("iterations", 3)
+    bound = 1 + held + iterations * (2 * batch + candidates + candidates * held)
+    return RunProgress(bar, users=users, workers=workers, per_pass={"answer": held, "loss": batch},
+                       calls_bound=bound)
 
 
 def compile_users(
@@ -347,14 +370,24 @@ def compile_users(
     job = CompileJob.of(task, config, memory, lm, optimizer_lm)
     summary = CompileSummary(task, str(config.out_dir), config.workers, config.settings, describe_lm(lm))
     started = time.perf_counter()
-    with progress_bar(len(selected), f"compile {task}", progress) as bar:
+    run_outputs = OutputStats()  # every call of this run, unfinished users' included: an interrupted run says so
+    with progress_bar(len(selected), f"compile {task}", progress) as bar, \
+            _status(bar, len(selected), config.workers, config.n_recent, config.aligner_settings) as status, \
+            counting(run_outputs, status):
         def done(history: UserHistory, result: UserResult) -> None:
             summary.results.append(result)
             bar.update(1)
             logger.info("user %s: %s", result.user_id, result.status)
 
-        outcome = run_users(selected, lambda history: compile_user(history, job), done, workers=config.workers,
-                            interrupt=interrupt, name="compile")
+        def work(history: UserHistory) -> UserResult:
+            status.start_user(history.user_id)
+            try:
+                return compile_user(history, job)
+            finally:
+                status.finish_user()
+
+        outcome = run_users(selected, work, done, workers=config.workers, interrupt=interrupt, name="compile")
     summary.interrupted = outcome.interrupted
     summary.not_done = [h.user_id for h in (*outcome.abandoned, *outcome.not_started)]
-    return finish_summary(summary, selected, started)
+    summary.run_outputs = run_outputs.snapshot()
+    return finish_summary(summary, selected, started, run_outputs.calls)

@@ -55,6 +55,7 @@ class EmbeddedServer:
     threads: int | None = None
     gpu_layers: int | None = None
     prompt_cache: bool | None = None
+    cache_ram_mib: int | None = None
 
     def options(self) -> dict[str, Any]:
         """The settings given, as ``ServerSettings`` keyword arguments."""

@@ -3,8 +3,9 @@
 The package talks to it like to any other server, so the default path and a GPU server are the same code; it serves
 from C++ threads, so Python threads answering users in parallel are not held back by the GIL. Defaults: one
 llama.cpp thread per spare core (all cores collapse when another process is busy: OpenMP spin-waits, hence
-``OMP_WAIT_POLICY=PASSIVE`` too), a slot per worker, and the model's own context per slot, so no prompt is cut: one
-that does not fit is refused by the server, never truncated.
+``OMP_WAIT_POLICY=PASSIVE`` too); one slot (on a CPU a second slot adds no throughput, only its own KV cache); 4,096
+context tokens (the largest prompt a LaMP compile builds plus its reply, with room; a prompt that does not fit is
+refused, never cut); and llama.cpp's host-memory prompt cache capped at ``cache_ram_mib`` (``docs/main-job.md``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -22,11 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_dspy.lm.cancel import allow, cancel
+
 logger = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "local"
 """The model name the embedded server is addressed by (``openai/local``)."""
-DEFAULT_CONTEXT_PER_SLOT = 8192
+DEFAULT_CONTEXT_PER_SLOT = 4096
+DEFAULT_CACHE_RAM_MIB = 256
+STOP_WAIT = 3.0
+"""Seconds ``stop`` waits for llama.cpp to let go of cancelled requests."""
+HANDLER_POLL = 1.5
+"""llama.cpp's HTTP handler checks its client's connection once a second, plus a margin."""
+_LEFT_RUNNING: list[Any] = []
+"""Servers still serving when they were stopped: kept referenced, so that no thread runs their destructor."""
 
 
 class LocalServerError(RuntimeError):
@@ -50,11 +61,12 @@ class ServerSettings:
     prompt_cache: bool = True
     gpu_layers: int = 0
     host: str = "127.0.0.1"
+    cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
 
     def describe(self) -> dict[str, Any]:
         return {"model_path": str(self.model_path), "port": self.port, "slots": self.slots,
                 "context_per_slot": self.context_per_slot, "threads": self.threads or default_threads(),
-                "prompt_cache": self.prompt_cache, "gpu_layers": self.gpu_layers}
+                "prompt_cache": self.prompt_cache, "gpu_layers": self.gpu_layers, "cache_ram_mib": self.cache_ram_mib}
 
 
 def _check_model_file(path: Path) -> None:
@@ -107,7 +119,9 @@ class LocalServer:
             params.cpuparams.n_threads = threads
             params.cpuparams_batch.n_threads = threads
             params.cache_prompt = settings.prompt_cache
+            params.cache_ram_mib = settings.cache_ram_mib
             params.n_gpu_layers = settings.gpu_layers
+            params.endpoint_metrics = True  # requests processed and queued: ``stop`` waits for none
             params.verbosity = 1 if logger.isEnabledFor(logging.DEBUG) else 0
             started = time.perf_counter()
             try:
@@ -117,16 +131,50 @@ class LocalServer:
                                        f"(context {settings.context_per_slot} x {settings.slots} slots): {exc}; "
                                        "run with -v -v to see llama.cpp's log") from exc
             self.api_base = f"{self._server.listening_address.rstrip('/')}/v1"
+            allow(self.api_base)
             logger.info("local model server %s ready in %.2f s (%s)", self.api_base, time.perf_counter() - started,
                         settings.describe())
             return self.api_base
 
-    def stop(self) -> None:
+    def stop(self, wait: float = STOP_WAIT) -> bool:
+        """End the server: cancel the requests in flight (``lm.cancel``), wait until llama.cpp has let them go, then
+        free the model and the port. False if requests were still being served after ``wait`` seconds: the server
+        is then left to end with the process (destroying it would hang this thread, see ``lm.cancel``)."""
         with self._lock:
-            if self._server is not None:
+            if self._server is None:
+                return True
+            idle = self._quiesce(wait)
+            if idle:
                 self._server = None  # ~Server() stops the HTTP loop and frees the model and the port
                 logger.info("local model server %s stopped", self.api_base)
-                self.api_base = None
+            else:
+                _LEFT_RUNNING.append(self._server)
+                self._server = None
+                logger.log(logging.WARNING if wait else logging.INFO, "the local model server %s still had "
+                           "requests in flight %.0f s after they were cancelled; it ends with the process",
+                           self.api_base, wait)
+            self.api_base = None
+            return idle
+
+    def _quiesce(self, wait: float) -> bool:
+        """Cancel this process's requests to the server until none is left waiting for a reply; False if that did
+        not happen within ``wait`` seconds.
+
+        Nothing waits once llama.cpp processes and queues nothing (its ``/metrics``). Otherwise its handlers notice a
+        closed connection within ``HANDLER_POLL`` seconds and return, even while the slot still computes the
+        cancelled reply (which the destructor does not wait for): so the server is done once no connection has been
+        found for that long.
+        """
+        started = last_found = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if cancel(str(self.api_base)):
+                last_found = now
+            if _requests_in_server(str(self.api_base)) == 0 or now - last_found >= HANDLER_POLL:
+                return True
+            if now - started >= wait:
+                return False
+            time.sleep(0.1)
 
     @property
     def running(self) -> bool:
@@ -144,6 +192,19 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _requests_in_server(api_base: str) -> int | None:
+    """Requests llama.cpp is processing or has queued (its ``/metrics``), or None when it does not say."""
+    root = api_base.rstrip("/").removesuffix("/v1")
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never through a proxy
+    try:
+        with direct.open(f"{root}/metrics", timeout=2.0) as response:
+            text = response.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    found = re.findall(r"^llamacpp:requests_(?:processing|deferred) (\S+)$", text, re.MULTILINE)
+    return int(sum(float(value) for value in found)) if found else None
 
 
 def server_props(api_base: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -179,12 +240,19 @@ def running() -> frozenset[ServerSettings]:
         return frozenset(_SHARED)
 
 
-def stop_all(keep: frozenset[ServerSettings] = frozenset()) -> None:
+def stop_all(keep: frozenset[ServerSettings] = frozenset(), wait: float = STOP_WAIT) -> bool:
     """Stop every shared server but those in ``keep`` (the CLI calls it when a command ends, also on Ctrl-C and
-    errors, keeping the servers its caller had started: ``main()`` run inside a notebook or a test)."""
+    errors, keeping the servers its caller had started: ``main()`` run inside a notebook or a test).
+
+    False if one was still serving cancelled requests after ``wait`` s (``LocalServer.stop``)."""
     with _SHARED_LOCK:
-        for settings in [settings for settings in _SHARED if settings not in keep]:
-            _SHARED.pop(settings).stop()
+        stopped = [_SHARED.pop(settings).stop(wait) for settings in [s for s in _SHARED if s not in keep]]
+    return all(stopped)
+
+
+def left_running() -> bool:
+    """Whether a server could not be stopped (it ends with the process; the CLI then exits without waiting)."""
+    return bool(_LEFT_RUNNING)
 
 
 atexit.register(stop_all)

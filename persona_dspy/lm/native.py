@@ -32,6 +32,7 @@ from dspy.lm15 import (
 from dspy.utils.exceptions import LMTimeoutError, LMTransportError
 
 from persona_dspy.lm.attempts import cancellable, send
+from persona_dspy.lm.cancel import check_allowed
 from persona_dspy.lm.usage import active_request_counters, count_request, mark_counted
 
 PROVIDER = "openai-compatible"
@@ -105,6 +106,14 @@ class _ChatLM(OpenAIChatLM):
 
     def normalize_error(self, status: int, body: str) -> ProviderError:
         return _with_sizes(super().normalize_error(status, body), body)
+
+    def complete(self, request: Any) -> Any:
+        check_allowed(self.base_url)  # a server being stopped (``lm.cancel``): dspy must not retry into it
+        return super().complete(request)
+
+    def stream(self, request: Any) -> Any:
+        check_allowed(self.base_url)
+        return super().stream(request)
 
 
 class _AsyncChatLM(AsyncOpenAIChatLM):

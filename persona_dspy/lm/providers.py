@@ -107,6 +107,10 @@ def is_litellm_provider(prefix: str) -> bool:
 
 def litellm_model(model: str, api_base: str | None) -> str:
     """The model string LiteLLM gets: a bare id or an unknown first part with an api_base means openai/<model>."""
+    if "://" in model:
+        url = redact_url(model)
+        raise LMConfigError(f"the model {url!r} is a URL: pass the server's URL as the api_base (--api-base) and the "
+                            f"model it serves as the model (--lm), e.g. --lm openai/<model> --api-base {url}")
     provider, slash, rest = model.partition("/")
     if slash and (not provider or not rest.strip()):
         raise LMConfigError(f"model {model!r} needs a provider and a model name, e.g. openai/qwen2.5-7b-instruct")

@@ -65,10 +65,17 @@ class ServerFit:
 
 
 def fit_to_server(config: LMConfig, workers: int | None = None) -> ServerFit:
-    """Workers for the server ``config`` names (module docstring); the embedded server needs no fitting (its slots
-    follow the workers), nor a server elsewhere."""
+    """Workers for the server ``config`` names (module docstring): at most its slots, for the embedded server (its
+    default is one) or a loopback server that reports them; a server elsewhere is not fitted."""
     servers = config.servers
-    if config.local or not servers or not all(is_loopback(url) for url in servers):
+    if config.local:  # its slots are sized on purpose (lm.local_server): --server-slots raises them
+        slots = config.server.slots or 1
+        if workers and workers > slots:
+            logger.info("the embedded server has %d slot(s): running %d user(s) at a time instead of %d", slots,
+                        slots, workers)
+            return ServerFit(slots)
+        return ServerFit()
+    if not servers or not all(is_loopback(url) for url in servers):
         return ServerFit()
     slots = server_slots(servers[0]) if workers and len(servers) == 1 else None
     if workers and slots and workers > slots:

@@ -381,6 +381,9 @@ def test_embedded_server_flags_reach_its_settings():
 
     args = build_parser().parse_args(["eval", "--task", "LaMP_2N", "--workers", "3", "--server-threads", "2",
                                       "--no-prompt-cache"])
-    assert server_options(args) == {"slots": 3, "threads": 2, "prompt_cache": False}
+    assert server_options(args) == {"threads": 2, "prompt_cache": False}  # slots: the server's default, not workers
+    sized = build_parser().parse_args(["eval", "--task", "LaMP_2N", "--server-slots", "2", "--server-context", "2048",
+                                       "--server-cache-mib", "0"])
+    assert server_options(sized) == {"slots": 2, "context_per_slot": 2048, "cache_ram_mib": 0}
     defaults = build_parser().parse_args(["eval", "--task", "LaMP_2N"])
     assert "prompt_cache" not in server_options(defaults)  # the server's own default (on) stays

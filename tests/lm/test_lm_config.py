@@ -105,7 +105,7 @@ def test_fitting_to_a_server_on_this_machine_is_a_decision_not_a_patch(monkeypat
     assert local_server.read_timeout == 60  # a loopback server's timeout follows its latency (lm.attempts), from 60 s
     assert fit_to_server(local_server.copy(timeout=30), workers=2) == ServerFit()
     assert fit_to_server(lm_config("openai/m", "http://10.0.0.1:8000/v1"), workers=8) == ServerFit()
-    assert fit_to_server(lm_config("local"), workers=8) == ServerFit()  # the embedded server fits itself
+    assert fit_to_server(lm_config("local"), workers=8) == ServerFit(1)  # the embedded server: 1 slot by default
     assert fit_to_server(LMConfig("offline/stand-in"), workers=8) == ServerFit()
 
 

@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=["demos-k5-dense"])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "lamp")
     parser.add_argument("--max-users", type=int, default=None)
+    parser.add_argument("--no-prompt-cache", action="store_true",
+                        help="turn llama.cpp's prompt cache off (measured: SmolLM2 then often answers the first label)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demos_study.json")
     args = parser.parse_args(argv)
-    lm = build_lm("local", max_tokens=256, server={"slots": 1, "prompt_cache": False})
+    parser_cache = args.no_prompt_cache
+    lm = build_lm("local", max_tokens=256, server={"slots": 1, "prompt_cache": not parser_cache})
     results = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for task in args.tasks:
         histories = load_dataset(args.data_root / task)[: args.max_users]
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.settings:
             row = run(task, setting, histories, memory, lm)
             row["users"] = len(histories)
+            row["prompt_cache"] = not parser_cache
             print(json.dumps(row), flush=True)
             key = (task, setting, len(histories))
             results = [r for r in results if (r["task"], r["setting"], r.get("users")) != key]

@@ -1,8 +1,9 @@
-"""Does PersonaAgent personalize? Every dev user of the shared LaMP sets, answered four ways, with the real local model.
+"""Does PersonaAgent personalize? Dev users of the shared LaMP sets, answered several ways, with the real local model.
 
-Per user and task: the non-personalized agent (mode none), the initial persona (semantic memory only: one summary
-call, then rag answers), PersonaAligner with its defaults (starting from that same initial persona), and, as a
-reference without any LM, the memory-only 5-nearest vote over each query's own profile. Per task and method:
+Per user and task: the non-personalized agent (mode none), the initial persona (the default agent: the summary
+from evidence, then answers with the query's own past items as demonstrations), PersonaAligner with its defaults
+(starting from that same initial persona), and, as references without any LM, the user's majority label and the
+5-nearest votes (BM25, and dense when the shared model is there) over each query's own profile. Per task and method:
 the LaMP metrics pooled over users with 95 % bootstrap intervals over users, LM calls, prompt and completion
 tokens and wall time per user. Results are appended per user to a JSONL file as they finish, so a long run can be
 stopped and resumed (``--resume``); the table is built from that file.
@@ -42,11 +43,16 @@ from persona_dspy.lm.adapters import default_adapter  # noqa: E402
 from persona_dspy.lm.build import build_lm  # noqa: E402
 from persona_dspy.lm.report import describe_lm  # noqa: E402
 from persona_dspy.lm.usage import LMUsage  # noqa: E402
+from persona_dspy.memory.embeddings import EmbeddingConfig  # noqa: E402
 from persona_dspy.memory.episodic import EpisodicMemory  # noqa: E402
+from persona_dspy.outputs.validation import rejection  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("LaMP_2N", "LaMP_3", "LaMP_2M")
-METHODS = ("non_personalized", "initial_persona", "persona_aligner", "memory_vote")
+METHODS = ("non_personalized", "initial_lm_only", "initial_persona", "persona_aligner", "majority", "memory_vote",
+           "dense_vote")
+DENSE = REPO.parent / "shared" / "models" / "all-MiniLM-L6-v2-onnx"
+VOTES = {"majority": "majority", "memory_vote": "bm25", "dense_vote": "dense"}
 BOOTSTRAP = 1000
 
 
@@ -55,11 +61,13 @@ def answer(agent: dspy.Module, examples: list[dspy.Example]) -> tuple[list[dict[
     rows, errors = [], 0
     for example in examples:
         try:
-            prediction = str(agent(**example.inputs()).answer)
+            result = agent(**example.inputs())
+            prediction, lm_answer = str(result.answer), str(getattr(result, "lm_answer", result.answer) or "")
         except Exception as exc:  # the run goes on; the error is counted and kept
-            prediction, errors = "", errors + 1
+            prediction, lm_answer, errors = "", "", errors + 1
             print(f"  answer failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
-        rows.append({"id": example.example_id, "prediction": prediction, "gold": str(example.answer)})
+        rows.append({"id": example.example_id, "prediction": prediction, "lm_prediction": lm_answer,
+                     "gold": str(example.answer)})
     return rows, errors
 
 
@@ -72,7 +80,7 @@ def measured(lm: dspy.LM, step):  # noqa: ANN001
     return result, usage.snapshot(), round(time.perf_counter() - started, 3)
 
 
-def run_user(history, memory: EpisodicMemory, lm: dspy.LM) -> dict[str, Any]:  # noqa: ANN001
+def run_user(history, memory: EpisodicMemory, lm: dspy.LM, search_mode: str, iterations: int) -> dict[str, Any]:  # noqa: ANN001, E501
     tests = query_examples(history)
     record: dict[str, Any] = {"task": history.task, "user_id": history.user_id, "methods": {}}
 
@@ -87,24 +95,38 @@ def run_user(history, memory: EpisodicMemory, lm: dspy.LM) -> dict[str, Any]:  #
 
     try:  # a step that fails (e.g. a prompt over the server's context) fails that method for this user only
         persona, built, build_seconds = measured(lm, lambda: initial_persona(history))
-        start = initial_agent(history, memory, persona=persona)
+        start = initial_agent(history, memory, persona=persona, search_mode=search_mode)
         rows, used, seconds = measured(lm, lambda: answer(start, tests))
         keep("initial_persona", rows, _plus(built, used), round(build_seconds + seconds, 3))
-        aligned, aligning, align_seconds = measured(lm, lambda: align_user(history, memory, start=start))
+        lm_only = [{**r, "prediction": r["lm_prediction"]} for r in rows[0]]  # the same answers, not overruled
+        keep("initial_lm_only", (lm_only, rows[1]), _plus(built, used), round(build_seconds + seconds, 3))
+        aligned, aligning, align_seconds = measured(lm, lambda: align_user(history, memory, start=start,
+                                                                             iterations=iterations))
         rows, used, seconds = measured(lm, lambda: answer(aligned, tests))
         keep("persona_aligner", rows, _plus(built, aligning, used), round(build_seconds + align_seconds + seconds, 3),
              alignment={k: aligned.alignment[k] for k in ("start_score", "best_score", "improved", "steps_run",
-                                                           "fallbacks") if k in aligned.alignment})
-        record["personas"] = {"initial": start.persona, "aligned": aligned.persona}  # to explain answer changes
+                                                           "fallbacks", "invalid") if k in aligned.alignment})
+        record["personas"] = {"initial": start.persona, "aligned": aligned.persona,  # to explain answer changes
+                              "initial_summary": start.persona_summary, "aligned_summary": aligned.persona_summary,
+                              "problems": [p for p in (persona_problems(s, history) for s in
+                                                       (start.persona_summary, aligned.persona_summary)) if p]}
     except Exception as exc:  # recorded: the table counts such users as failed, never as scored
         record["failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(f"  {history.user_id}: {record['failed']}", file=sys.stderr)
 
-    votes = [{"id": q.id, "prediction": predict_query(history, q, "bm25", 5, memory)[0] or "", "gold": q.gold}
-             for q in history.queries]
-    record["methods"]["memory_vote"] = {"predictions": votes, "errors": 0, "calls": 0, "prompt_tokens": 0,
-                                        "completion_tokens": 0, "seconds": 0.0}
+    for method, strategy in VOTES.items():
+        if strategy == "dense" and memory.embedder.config.dense is None:
+            continue
+        votes = [{"id": q.id, "prediction": predict_query(history, q, strategy, 5, memory)[0] or "", "gold": q.gold}
+                 for q in history.queries]
+        record["methods"][method] = {"predictions": votes, "errors": 0, "calls": 0, "prompt_tokens": 0,
+                                     "completion_tokens": 0, "seconds": 0.0}
     return record
+
+
+def persona_problems(summary: str, history) -> str | None:  # noqa: ANN001
+    """Why a saved persona summary would be junk (repetition, copied history, a placeholder...), else None."""
+    return rejection(summary, copied_from=[item.text for item in history.items])
 
 
 def _plus(*usages: dict[str, Any]) -> dict[str, int]:
@@ -117,7 +139,8 @@ def summarize(task: str, records: list[dict[str, Any]], rng: random.Random) -> l
     rows = []
     for method in METHODS:
         # every method on the same users: those whose run completed (a failed user is counted, not scored)
-        per_user = [(r["user_id"], r["methods"][method]) for r in records if "failed" not in r]
+        per_user = [(r["user_id"], r["methods"][method]) for r in records if "failed" not in r
+                     and method in r["methods"]]
         failed = sum("failed" in r for r in records)
         if not per_user:
             continue
@@ -166,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prompt-cache", action="store_true",
                         help="the embedded server recomputes every prompt: slower, but identical prompts get "
                              "identical answers (with the cache, a kept persona can still change answers)")
+    parser.add_argument("--retrieval", choices=("auto", "sparse", "dense", "hybrid"), default="sparse",
+                        help="the agent's search (default sparse: BM25, what memory holds without --dense)")
+    parser.add_argument("--iterations", type=int, default=1, help="aligner update steps (default 1, compile's)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "personalization.json")
     parser.add_argument("--resume", action="store_true", help="keep the users already in <out>.jsonl")
     parser.add_argument("--report-only", action="store_true",
@@ -187,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     users, memories = {}, {}
     for task in args.tasks:
         users[task] = load_dataset(args.data_root / task)[: args.max_users]
-        memories[task] = EpisodicMemory(":memory:")
+        dense = str(DENSE) if (DENSE / "model.onnx").is_file() else None  # for the dense vote (and --retrieval)
+        memories[task] = EpisodicMemory(":memory:", embedding=EmbeddingConfig(sparse=True, dense=dense))
         memories[task].add_histories(users[task])
     # round-robin over tasks, so that a run stopped early has measured every task on some users
     order = [(task, i) for i in range(max(map(len, users.values()))) for task in args.tasks if i < len(users[task])]
@@ -196,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if lm is None or (history.task, history.user_id) in done:
             continue
         print(f"{task} user {i + 1}/{len(users[task])} {history.user_id}", file=sys.stderr, flush=True)
-        record = run_user(history, memories[task], lm)
+        record = run_user(history, memories[task], lm, args.retrieval, args.iterations)
         done[(history.task, history.user_id)] = record
         with log.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -212,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"lm": describe_lm(lm) if lm is not None else args.lm, "bootstrap": BOOTSTRAP, "rows": rows,
               "users_run": {task: sum(t == task for t, _ in done) for task in args.tasks}, "users_total": totals,
               "cache_noise": {task: cache_noise([r for (t, _), r in done.items() if t == task]) for task in args.tasks},
-              "wall_seconds": round(time.perf_counter() - started, 1),
+              "wall_seconds": round(time.perf_counter() - started, 1), "retrieval": args.retrieval,
+              "iterations": args.iterations,
+              "persona_problems": sum(bool(r.get("personas", {}).get("problems")) for r in done.values()),
               "note": "SmolLM2-135M-Instruct on the CPU unless --lm says otherwise: the method's plumbing on a real "
                       "model, not what PersonaAgent reaches with a 7B model"}
     print(markdown(rows))

@@ -11,7 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from persona_dspy.evaluation.metrics import primary_metric  # noqa: E402
 
 NAMES = {"non_personalized": "non-personalized", "initial_persona": "initial persona",
-         "persona_aligner": "PersonaAligner", "memory_vote": "memory vote (no LM)"}
+         "initial_lm_only": "initial persona, the model's answer alone", "persona_aligner": "PersonaAligner",
+         "memory_vote": "memory vote (no LM)", "majority": "the user's majority label (no LM)",
+         "dense_vote": "dense 5-nearest vote (no LM)"}
+LM_FREE = {"memory_vote", "majority", "dense_vote"}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -23,7 +26,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         _, higher = primary_metric(row["task"])
         task = f"{row['task']} ({row['metric'].upper() if row['metric'] == 'mae' else row['metric']}"
         task += ")" if higher else ", lower is better)"
-        lm = row["method"] != "memory_vote"
+        lm = row["method"] not in LM_FREE
         tokens = f"{row['prompt_tokens_per_user']:,.0f} / {row['completion_tokens_per_user']:,.0f}" if lm else "0"
         lines.append(f"| {task if first else ''} | {NAMES[row['method']]} | {row['users']} | "
                      f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "

@@ -53,7 +53,8 @@ RESERVED_KEYS = ("format", "format_version", "metadata")
 _REACT_BUILTIN_TOOLS = {MEMORY_TOOL_NAME, "finish"}
 FIXED_METADATA_KEYS: tuple[str, ...] = (
     "user_id", "task", "mode", "k", "persona", "created", "persona_dspy_version", "dspy_version", "lm",
-    "reasoning", "max_iters", "search_mode", "tools", "summary", "max_persona_words", "demo_chars", "program",
+    "reasoning", "max_iters", "search_mode", "tools", "summary", "max_persona_words", "demo_chars", "evidence_check",
+    "program",
     "guards", "dependency_versions",
 )
 """Keys ``save_program`` fills in itself; caller metadata may repeat them only with the same value."""
@@ -167,6 +168,7 @@ def build_metadata(agent: PersonaAgent, metadata: Mapping[str, Any] | None = Non
         "summary": agent.persona_summary,
         "max_persona_words": agent.persona_guard.max_words,
         "demo_chars": agent.demo_chars if agent.mode == "demos" else None,
+        "evidence_check": agent.evidence_check if agent.mode == "demos" else None,
     }
     return _merged(fixed, extra)
 
@@ -505,7 +507,7 @@ def load_program(path: str | os.PathLike[str], memory: EpisodicMemory | None = N
         raise ProgramFileError(path, f"this program was saved with tools {saved_tools}, but tools {given_tools} were "
                                      "given: pass the same tools")
     options: dict[str, Any] = {"user_id": metadata["user_id"], "k": metadata["k"], "tools": list(tools)}
-    for key in ("reasoning", "max_iters", "search_mode", "demo_chars"):
+    for key in ("reasoning", "max_iters", "search_mode", "demo_chars", "evidence_check"):
         if metadata.get(key) is not None:
             options[key] = metadata[key]
     options["max_persona_words"] = persona_cap(metadata, max_persona_words)  # the agent's guard keeps to it too

@@ -17,8 +17,11 @@ os.environ.setdefault("PERSONA_DSPY_MODELS", str(_HOME / "models"))
 
 TESTS = Path(__file__).resolve().parent
 REPO_ROOT = TESTS.parent
-if str(TESTS) not in sys.path:  # shared helpers (``loopback_server``) import the same from every folder of tests/
-    sys.path.insert(0, str(TESTS))
+# Shared helpers (``loopback_server``) and the helpers some test modules share (``from test_cli import isolated``)
+# import the same from every folder of tests/, whichever file runs first: test module names are unique.
+for folder in [TESTS, *sorted(p for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__")]:
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO_ROOT.parent / "shared"))
 DENSE_MODEL_DIR = SHARED / "models" / "all-MiniLM-L6-v2-onnx"
 

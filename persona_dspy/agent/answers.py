@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 from persona_dspy.data.tasks import TaskKind, get_task
@@ -190,3 +191,29 @@ def normalize_answer(task_name: str, text: str | None) -> str:
         return raw.strip()
     mapped = map_to_label(raw, spec.labels)
     return raw if mapped is None else mapped
+
+
+def vote(labels: Sequence[str], kind: TaskKind) -> str | None:
+    """The labels' verdict: most common (ties go to the best-ranked), or the rounded mean rating."""
+    if not labels:
+        return None
+    if kind is TaskKind.RATING:
+        mean = sum(float(x) for x in labels) / len(labels)
+        return str(int(math.floor(mean + 0.5)))
+    counts = Counter(labels)
+    best = max(counts.values())
+    return next(label for label in labels if counts[label] == best)
+
+
+def supported(answer: str, labels: Sequence[str], kind: TaskKind) -> bool:
+    """Whether the user's own retrieved items support ``answer``: one of their labels, or a rating within their
+    range. Tasks that generate text are never checked."""
+    if kind is TaskKind.RATING:
+        try:
+            values = [float(label) for label in labels]
+            return min(values) <= float(answer) <= max(values)
+        except ValueError:
+            return False
+    if kind is TaskKind.CLASSIFICATION:
+        return answer in labels
+    return True

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_dspy.agent.answers import normalize_answer
+from persona_dspy.agent.answers import normalize_answer, supported, vote
 from persona_dspy.data.scope import MemoryScope
 from persona_dspy.data.tasks import default_agent_mode, get_task
 from persona_dspy.lm.adapters import STRUCTURED, StructuredAdapter
@@ -219,7 +219,7 @@ class PersonaAgent(dspy.Module):
                  persona: str | None = None, user_id: str | None = None, k: int = 5,
                  tools: Sequence[Callable] = (), max_iters: int = 5, search_mode: SearchMode = "auto",
                  reasoning: bool | None = None, max_persona_words: int = DEFAULT_MAX_PERSONA_WORDS,
-                 demo_chars: int = DEFAULT_DEMO_CHARS) -> None:
+                 demo_chars: int = DEFAULT_DEMO_CHARS, evidence_check: bool = True) -> None:
         super().__init__()
         mode = default_mode(task) if mode is None else mode
         if mode not in MODES:
@@ -244,6 +244,7 @@ class PersonaAgent(dspy.Module):
         self.max_iters = max_iters
         self.reasoning = reasoning
         self.demo_chars = demo_chars
+        self.evidence_check = evidence_check
         self.memory = memory
         self.persona_guard = PersonaGuard(max_words=max_persona_words)
         if max_persona_words < self.persona_guard.min_words():
@@ -438,8 +439,28 @@ class PersonaAgent(dspy.Module):
             logger.warning("%s: answer rejected (%s): scored invalid", self.task, reason)
             return dspy.Prediction(answer="", raw_answer=raw, reasoning=reasoning, passages=passages,
                                    evidence=self.evidence(passages), invalid=f"answer rejected: {reason}", **flags)
-        return dspy.Prediction(answer=normalize_answer(self.task, raw), raw_answer=raw, reasoning=reasoning,
+        answer = normalize_answer(self.task, raw)
+        checked = self._against_evidence(answer, passages)
+        if checked is not None:
+            return dspy.Prediction(answer=checked, raw_answer=raw, lm_answer=answer, reasoning=reasoning,
+                                   passages=passages, evidence=self.evidence(passages), overruled=True, **flags)
+        return dspy.Prediction(answer=answer, raw_answer=raw, lm_answer=answer, reasoning=reasoning,
                                passages=passages, evidence=self.evidence(passages), **flags)
+
+    def _against_evidence(self, answer: str, passages: Sequence[Any]) -> str | None:
+        """In ``demos`` mode (``evidence_check``), the vote of the demonstrations when the model's label is one none
+        of them carries (or a rating outside their range), else None. A small model under a label schema sometimes
+        answers the first label of the list whatever its demonstrations say; the user's own items overrule it."""
+        if self.mode != "demos" or not self.evidence_check:
+            return None
+        labels = [normalize_answer(self.task, str(p.label)) for p in passages if p.label is not None]
+        if not labels or supported(answer, labels, self.spec.kind):
+            return None
+        verdict = vote(labels, self.spec.kind)
+        record("answer", fallback=True)
+        logger.info("%s: answer %r is not among its %d demonstrations' labels: their vote %r instead", self.task,
+                    answer, len(labels), verdict)
+        return verdict
 
     def evidence(self, passages: Sequence[Any]) -> str:
         """What the answer saw of the user's memory, in short lines (item -> the user's answer, as shown), for the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import dspy
 
@@ -115,9 +116,10 @@ def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None =
 
 
 def initial_agent(history: UserHistory, memory: EpisodicMemory, *, mode: AgentMode = DEFAULT_MODE, k: int = 5,
-                  persona: str | None = None) -> PersonaAgent:
-    """The user's unoptimized agent: persona summarised from history before their earliest query (one LM call)."""
+                  persona: str | None = None, **options: Any) -> PersonaAgent:
+    """The user's unoptimized agent: persona summarised from history before their earliest query (one LM call).
+    ``options``: further ``PersonaAgent`` settings (``search_mode``, ``demo_chars``...)."""
     if mode == "none":
         return PersonaAgent(history.task, None, "none", user_id=history.user_id, k=k)
     return PersonaAgent(history.task, memory, mode, persona=persona or initial_persona(history),
-                        user_id=history.user_id, k=k)
+                        user_id=history.user_id, k=k, **options)

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--recent", type=positive(int), default=3,
                           help="recent interactions to align on (default 3)")
     compile_.add_argument("--batch-size", type=positive(int), default=3, help="interactions per step (default 3)")
-    compile_.add_argument("--iterations", type=non_negative, default=3, help="update steps (default 3)")
+    compile_.add_argument("--iterations", type=non_negative, default=1,
+                          help="update steps (default 1: on a small model one step and its check cost ~2x the calls)")
     compile_.add_argument("--candidates", type=positive(int), default=1, help="personas proposed per step (default 1)")
     compile_.add_argument("--max-persona-words", type=positive(int), default=300, help="persona length cap")
     compile_.add_argument("--workers", type=positive(int), default=4, help="users compiled in parallel (default 4)")

@@ -9,10 +9,10 @@ Baselines: the k most recent profile items (recency) and the profile's most comm
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from persona_dspy.agent.answers import vote
 from persona_dspy.data.records import HistoryItem, Query, UserHistory, common_task
 from persona_dspy.data.scope import MemoryScope
 from persona_dspy.data.tasks import TaskKind, get_task
@@ -21,18 +21,6 @@ from persona_dspy.memory.retrieval import search_scope
 
 STRATEGIES: tuple[str, ...] = ("recency", "majority", "bm25", "dense", "hybrid")
 _SEARCH_MODES: dict[str, SearchMode] = {"bm25": "sparse", "dense": "dense", "hybrid": "hybrid"}
-
-
-def vote(labels: Sequence[str], kind: TaskKind) -> str | None:
-    """The labels' verdict: most common (ties go to the best-ranked), or the rounded mean rating."""
-    if not labels:
-        return None
-    if kind is TaskKind.RATING:
-        mean = sum(float(x) for x in labels) / len(labels)
-        return str(int(math.floor(mean + 0.5)))
-    counts = Counter(labels)
-    best = max(counts.values())
-    return next(label for label in labels if counts[label] == best)
 
 
 @dataclass

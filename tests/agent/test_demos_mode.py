@@ -96,3 +96,25 @@ def test_demos_set_by_an_optimizer_come_before_the_retrieved_ones(lamp3):
         agent(**query_examples(history)[0].inputs())
     users = [m["content"] for m in answer_messages(lm) if m["role"] == "user"]
     assert len(users) == 4 and "a fixed demonstration chosen by an optimizer" in users[0]
+
+
+def test_a_label_none_of_the_demonstrations_carry_is_overruled_by_their_vote(lamp3):
+    from test_agent import scripted_lm
+
+    histories, memory = lamp3
+    history = histories[0]
+    example = query_examples(history)[0]
+    reply = "[[ ## answer ## ]]\n1\n\n[[ ## completed ## ]]"  # the first label, whatever the demonstrations say
+    for check in (True, False):
+        lm, _ = scripted_lm(reply)
+        agent = PersonaAgent("LaMP_3", memory, user_id=history.user_id, k=5, evidence_check=check)
+        with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+            prediction = agent(**example.inputs())
+        labels = [p.label for p in prediction.passages]
+        assert prediction.lm_answer == "1"
+        if check and "1" not in labels:  # outside the ratings of the user's similar reviews
+            mean = sum(map(float, labels)) / len(labels)
+            assert prediction.overruled and prediction.answer == str(int(mean + 0.5))  # their rounded mean
+        else:
+            assert prediction.answer == "1" and not getattr(prediction, "overruled", False)
+    assert min(map(float, labels)) > 1  # the sample user's similar reviews are all rated above 1

@@ -40,44 +40,63 @@ def load(results: Path, name: str) -> dict[str, Any]:
     return json.loads((results / name).read_text())
 
 
-def personalization_table(results: Path) -> str:
-    return personalization_markdown(load(results, "personalization.json")["rows"])
+def personalization_table(results: Path, name: str = "personalization.json") -> str:
+    return personalization_markdown(load(results, name)["rows"])
 
 
 def personalization(results: Path) -> str:
     data = load(results, "personalization.json")
     records = [json.loads(line) for line in (results / "personalization.jsonl").read_text().splitlines() if line]
+    scored = [r for r in records if "failed" not in r]
     adopted = {task: (sum(r["methods"]["persona_aligner"].get("alignment", {}).get("improved", False)
-                          for r in records if r["task"] == task and "failed" not in r),
-                      sum(r["task"] == task and "failed" not in r for r in records)) for task in data["users_run"]}
+                          for r in scored if r["task"] == task), sum(r["task"] == task for r in scored))
+               for task in data["users_run"]}
+    changed = {task: sum(r["personas"]["initial_summary"] != r["personas"]["aligned_summary"]
+                         for r in scored if r["task"] == task and "personas" in r) for task in data["users_run"]}
+    overruled = {task: sum(p["prediction"] != p["lm_prediction"] for r in scored if r["task"] == task
+                           for p in r["methods"]["initial_persona"]["predictions"]) for task in data["users_run"]}
     users = ", ".join(f"{task} {n} of {data['users_total'][task]}" for task, n in data["users_run"].items())
-    kept = sum(n["persona_kept_users"] for n in data["cache_noise"].values())
-    changed = sum(n["answers_changed_anyway"] for n in data["cache_noise"].values())
     return "\n".join([
         "## Personalization",
         "",
         "`python benchmarks/personalization.py` answers each dev user's held-out queries of the shared LaMP sets "
-        "four ways: the non-personalized agent (mode `none`), the initial persona (the summary call, then `rag` "
-        "answers), PersonaAligner with its defaults starting from that persona, and the memory-only 5-nearest vote "
-        "(no LM). Intervals are 95 % bootstrap intervals over users "
+        "several ways: the non-personalized agent (mode `none`); the default agent with its initial persona (the "
+        "summary from evidence, then `demos` answers), also scored on the model's own answers before the evidence "
+        "check; PersonaAligner with compile's defaults starting from that persona; and, without any LM, the user's "
+        "majority label and the 5-nearest votes over each query's own profile (BM25, and dense with the shared "
+        "all-MiniLM-L6-v2). Intervals are 95 % bootstrap intervals over users "
         f"({data['bootstrap']} resamples); LM calls, tokens and seconds are per user, the persona summary counted "
-        "in both persona rows. `--report-only` rebuilds the table from the per-user results "
+        "in every persona row. `--report-only` rebuilds the table from the per-user results "
         "(`benchmarks/results/personalization.jsonl`).",
         "",
-        f"LM: `{data['lm']}` ({data['note']}). Users: {users}.",
+        f"LM: `{data['lm']}` ({data['note']}). Users: {users}. The agent's retrieval: `{data.get('retrieval')}`; "
+        f"aligner iterations: {data.get('iterations')}; wall time {data['wall_seconds']:.0f} s on 2 cores shared "
+        "with other jobs.",
         "",
         personalization_table(results),
         "",
-        "PersonaAligner adopted a rewritten persona (its validation score must rise strictly) for "
-        + ", ".join(f"{a} of {n} {task} users" for task, (a, n) in adopted.items()) + ".",
-        "",
-        f"Where the aligner kept the starting persona ({kept} users), its rows send the initial persona's prompts "
-        f"again; {changed} of those users still got a different answer at temperature 0. That is llama.cpp's prompt "
-        "cache (a cache hit and a recomputation run different operations), so differences this small between the "
-        "two persona rows are within the server's own noise; `--no-prompt-cache` removes it.",
+        "PersonaAligner adopted a rewritten persona (its score on the held-back interactions must rise strictly) for "
+        + ", ".join(f"{a} of {n} {task} users" for task, (a, n) in adopted.items()) + "; the saved summaries differ "
+        "from the initial ones for " + ", ".join(f"{n} {task}" for task, n in changed.items()) + " users. "
+        "The evidence check replaced the model's answer on " + ", ".join(f"{n} {task}" for task, n in
+                                                                        overruled.items()) + " queries. "
+        f"Saved personas failing the junk checks (repetition, copied history, placeholders...): "
+        f"{data.get('persona_problems', 0)}.",
     ])
 
 
+def personalization_rag(results: Path) -> str:
+    data = load(results, "personalization_rag.json")
+    users = ", ".join(f"{task} {n}" for task, n in data["users_run"].items())
+    return "\n".join([
+        "## Personalization before: memory as passages (`rag`)",
+        "",
+        "The same benchmark with the agent's earlier default, `rag` (retrieved items listed as context, chain of "
+        "thought), the LM-written summary and PersonaAligner's earlier defaults (3 iterations, the recent "
+        f"interactions as both feedback and validation slice). Users: {users}.",
+        "",
+        personalization_table(results, "personalization_rag.json"),
+    ])
 def local_model(results: Path) -> str:
     data = load(results, "local_model.json")
     rounds = [[r["round"], r["path"], r["calls"], f"{r['seconds']:.2f}", f"{r['prompt_tokens']:,}",
@@ -174,8 +193,10 @@ def demos_study(results: Path) -> str:
     rows = []
     for r in data["rows"]:
         mae = r["metrics"].get("mae")
-        rows.append([r["task"], f"`{r['setting']}`", r.get("users", "-"), r["queries"],
-                     f"{r['metrics']['accuracy']:.3f}", "-" if mae is None else f"{mae:.3f}",
+        rows.append([r["task"], f"`{r['setting']}`", r.get("users", "-"), "on" if r.get("prompt_cache") else "off",
+                     r["queries"],
+                     "-" if "accuracy" not in r["metrics"] else f"{r['metrics']['accuracy']:.3f}",
+                     "-" if mae is None else f"{mae:.3f}",
                      f"{r['prompt_tokens_per_call']:,.0f}",
                      f"{r['seconds'] / max(1, r['queries']):.1f}"])
     return "\n".join([
@@ -185,22 +206,24 @@ def demos_study(results: Path) -> str:
         "persona holding only the template (no summary): `mode-kN-retrieval[-cot][-first][-cCHARS]`, where `demos` "
         "shows the N retrieved past items as user/assistant turns (most similar last; `-first`: most similar first), "
         "`-cot` adds the chain of thought, and `-cCHARS` cuts each item's text (default 600 characters). The first "
-        "users of each set are answered (column users), with the embedded server's prompt cache off. Seconds per "
-        "query include the machine's load at the time.",
+        "users of each set are answered (column users); the prompt cache column says whether llama.cpp's prompt "
+        "cache was on. Seconds per query include the machine's load at the time (3 to 8 on 2 cores).",
         "",
         f"LM: `{data['lm'].get('model') if isinstance(data['lm'], dict) else data['lm']}`.",
         "",
-        table(["task", "setting", "users", "queries", "accuracy", "MAE", "prompt tokens per call",
+        table(["task", "setting", "users", "prompt cache", "queries", "accuracy", "MAE", "prompt tokens per call",
                "seconds per query"], rows),
     ])
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "demos_study.json": demos_study,
-    "personalization.json": personalization, "local_model.json": local_model, "client_cost.json": client_cost,
-    "scale.json": scale}
+    "personalization.json": personalization, "personalization_rag.json": personalization_rag,
+    "local_model.json": local_model, "client_cost.json": client_cost, "scale.json": scale}
 HELPERS = ("docs_tables.py", "personalization_table.py")  # scripts here that are not benchmarks
-RENDERED_WITH = {"personalization.jsonl": "personalization.json", "client_cost_16_users.json": "client_cost.json"}
+RENDERED_WITH = {"personalization.jsonl": "personalization.json",
+                 "personalization_rag.jsonl": "personalization_rag.json",
+                 "client_cost_16_users.json": "client_cost.json"}
 
 
 def benchmarks_page(results: Path = RESULTS) -> str:

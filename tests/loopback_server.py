@@ -38,7 +38,8 @@ A weak model, for the output-validation tests (``reply_mode``; ``/_stats`` count
   a nested object ``{"persona": {"persona": "{persona}"}}``), labels the first option (a schema's grammar forces
   one), in the format asked for;
 * ``truncate``: the stand-in's reply cut to half its length, ``finish_reason: length``;
-* ``junk_tool``: a ReAct tool step (a prompt asking for ``next_tool_name``) gets prose no adapter can parse.
+* ``junk_tool``: a ReAct tool step (a prompt asking for ``next_tool_name``) gets prose no adapter can parse;
+* ``junk``: every free text is one of the replies small models gave as summaries (``JUNK``) or a history line.
 
 ``n_ctx`` (tokens, counted as characters / 4): GET /props reports it as llama.cpp does
 (``default_generation_settings.n_ctx``, ``total_slots``), and a longer prompt gets llama.cpp's HTTP 400
@@ -78,13 +79,25 @@ INJECTIONS: tuple[tuple[str, str], ...] = (
 )
 """(marker found in the prompt, the text echoed): the lines a hostile user history carries."""
 _ECHOED_FIELD = ("persona", "feedback", "instruction")
-REPLY_MODES = ("echo", "placeholder", "truncate", "junk_tool")
+REPLY_MODES = ("echo", "placeholder", "truncate", "junk_tool", "junk")
 JUNK_TOOL_STEP = "I think I should look at something, maybe. Let me consider the options carefully."
 
 
 def prompt_tokens_of(messages: list[dict[str, Any]]) -> int:
     """The server's token count of a prompt: characters / 4 (what ``n_ctx`` is compared with)."""
     return sum(len(str(m.get("content") or "")) for m in messages) // 4
+
+
+JUNK = ("Fender guitars", "[2014-05-09] 120", "I am not sure what you mean.",
+        " ".join(["These strings sound great and stay in tune."] * 10), "- Rates gear by its sound.\n- {history}")
+"""Replies small models gave as persona summaries, feedback and updates (``reply_mode="junk"``)."""
+
+
+def junk_reply(prompt: str) -> str:
+    """One of ``JUNK`` or, in turn, a line of the prompt's history copied word for word, chosen by the prompt."""
+    lines = [line for line in prompt.splitlines() if len(line.split()) >= 12]
+    choices = [*JUNK, *(lines[-1:])]
+    return choices[sum(map(ord, prompt)) % len(choices)]
 
 
 def _weak_answer(mode: str, messages: list[dict[str, Any]], json_mode: bool,
@@ -108,6 +121,12 @@ def _weak_answer(mode: str, messages: list[dict[str, Any]], json_mode: bool,
     if prompt.fmt == "plain":
         return "{answer}", False
     values = answer_fields(prompt)
+    if mode == "junk":  # labels as the stand-in answers them; every free text one of the junk replies seen
+        text = "\n".join(str(m.get("content") or "") for m in messages)
+        for out in prompt.outputs:
+            if out.kind == "str":
+                values[out.name] = junk_reply(text)
+        return render(prompt, values), False
     for out in prompt.outputs:
         if out.kind == "literal" and out.options:
             values[out.name] = out.options[0]

@@ -222,7 +222,13 @@ def test_real_model_predict_eval_and_compile_from_the_command_line(real_model, c
     assert code == 0, err
     [program] = [p for p in (tmp_path / "programs").glob("*.json") if p.name != "compile_summary.json"]
     metadata = json.loads(program.read_text())["metadata"]
-    assert metadata["lm"]["model"] == "openai/local"
+    assert metadata["lm"]["model"] == "openai/local" and metadata["mode"] == "demos"
+    from persona_dspy.data.lamp import load_dataset
+    from persona_dspy.outputs.validation import rejection
+
+    [history] = load_dataset(data)  # the real model's saved summary: no junk, copied history or placeholder
+    assert rejection(metadata["summary"], copied_from=[item.text for item in history.items]) is None
+    assert metadata["summary"].startswith("- Labels of their ")
     code, out, err = cli(capsys, "predict", *common, "--user", metadata["user_id"], "--text", "Why markets fell",
                          "--program", str(program))
     assert code == 0, err

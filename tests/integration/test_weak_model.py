@@ -207,3 +207,38 @@ def test_the_context_size_comes_from_the_server(server, tmp_path: Path):
     assert budget.ask_server(server.api_base) == 4096  # llama.cpp's /props
     server.reset()
     assert budget.ask_server(server.api_base) is None  # no /props, no max_model_len: unknown
+
+
+def saved_summary_problems(out: Path) -> dict[str, str]:
+    """Every saved program's persona summary checked against its user's history: what would make it junk."""
+    from persona_dspy.data.lamp import dataset_dir, load_dataset
+    from persona_dspy.outputs.validation import rejection
+    from persona_dspy.programs import read_program_metadata
+
+    histories = {h.user_id: h for h in load_dataset(dataset_dir("LaMP_3"))}
+    problems = {}
+    for path in sorted(out.glob("*-*.json")):
+        metadata = read_program_metadata(path)
+        texts = [item.text for item in histories[metadata["user_id"]].items]
+        reason = rejection(metadata["summary"], copied_from=texts)
+        if reason is not None:
+            problems[path.name] = reason
+    return problems
+
+
+@pytest.mark.parametrize("mode", [None, "junk"], ids=["stand-in", "junk replies"])
+def test_no_saved_persona_holds_junk(capsys, tmp_path, server, mode):
+    """Fender guitars, a date, a refusal, a looping review, {history} or a copied history line: none is saved."""
+    server.reset(reply_mode=mode)
+    out = tmp_path / "programs"
+    code, stdout, stderr = run(capsys, "compile", "--task", "LaMP_3", "--out", str(out), *lm_args(server))
+    assert code in (0, 1), stderr
+    saved = list(out.glob("*-*.json"))
+    assert saved, stderr  # the evidence summary needs no LM: junk costs the LM's lines, not the user's program
+    assert saved_summary_problems(out) == {}
+    if mode == "junk":
+        for path in saved:
+            summary = json.loads(path.read_text())["metadata"]["summary"]
+            assert summary.startswith("- Ratings of their ") and "Fender guitars" not in summary
+        totals = json.loads((out / "compile_summary.json").read_text())["output_totals"]
+        assert totals["invalid"]["summary"] > 0 and totals["fallbacks"]["summary"] > 0  # counted, never kept

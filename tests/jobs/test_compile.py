@@ -214,7 +214,8 @@ def test_a_fifth_of_replies_unparsable_fails_no_user(lamp3, tmp_path):
                            n_recent=6)
     assert engine.garbled > 0 and summary.count("failed") == 0, summary.table()
     assert summary.count("compiled") == len(histories)
-    assert summary.fallbacks()["answer"] > 0 and summary.fallbacks()["loss"] > 0  # counted, not hidden
+    fallbacks = summary.fallbacks()  # counted, not hidden (which steps were garbled depends on the prompts)
+    assert fallbacks["answer"] > 0 and sum(fallbacks.values()) <= engine.garbled
     assert "unparsable replies kept as raw text" in summary.table()
     written = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert written["fallbacks"] == summary.fallbacks()

@@ -69,9 +69,10 @@ def personalization(results: Path) -> str:
         "in every persona row. `--report-only` rebuilds the table from the per-user results "
         "(`benchmarks/results/personalization.jsonl`).",
         "",
-        f"LM: `{data['lm']}` ({data['note']}). Users: {users}. The agent's retrieval: `{data.get('retrieval')}`; "
-        f"aligner iterations: {data.get('iterations')}; wall time {data['wall_seconds']:.0f} s on 2 cores shared "
-        "with other jobs.",
+        f"LM: `{data['lm']}`, the embedded server ({data['note']}). Users: {users} (the first of each set; the "
+        "rest were not run in the time the session had). The agent's retrieval: "
+        f"`{data.get('retrieval')}` (BM25, what memory holds without `--dense`); aligner iterations: "
+        f"{data.get('iterations')}. Seconds are per user on 2 cores shared with up to two other runs.",
         "",
         personalization_table(results),
         "",
@@ -216,7 +217,27 @@ def demos_study(results: Path) -> str:
     ])
 
 
+def main_job(results: Path) -> str:
+    runs = json.loads((results / "main_job.json").read_text())
+    rows = [[r["label"], r["when"][:16].replace("T", " "), r["max_users"], r["compiled"], r["lm_calls"],
+             f"{r['seconds']:.0f}", f"{r['peak_rss_mib']:,.0f} MiB", r.get("max_prompt_plus_reply_tokens", "-"),
+             f"{r['local_server'].get('slots')} x {r['local_server'].get('context_per_slot')}",
+             " / ".join(f"{r[k][0]:.1f}" for k in ("load_before", "load_after"))]
+            for r in runs if "seconds" in r]
+    return "\n".join([
+        "## The main job: time and memory",
+        "",
+        "`python benchmarks/main_job.py --label L --max-users N` runs the README's `persona-dspy compile --task "
+        "LaMP_3` (the embedded model) in a subprocess, sampling its resident memory; each run is kept with the load "
+        "average before and after (1-minute, 2 cores).",
+        "",
+        table(["run", "when (UTC)", "users", "compiled", "LM calls", "seconds", "peak RSS",
+               "largest prompt + reply (tokens)", "server slots x context", "load before / after"], rows),
+    ])
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "main_job.json": main_job,
     "demos_study.json": demos_study,
     "personalization.json": personalization, "personalization_rag.json": personalization_rag,
     "local_model.json": local_model, "client_cost.json": client_cost, "scale.json": scale}

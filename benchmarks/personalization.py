@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "lamp")
     parser.add_argument("--max-users", type=int, default=None, help="per task (default: every dev user)")
+    parser.add_argument("--first-user", type=int, default=0,
+                        help="start at this user of each task (a second process can run the next users; append "
+                             "its JSONL to the first's and rebuild the table with --report-only)")
     parser.add_argument("--lm", default="local")
     parser.add_argument("--api-base", default=None)
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     users, memories = {}, {}
     for task in args.tasks:
-        users[task] = load_dataset(args.data_root / task)[: args.max_users]
+        end = None if args.max_users is None else args.first_user + args.max_users
+        users[task] = load_dataset(args.data_root / task)[args.first_user:end]
         dense = str(DENSE) if (DENSE / "model.onnx").is_file() else None  # for the dense vote (and --retrieval)
         memories[task] = EpisodicMemory(":memory:", embedding=EmbeddingConfig(sparse=True, dense=dense))
         memories[task].add_histories(users[task])

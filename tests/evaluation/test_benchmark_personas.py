@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,10 @@ from persona_dspy.outputs.validation import rejection
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "personalization.jsonl"
+SHARED = Path(os.environ.get("PERSONA_DSPY_SHARED", REPO.parent / "shared"))
 
 
 def test_no_benchmark_persona_holds_junk():
-    from conftest import SHARED
-
     if not (SHARED / "lamp").is_dir():
         pytest.skip(f"the shared dev sets are absent ({SHARED / 'lamp'})")
     records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]

@@ -37,10 +37,10 @@ def lamp3(sample_memory):
     return sample_memory("LaMP_3")
 
 
-def fresh_answer_program(task: str, reasoning: bool) -> dspy.Module:
+def fresh_answer_program(task: str, reasoning: bool, demos: bool = False) -> dspy.Module:
     """The answer program built from scratch for every agent, as before."""
     rationale = dspy.OutputField(desc="${reasoning}", max_length=persona_agent.REASONING_MAX_CHARS)
-    signature = task_signature(task)
+    signature = task_signature(task).delete("context") if demos else task_signature(task)
     return dspy.ChainOfThought(signature, rationale_field=rationale) if reasoning else dspy.Predict(signature)
 
 
@@ -78,18 +78,25 @@ def test_a_compile_sends_the_same_requests_as_before(lamp3, server, monkeypatch)
 
 
 def test_each_interaction_is_retrieved_once_per_compile(lamp3, monkeypatch):
+    from persona_dspy.memory import retrieval
+
     histories, memory = lamp3
-    searches = []
-    original = type(memory).search
+    searches, asked = [], []
+    original, scoped = type(memory).search, retrieval.search_scope
 
     def search(self, user_id, query, *args, **kwargs):
         searches.append((user_id, query))
         return original(self, user_id, query, *args, **kwargs)
 
+    def search_scope(*args, **kwargs):
+        asked.append(args[2])
+        return scoped(*args, **kwargs)
+
     monkeypatch.setattr(type(memory), "search", search)
-    aligned = _align(histories[0], memory, offline_lm())
-    answers = sum(1 for entry in aligned.persona_history if not entry.get("repeat")) * 3
-    assert answers > 3 and len(searches) == len(set(searches)) == 3  # 3 interactions, whatever the iterations
+    monkeypatch.setattr(retrieval, "search_scope", search_scope)
+    _align(histories[0], memory, offline_lm())
+    # retrieved up front, then asked again by every answer: the store is searched once per interaction
+    assert len(asked) > 3 and len(searches) == len(set(searches)) == 3
 
 
 def test_a_persona_text_builds_its_signature_once(lamp3):

@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"lm": describe_lm(lm) if lm is not None else args.lm, "bootstrap": BOOTSTRAP, "rows": rows,
               "users_run": {task: sum(t == task for t, _ in done) for task in args.tasks}, "users_total": totals,
               "cache_noise": {task: cache_noise([r for (t, _), r in done.items() if t == task]) for task in args.tasks},
-              "wall_seconds": round(time.perf_counter() - started, 1), "retrieval": args.retrieval,
+              # a --report-only rebuild ran no user: its time would be the memory's, not the benchmark's
+              "wall_seconds": None if args.report_only else round(time.perf_counter() - started, 1),
+              "retrieval": args.retrieval,
               "iterations": args.iterations,
               "persona_problems": sum(bool(r.get("personas", {}).get("problems")) for r in done.values()),
               "note": "SmolLM2-135M-Instruct on the CPU unless --lm says otherwise: the method's plumbing on a real "

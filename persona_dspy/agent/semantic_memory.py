@@ -72,7 +72,7 @@ class PersonaSummarizer(dspy.Module):
 
     def forward(self, items: Sequence[HistoryItem]) -> dspy.Prediction:
         """``invalid`` says why the LM's reply was rejected (twice); ``lm_lines`` how many of its lines were kept."""
-        evidence = evidence_lines(items, rating=_ratings(items))
+        evidence = evidence_lines(items)
         history = render_history(items, self.max_items, self.max_item_chars)
         lm = dspy.settings.lm
         window = context_window(lm) if lm is not None else None
@@ -99,15 +99,6 @@ class PersonaSummarizer(dspy.Module):
                            len(result.dropped))
         return dspy.Prediction(persona=result.text, summary=result.summary, raw_summary=output.text,
                                fallback=output.fallback, invalid=output.invalid, lm_lines=len(own))
-
-
-def _ratings(items: Sequence[HistoryItem]) -> bool:
-    """Whether the items' labels are numeric ratings."""
-    labels = [item.label for item in items if item.label is not None]
-    try:
-        return bool(labels) and all(float(label) >= 0 for label in labels)
-    except ValueError:
-        return False
 
 
 def initial_persona(history: UserHistory, summarizer: PersonaSummarizer | None = None) -> str:

@@ -50,20 +50,16 @@ def _topic_line(texts: Sequence[str]) -> str | None:
     return f"- Words common in their items: {', '.join(common)}." if len(common) >= 3 else None
 
 
-def evidence_lines(items: Sequence[Any], *, rating: bool) -> list[str]:
-    """The evidence about a user from their history ``items`` (objects with ``label`` and ``text``).
-
-    ``rating``: the labels are numeric ratings (an average is stated). Nothing is stated for an empty history.
-    """
+def evidence_lines(items: Sequence[Any]) -> list[str]:
+    """The evidence about a user from their history ``items`` (objects with ``label`` and ``text``): their ratings
+    with the average when every label is a number, else their labels; nothing is stated for an empty history."""
     labels = [str(item.label).strip() for item in items if item.label is not None and str(item.label).strip()]
     lines = []
-    if labels and rating:
+    if labels:
         try:
             lines.append(_rating_line([float(label) for label in labels]))
-        except ValueError:
+        except ValueError:  # category labels
             lines.append(_label_line(labels))
-    elif labels:
-        lines.append(_label_line(labels))
     topics = _topic_line([str(item.text) for item in items])
     if topics:
         lines.append(topics)

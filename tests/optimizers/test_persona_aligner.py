@@ -342,7 +342,7 @@ def test_an_unparsable_summary_falls_back_to_its_text(lamp3):
 
     histories, _ = lamp3
     items = histories[0].shared_history()
-    evidence = evidence_lines(items, rating=True)
+    evidence = evidence_lines(items)
     lm = dspy.LM("offline/stand-in", engine=FreeText(), cache=False, num_retries=0)
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         result = PersonaSummarizer()(items=items)
@@ -375,10 +375,10 @@ def test_evidence_states_counts_and_typical_words_or_nothing():
     def items(*labels, text="t"):
         return [HistoryItem(str(i), datetime(2020, 1, 1), {}, text, label) for i, label in enumerate(labels)]
 
-    assert evidence_lines(items("5", "5", "4", "1"), rating=True) == [
+    assert evidence_lines(items("5", "5", "4", "1")) == [
         "- Ratings of their 4 past reviews: 5 stars 2, 4 stars 1, 1 stars 1; average 3.8."]
-    assert evidence_lines(items("politics", "sports", "politics"), rating=False) == [
+    assert evidence_lines(items("politics", "sports", "politics")) == [
         "- Labels of their 3 past items, most used first: politics 2, sports 1."]
-    assert evidence_lines(items(None, None), rating=False) == []  # no answers (LaMP-1, LaMP-7): nothing to state
+    assert evidence_lines(items(None, None)) == []  # no answers (LaMP-1, LaMP-7): nothing to state
     guitars = items("5", "4", text="The guitar strings and the tuner pedal were worth it for the guitar")
-    assert evidence_lines(guitars, rating=True)[1] == "- Words common in their items: guitar, strings, tuner, pedal, worth."  # noqa: E501
+    assert evidence_lines(guitars)[1] == "- Words common in their items: guitar, strings, tuner, pedal, worth."  # noqa: E501

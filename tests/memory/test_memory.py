@@ -343,6 +343,7 @@ def test_open_shards_are_bounded_and_evicted_shards_reopen(tmp_path, bm25_embedd
         assert len(mem.store._open) <= 2
 
 
+@pytest.mark.slow  # a concurrency stress run: 13 s to 100 s on 2 cores, so not in the inner loop
 def test_threads_search_while_one_writes(bm25_embedder):
     import threading
 
